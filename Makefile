@@ -1,0 +1,56 @@
+# pktmeta — build, test and demo entry points. See README.md.
+SHELL := /usr/bin/env bash
+GO ?= go
+CLANG ?= clang-19
+STRIP ?= llvm-strip-19
+CNI_PLUGINS_VERSION := v1.10.0
+CNI_PLUGINS := ptp host-local bandwidth loopback
+BIN := $(CURDIR)/bin
+CNI_BIN := $(BIN)/cni
+GO_SOURCES := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum $(wildcard internal/datapath/*.o)
+
+export CGO_ENABLED := 0
+
+.PHONY: all deps build generate cni-plugins test test-unit demo vet fmt-check clean
+
+all: build
+
+deps:
+	./hack/deps.sh
+
+build: $(BIN)/pktmeta $(BIN)/pktmetactl $(BIN)/pktmeta-demo
+
+$(BIN)/%: $(GO_SOURCES)
+	$(GO) build -trimpath -o $@ ./cmd/$*
+
+# Regenerates the committed bpf2go output (Go bindings and BPF objects) with
+# the pinned compiler. The result is byte-for-byte reproducible.
+generate:
+	./hack/deps.sh
+	BPF_CLANG=$(CLANG) BPF_STRIP=$(STRIP) $(GO) generate ./internal/datapath/... ./examples/...
+
+# The CNI reference plugins, built from the module proxy (never committed).
+cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS))
+
+$(CNI_BIN)/%:
+	mkdir -p $(CNI_BIN)
+	GOBIN=$(CNI_BIN) $(GO) install github.com/containernetworking/plugins/plugins/$(if $(filter host-local,$*),ipam,$(if $(filter bandwidth,$*),meta,main))/$*@$(CNI_PLUGINS_VERSION)
+
+vet:
+	$(GO) vet ./...
+
+fmt-check:
+	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './bin/*')); \
+	if [[ -n "$$out" ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+# Every test, including the ones that need root, netns and BPF.
+test: deps build cni-plugins fmt-check vet
+	PKTMETA_BIN=$(BIN) PKTMETA_CNI_BIN=$(CNI_BIN) $(GO) test -count=1 -timeout 30m ./...
+
+# A local "node" made of network namespaces, the real CNI chain, traffic
+# through a DNATed service, and the metadata the destination found.
+demo: deps build cni-plugins
+	$(BIN)/pktmeta-demo --cni-path $(CNI_BIN):$(BIN)
+
+clean:
+	rm -rf $(BIN)

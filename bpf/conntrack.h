@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The conntrack kfuncs and the slice of struct nf_conn the datapath reads.
+ * The structs are CO-RE: field offsets come from the running kernel's BTF,
+ * so no vmlinux.h is needed and the object stays portable.
+ */
+#ifndef __PKTMETA_CONNTRACK_H__
+#define __PKTMETA_CONNTRACK_H__
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+
+#ifndef BPF_F_CURRENT_NETNS
+#define BPF_F_CURRENT_NETNS (-1)
+#endif
+
+#define IP_CT_DIR_ORIGINAL 0
+#define IP_CT_DIR_REPLY 1
+
+/* The 12-byte form every kernel since 6.0 accepts (newer ones also take a
+ * 16-byte form with a zone). */
+struct bpf_ct_opts {
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u8 reserved[2];
+};
+#define PKTMETA_CT_OPTS_SZ 12
+
+union nf_inet_addr {
+	__u32 all[4];
+	__be32 ip;
+	__be32 ip6[4];
+} __attribute__((preserve_access_index));
+
+union nf_conntrack_man_proto {
+	__be16 all;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_man {
+	union nf_inet_addr u3;
+	union nf_conntrack_man_proto u;
+	__u16 l3num;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple {
+	struct nf_conntrack_man src;
+	struct {
+		union nf_inet_addr u3;
+		union {
+			__be16 all;
+		} u;
+		__u8 protonum;
+		__u8 dir;
+	} dst;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple_hash {
+	struct nf_conntrack_tuple tuple;
+} __attribute__((preserve_access_index));
+
+struct nf_conn {
+	struct nf_conntrack_tuple_hash tuplehash[2];
+} __attribute__((preserve_access_index));
+
+/* __weak: the object still loads where conntrack (or its BTF) is absent;
+ * the datapath then skips NAT resolution and counts ct_unavailable. */
+extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
+					 __u32 tuple__sz, struct bpf_ct_opts *opts,
+					 __u32 opts__sz) __ksym __weak;
+extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
+
+/* libbpf >= 1.2 has bpf_ksym_exists(); Debian 12 ships 1.1. */
+#define pktmeta_ksym_exists(sym) (!!(sym))
+
+#endif /* __PKTMETA_CONNTRACK_H__ */

@@ -1,0 +1,121 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Layouts shared by the pktmeta datapath and its userspace (plugin, CLI,
+ * agent), but not by third-party consumers: those only need pktmeta.h.
+ * Each layout is covered by PKTMETA_LAYOUT_VERSION (pktmeta.h); Go reads
+ * them through the types bpf2go generates from this file.
+ */
+#ifndef __PKTMETA_DATAPATH_H__
+#define __PKTMETA_DATAPATH_H__
+
+#include <linux/types.h>
+#include "pktmeta.h"
+
+#define PKTMETA_MAX_ADDRS 8
+#define PKTMETA_MAX_TAGS 8
+
+/* Endpoint flags. */
+#define PKTMETA_EP_STRICT (1U << 0)
+
+/* Map "pktmeta_eps", keyed by the ifindex of a pod's host-side veth:
+ * what the datapath needs to know about the pod behind it. Identity comes
+ * from here, never from packet contents. */
+struct pktmeta_endpoint {
+	__u8 version; /* PKTMETA_RECORD_VERSION */
+	__u8 flags; /* PKTMETA_EP_* */
+	__u8 n_addrs;
+	__u8 _pad;
+	__u32 workload;
+	__u8 addrs[PKTMETA_MAX_ADDRS][16]; /* IPv4-mapped or IPv6; strict mode */
+};
+
+/* Workload flags. */
+#define PKTMETA_WL_PARTIAL (1U << 0) /* identity incomplete (no Kubernetes args) */
+#define PKTMETA_WL_LEGACY (1U << 1) /* attached with clsact/cls_bpf, not tcx */
+#define PKTMETA_WL_STRICT (1U << 2) /* strict source check on */
+#define PKTMETA_WL_NO_EGRESS (1U << 3) /* legacy beside an ingress qdisc: no delivery hook */
+
+struct pktmeta_tag {
+	__u8 key[64];
+	__u8 value[128];
+};
+
+/* Map "pktmeta_wloads", keyed by workload id. Written and read by
+ * userspace only: BPF sees the numeric id, never these strings. It lives in
+ * bpffs so that it shares the pinned datapath's lifetime and needs no daemon. */
+struct pktmeta_workload {
+	__u8 version; /* PKTMETA_RECORD_VERSION */
+	__u8 flags; /* PKTMETA_WL_* */
+	__u8 n_tags;
+	__u8 _pad;
+	__u32 host_ifindex;
+	__u64 created_unix_ns;
+	__u8 namespace[64];
+	__u8 pod[256];
+	__u8 uid[64];
+	__u8 container_id[128];
+	__u8 ifname[16]; /* inside the pod */
+	__u8 host_ifname[16];
+	__u8 netns[128];
+	struct pktmeta_tag tags[PKTMETA_MAX_TAGS];
+};
+
+/* Map "pktmeta_stats": per-CPU, one slot. */
+struct pktmeta_counters {
+	__u64 origin_packets; /* seen by the origin (from-pod) programs */
+	__u64 deliver_packets; /* seen by the delivery (to-pod) program */
+	__u64 not_parsed; /* passed untouched: not TCP/UDP over IP, truncated, fragment */
+	__u64 tagged; /* first packets that created a record */
+	__u64 syn_retransmits; /* SYN for a record that already exists */
+	__u64 unregistered; /* first packet on a veth with no endpoint */
+	__u64 update_errors; /* map update failed */
+	__u64 deliveries; /* records marked delivered */
+	__u64 nat_resolved; /* deliveries that needed a conntrack lookup */
+	__u64 misses; /* first packet at a destination with no record */
+	__u64 udp_replies; /* UDP from a pod that conntrack says is a reply */
+	__u64 closed; /* records removed on FIN/RST */
+	__u64 strict_drops;
+	__u64 events_dropped; /* ring buffer full */
+	__u64 ct_unavailable; /* NAT resolution skipped: no conntrack kfuncs */
+	__u64 conn_seq; /* per-CPU part of the connection id */
+};
+
+/* Event types. */
+#define PKTMETA_EV_OPENED 1
+#define PKTMETA_EV_DELIVERED 2
+#define PKTMETA_EV_CLOSED 3
+
+/* Close reasons. */
+#define PKTMETA_CLOSE_FIN 1
+#define PKTMETA_CLOSE_RST 2
+
+/* Ring buffer "pktmeta_events" carries these. */
+struct pktmeta_event {
+	__u8 version; /* PKTMETA_RECORD_VERSION */
+	__u8 type; /* PKTMETA_EV_* */
+	__u8 reason; /* CLOSED: PKTMETA_CLOSE_* */
+	__u8 _pad;
+	__u32 flags; /* record flags after the event */
+	__u64 conn_id;
+	__u64 ts_ns; /* CLOCK_MONOTONIC */
+	__u32 origin_workload;
+	__u32 peer_workload;
+	__u32 ifindex; /* veth the packet was on */
+	__u32 _pad2;
+	struct pktmeta_tuple tuple; /* as the origin sent it */
+	struct pktmeta_tuple seen; /* DELIVERED: as the receiver saw it */
+};
+
+/* Config flags. */
+#define PKTMETA_CFG_NO_EVENTS (1U << 0)
+
+/* Map "pktmeta_cfg": one slot, written by userspace when the datapath
+ * is created or upgraded. */
+struct pktmeta_config {
+	__u32 layout_version; /* PKTMETA_LAYOUT_VERSION of the maps */
+	__u32 flags; /* PKTMETA_CFG_* */
+	__u64 udp_timeout_ns; /* a UDP record unused for this long is a new flow */
+	__u8 datapath_id[32]; /* sha256 of the BPF object the programs came from */
+};
+
+#endif /* __PKTMETA_DATAPATH_H__ */

@@ -1,0 +1,166 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * pktmeta.h - public interface of the pktmeta datapath.
+ *
+ * pktmeta stashes a fixed-size record for every L4 connection a pod opens,
+ * keyed by the connection's tuple as the pod sent it, in pinned BPF maps.
+ * A BPF program anywhere on the node (another netns included) can read the
+ * origin of the packet in front of it with pktmeta_lookup() below.
+ *
+ * Using it from your own program:
+ *
+ *   #define PKTMETA_DECLARE_MAPS   // before the include, in one object
+ *   #include <pktmeta.h>
+ *
+ *   struct pktmeta_tuple t;
+ *   if (pktmeta_tuple_from_ipv4(&t, iph, sport, dport, IPPROTO_TCP) == 0) {
+ *       const struct pktmeta_record *rec = pktmeta_lookup(&t);
+ *       if (rec) ... rec->origin_workload, rec->conn_id ...
+ *   }
+ *
+ * and load the object with the maps replaced by the pinned ones: with
+ * cilium/ebpf, CollectionOptions.Maps.PinPath = "<pinPath>/maps" (the maps
+ * below are declared LIBBPF_PIN_BY_NAME), with libbpf, pin_root_path.
+ * The default pin path is /sys/fs/bpf/pktmeta.
+ *
+ * Stability: every record carries a version byte, and the pinned config map
+ * carries PKTMETA_LAYOUT_VERSION. A change to any layout in this file bumps
+ * the version; consumers should check rec->version == PKTMETA_RECORD_VERSION.
+ * Only the conns and aliases maps are part of the consumer interface.
+ */
+#ifndef __PKTMETA_H__
+#define __PKTMETA_H__
+
+#include <linux/types.h>
+
+#define PKTMETA_LAYOUT_VERSION 1
+#define PKTMETA_RECORD_VERSION 1
+
+/* Connection tuple, as a map key. IPv4 addresses are stored IPv4-mapped
+ * (::ffff:a.b.c.d) so one map serves both families. Ports in network order.
+ * Padding must be zero: initialise keys with __builtin_memset or one of the
+ * pktmeta_tuple_from_* helpers. */
+struct pktmeta_tuple {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 _pad[3];
+} __attribute__((aligned(8)));
+
+/* Record flags. */
+#define PKTMETA_F_DELIVERED  (1U << 0) /* reached a pod on this node */
+#define PKTMETA_F_NAT        (1U << 1) /* destination saw a translated tuple; an alias exists */
+#define PKTMETA_F_FIN_ORIG   (1U << 2) /* FIN from the origin */
+#define PKTMETA_F_FIN_REPLY  (1U << 3) /* FIN from the peer */
+#define PKTMETA_F_UDP        (1U << 4)
+
+/* One record per connection, in map "pktmeta_conns", keyed by the tuple as
+ * the origin pod sent it. Written once, at the connection's first packet. */
+struct pktmeta_record {
+	__u8 version; /* PKTMETA_RECORD_VERSION */
+	__u8 _pad[3];
+	__u32 flags; /* PKTMETA_F_*, updated atomically */
+	__u64 conn_id; /* unique on the node, never 0 */
+	__u64 first_seen_ns; /* CLOCK_MONOTONIC, bpf_ktime_get_ns() */
+	__u64 last_seen_ns; /* UDP: refreshed about once a second */
+	__u64 delivered_ns; /* CLOCK_MONOTONIC, 0 until delivered */
+	__u32 origin_workload; /* pktmeta workload id of the sender */
+	__u32 origin_ifindex; /* host-side veth the first packet came from */
+	__u32 peer_workload; /* receiving workload once delivered, 0 if none */
+	__u32 peer_ifindex; /* host-side veth it was delivered to */
+	__u32 syn_seq; /* TCP: sequence number of the SYN */
+	__u32 _reserved;
+	struct pktmeta_tuple peer_tuple; /* tuple as the receiver saw it */
+};
+
+/* Map "pktmeta_aliases": tuple as a receiver saw it after NAT -> origin key. */
+struct pktmeta_alias {
+	__u8 version; /* PKTMETA_RECORD_VERSION */
+	__u8 _pad[7];
+	__u64 conn_id;
+	struct pktmeta_tuple origin;
+};
+
+#ifdef PKTMETA_DECLARE_MAPS
+#include <bpf/bpf_helpers.h>
+
+/* Sizes are placeholders: the pinned maps replace them at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct pktmeta_tuple);
+	__type(value, struct pktmeta_record);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct pktmeta_tuple);
+	__type(value, struct pktmeta_alias);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_aliases SEC(".maps");
+
+static __always_inline void pktmeta__v4mapped(__u8 dst[16], __be32 addr)
+{
+	__builtin_memset(dst, 0, 10);
+	dst[10] = 0xff;
+	dst[11] = 0xff;
+	__builtin_memcpy(&dst[12], &addr, 4);
+}
+
+/* Fills t from IPv4 addresses and L4 ports (network order). */
+static __always_inline int pktmeta_tuple_from_ipv4(struct pktmeta_tuple *t, __be32 saddr,
+						   __be32 daddr, __be16 sport, __be16 dport,
+						   __u8 proto)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	pktmeta__v4mapped(t->saddr, saddr);
+	pktmeta__v4mapped(t->daddr, daddr);
+	t->sport = sport;
+	t->dport = dport;
+	t->proto = proto;
+	return 0;
+}
+
+/* Fills t from IPv6 addresses and L4 ports (network order). */
+static __always_inline int pktmeta_tuple_from_ipv6(struct pktmeta_tuple *t, const __u8 saddr[16],
+						   const __u8 daddr[16], __be16 sport, __be16 dport,
+						   __u8 proto)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	__builtin_memcpy(t->saddr, saddr, 16);
+	__builtin_memcpy(t->daddr, daddr, 16);
+	t->sport = sport;
+	t->dport = dport;
+	t->proto = proto;
+	return 0;
+}
+
+/* Returns the origin record of the connection the tuple belongs to, as the
+ * tuple is seen here: the origin's own tuple, or the tuple a receiver saw
+ * after Service DNAT (through the alias the destination side wrote). Only
+ * the direction origin -> receiver is indexed; reverse the tuple to look up
+ * a reply. NULL when pktmeta knows nothing of it. */
+static __always_inline struct pktmeta_record *pktmeta_lookup(const struct pktmeta_tuple *t)
+{
+	struct pktmeta_record *rec;
+	struct pktmeta_alias *alias;
+
+	rec = bpf_map_lookup_elem(&pktmeta_conns, t);
+	if (rec)
+		return rec;
+	alias = bpf_map_lookup_elem(&pktmeta_aliases, t);
+	if (!alias)
+		return NULL;
+	rec = bpf_map_lookup_elem(&pktmeta_conns, &alias->origin);
+	/* The origin key may have been reused by a newer connection. */
+	if (rec && rec->conn_id != alias->conn_id)
+		return NULL;
+	return rec;
+}
+#endif /* PKTMETA_DECLARE_MAPS */
+
+#endif /* __PKTMETA_H__ */

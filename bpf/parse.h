@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Header parsing: Ethernet, IPv4 (with options), IPv6 (extension headers,
+ * bounded), TCP, UDP. Anything else is reported as not parsed and the packet
+ * passes untouched.
+ */
+#ifndef __PKTMETA_PARSE_H__
+#define __PKTMETA_PARSE_H__
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "pktmeta.h"
+
+/* IPv6 extension headers skipped before giving up. */
+#define PKTMETA_MAX_EXT_HDRS 8
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+enum parse_result {
+	PARSE_NONE = 0, /* not IP, or malformed */
+	PARSE_L3, /* IP header valid, no usable TCP/UDP header */
+	PARSE_L4, /* tuple filled */
+};
+
+struct packet {
+	struct pktmeta_tuple t; /* as on the wire */
+	__u32 seq; /* TCP sequence number, host order */
+	__u8 tcp_flags;
+	__u8 family; /* 4 or 6 */
+};
+
+/* Bytes the parser may read: Ethernet + IPv6 + extension headers + TCP.
+ * Headers of packets a pod's own stack sent are linear, so the pull (which
+ * may reallocate) is a fallback for the rare non-linear head, not the fast
+ * path. */
+#define PKTMETA_PULL_LEN 256
+
+static __always_inline void ensure_linear(struct __sk_buff *skb)
+{
+	__u32 want = skb->len < PKTMETA_PULL_LEN ? skb->len : PKTMETA_PULL_LEN;
+
+	if ((__u32)(skb->data_end - skb->data) < want)
+		bpf_skb_pull_data(skb, want);
+}
+
+static __always_inline void v4mapped(__u8 dst[16], __be32 addr)
+{
+	__u32 *w = (__u32 *)dst;
+
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = bpf_htonl(0x0000ffff);
+	w[3] = addr;
+}
+
+static __always_inline int is_ipv6_ext(__u8 nexthdr)
+{
+	switch (nexthdr) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_FRAGMENT:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+		return 1;
+	}
+	return 0;
+}
+
+/* Walks the IPv6 extension header chain from *cur. Returns 0 with *cur at
+ * the L4 header and *proto set, or -1 when the chain is too long,
+ * truncated, or the packet is a non-first fragment (no L4 header). */
+static __always_inline int skip_ipv6_ext(void **cur, void *data_end, __u8 *proto)
+{
+	__u8 nexthdr = *proto;
+	__u8 *h = *cur;
+
+	for (int i = 0; i < PKTMETA_MAX_EXT_HDRS; i++) {
+		if (!is_ipv6_ext(nexthdr))
+			break;
+		if ((void *)(h + 8) > data_end)
+			return -1;
+		switch (nexthdr) {
+		case IPPROTO_FRAGMENT:
+			/* Fragment offset (13 bits) in bytes 2-3. */
+			if ((((__u16)h[2] << 8 | h[3]) & 0xfff8) != 0)
+				return -1;
+			nexthdr = h[0];
+			h += 8;
+			break;
+		case IPPROTO_AH:
+			nexthdr = h[0];
+			h += ((__u32)h[1] + 2) * 4;
+			break;
+		default:
+			nexthdr = h[0];
+			h += ((__u32)h[1] + 1) * 8;
+			break;
+		}
+	}
+	if (is_ipv6_ext(nexthdr))
+		return -1;
+	*cur = h;
+	*proto = nexthdr;
+	return 0;
+}
+
+static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, struct packet *p)
+{
+	void *data, *data_end, *l4;
+	struct ethhdr *eth;
+	__u8 proto;
+
+	ensure_linear(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_NONE;
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = (void *)(eth + 1);
+		__u32 ihl;
+
+		if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl < 5)
+			return PARSE_NONE;
+		ihl = iph->ihl * 4;
+		if (bpf_ntohs(iph->tot_len) < ihl)
+			return PARSE_NONE;
+		p->family = 4;
+		v4mapped(p->t.saddr, iph->saddr);
+		v4mapped(p->t.daddr, iph->daddr);
+		proto = iph->protocol;
+		/* Non-first fragments carry no L4 header. */
+		if (iph->frag_off & bpf_htons(0x1fff))
+			return PARSE_L3;
+		l4 = (void *)iph + ihl;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->version != 6)
+			return PARSE_NONE;
+		p->family = 6;
+		__builtin_memcpy(p->t.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p->t.daddr, &ip6h->daddr, 16);
+		proto = ip6h->nexthdr;
+		l4 = ip6h + 1;
+		if (skip_ipv6_ext(&l4, data_end, &proto))
+			return PARSE_L3;
+	} else {
+		return PARSE_NONE;
+	}
+
+	if (proto == IPPROTO_TCP) {
+		__u8 *th = l4;
+
+		if ((void *)(th + 20) > data_end)
+			return PARSE_L3;
+		/* Data offset below 5 words: not a TCP header we can trust. */
+		if ((th[12] >> 4) < 5)
+			return PARSE_L3;
+		__builtin_memcpy(&p->t.sport, th, 2);
+		__builtin_memcpy(&p->t.dport, th + 2, 2);
+		p->seq = (__u32)th[4] << 24 | (__u32)th[5] << 16 | (__u32)th[6] << 8 | th[7];
+		p->tcp_flags = th[13];
+	} else if (proto == IPPROTO_UDP) {
+		__u8 *uh = l4;
+
+		if ((void *)(uh + 8) > data_end)
+			return PARSE_L3;
+		__builtin_memcpy(&p->t.sport, uh, 2);
+		__builtin_memcpy(&p->t.dport, uh + 2, 2);
+	} else {
+		return PARSE_L3;
+	}
+	p->t.proto = proto;
+	return PARSE_L4;
+}
+
+static __always_inline void tuple_reverse(struct pktmeta_tuple *dst, const struct pktmeta_tuple *src)
+{
+	__builtin_memcpy(dst->saddr, src->daddr, 16);
+	__builtin_memcpy(dst->daddr, src->saddr, 16);
+	dst->sport = src->dport;
+	dst->dport = src->sport;
+	dst->proto = src->proto;
+	dst->_pad[0] = 0;
+	dst->_pad[1] = 0;
+	dst->_pad[2] = 0;
+}
+
+static __always_inline int tuple_equal(const struct pktmeta_tuple *a, const struct pktmeta_tuple *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	/* 40 bytes, padding always zero: five words. */
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+#endif /* __PKTMETA_PARSE_H__ */

@@ -1,0 +1,167 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/pktmeta/pktmeta/internal/attach"
+	"github.com/vishvananda/netlink"
+)
+
+// AttachOptions describe one pod interface to put the datapath on.
+type AttachOptions struct {
+	Mode   attach.Mode
+	Strict bool
+	Addrs  []netip.Addr // the pod's addresses, for strict mode
+}
+
+// AddAttachment registers w, its endpoint, and attaches the programs to
+// its host veth (w.HostIfindex). An earlier live attachment with the same
+// (container id, ifname), left by a retried ADD, is replaced. On error
+// nothing of w remains.
+func (d *Datapath) AddAttachment(w *Workload, opts AttachOptions, log *slog.Logger) (err error) {
+	if old, ok, err := d.FindAttachment(w.Key()); err != nil {
+		return err
+	} else if ok {
+		log.Info("replacing an earlier attachment of the same container and interface", "workload", old.ID)
+		if err := d.RemoveAttachment(old, log); err != nil {
+			return fmt.Errorf("remove earlier attachment: %w", err)
+		}
+	}
+	if len(opts.Addrs) > MaxAddrs {
+		return fmt.Errorf("pod has %d addresses, at most %d are supported", len(opts.Addrs), MaxAddrs)
+	}
+	w.Strict = opts.Strict
+	if _, err := d.RegisterWorkload(w); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			d.DeleteEndpoint(w.HostIfindex, w.ID)
+			d.DeleteWorkload(w.ID)
+		}
+	}()
+	if err := d.PutEndpoint(w.HostIfindex, Endpoint{Workload: w.ID, Strict: opts.Strict, Addrs: opts.Addrs}); err != nil {
+		return err
+	}
+	ingress := d.Origin
+	if opts.Strict {
+		ingress = d.Strict
+	}
+	linkDir := d.AttachmentLinkDir(w.Key())
+	res, err := attach.Attach(int(w.HostIfindex), attach.Programs{Ingress: ingress, Egress: d.Deliver}, opts.Mode, linkDir)
+	if err != nil {
+		return fmt.Errorf("attach to %s: %w", w.HostIfName, err)
+	}
+	defer func() {
+		if err != nil {
+			attach.Detach(int(w.HostIfindex), linkDir)
+		}
+	}()
+	w.Legacy = res.Mode == attach.Legacy
+	w.NoEgress = res.NoEgress
+	if res.NoEgress {
+		log.Warn("legacy attach beside an ingress qdisc: only the origin hook is attached; connections to this pod are not marked delivered",
+			"hostIfname", w.HostIfName)
+	}
+	if err := d.UpdateWorkload(w); err != nil {
+		return err
+	}
+	return nil
+}
+
+// RemoveAttachment undoes AddAttachment: detaches, unpins, unregisters,
+// and removes the records of connections the pod opened or received (its
+// sockets died with its network namespace). Missing pieces are skipped,
+// so it can run twice and after the veth is gone.
+func (d *Datapath) RemoveAttachment(w Workload, log *slog.Logger) error {
+	var errs []error
+	// Filters are removed by ifindex only while it still names our veth:
+	// ifindexes are reused once a veth is gone.
+	ifindex := 0
+	if w.HostIfindex != 0 {
+		if l, err := netlink.LinkByIndex(int(w.HostIfindex)); err == nil && l.Attrs().Name == w.HostIfName {
+			ifindex = int(w.HostIfindex)
+		}
+	}
+	if err := attach.Detach(ifindex, d.AttachmentLinkDir(w.Key())); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.DeleteEndpoint(w.HostIfindex, w.ID); err != nil {
+		errs = append(errs, err)
+	}
+	n, err := d.DeleteRecordsOf(map[uint32]bool{w.ID: true})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.DeleteWorkload(w.ID); err != nil {
+		errs = append(errs, err)
+	}
+	log.Info("attachment removed", "workload", w.ID, "hostIfname", w.HostIfName, "records", n)
+	return errors.Join(errs...)
+}
+
+// DeleteRecordsOf removes every record whose origin or peer is one of ids,
+// with its alias. Returns how many were removed.
+func (d *Datapath) DeleteRecordsOf(ids map[uint32]bool) (int, error) {
+	recs, err := d.Records()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	var errs []error
+	for _, r := range recs {
+		if !ids[r.OriginWorkload] && !ids[r.PeerWorkload] {
+			continue
+		}
+		if err := d.DeleteRecord(r); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
+
+// OrphanLinkDirs lists link pin directories no live workload owns: what a
+// crash between attach and registration, or an old bug, left behind.
+func (d *Datapath) OrphanLinkDirs() ([]string, error) {
+	live := map[string]bool{}
+	all, err := d.Workloads()
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range all {
+		live[d.AttachmentLinkDir(w.Key())] = true
+	}
+	var out []string
+	containers, err := os.ReadDir(d.LinksDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", d.LinksDir(), err)
+	}
+	for _, c := range containers {
+		ifaces, err := os.ReadDir(filepath.Join(d.LinksDir(), c.Name()))
+		if err != nil {
+			continue
+		}
+		for _, i := range ifaces {
+			dir := filepath.Join(d.LinksDir(), c.Name(), i.Name())
+			if !live[dir] {
+				out = append(out, dir)
+			}
+		}
+	}
+	return out, nil
+}
+
+// RemoveLinkDir detaches and unpins whatever links are pinned in dir.
+func RemoveLinkDir(dir string) error {
+	return attach.Detach(0, dir)
+}

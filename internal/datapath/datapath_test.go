@@ -1,0 +1,44 @@
+package datapath
+
+import (
+	"log/slog"
+	"os"
+	"testing"
+
+	"github.com/pktmeta/pktmeta/internal/testutil"
+)
+
+func testLogger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+func TestEnsureLoadsOnceAndReuses(t *testing.T) {
+	pin := testutil.PinPath(t)
+	d, res, err := Ensure(Options{PinPath: pin, MaxConnections: 4096}, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if !res.Loaded || !res.Created {
+		t.Fatalf("first Ensure: %+v, want loaded and created", res)
+	}
+	info, _ := d.Origin.Info()
+	id1, _ := info.ID()
+
+	d2, res2, err := Ensure(Options{PinPath: pin, MaxConnections: 9999}, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close()
+	if res2.Loaded || res2.Created {
+		t.Fatalf("second Ensure: %+v, want neither loaded nor created", res2)
+	}
+	info2, _ := d2.Origin.Info()
+	id2, _ := info2.ID()
+	if id1 != id2 {
+		t.Fatalf("second Ensure reloaded the program: id %d then %d", id1, id2)
+	}
+	if got := d2.ConnsMap.MaxEntries(); got != 4096 {
+		t.Fatalf("conns max entries %d, want the pinned 4096", got)
+	}
+}

@@ -1,0 +1,121 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+)
+
+// Event types (PKTMETA_EV_*).
+const (
+	EventOpened    = 1
+	EventDelivered = 2
+	EventClosed    = 3
+)
+
+// Close reasons (PKTMETA_CLOSE_*).
+const (
+	CloseFIN = 1
+	CloseRST = 2
+)
+
+// Event is one ring-buffer event.
+type Event struct {
+	Type           uint8
+	Reason         uint8
+	Flags          uint32
+	ConnID         uint64
+	Time           time.Time
+	OriginWorkload uint32
+	PeerWorkload   uint32
+	Ifindex        uint32
+	Tuple          Tuple // as the origin sent it
+	Seen           Tuple // DELIVERED: as the receiver saw it
+}
+
+// TypeName names an event type.
+func (e *Event) TypeName() string {
+	switch e.Type {
+	case EventOpened:
+		return "opened"
+	case EventDelivered:
+		return "delivered"
+	case EventClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("type%d", e.Type)
+}
+
+// ReasonName names a close reason.
+func (e *Event) ReasonName() string {
+	switch e.Reason {
+	case CloseFIN:
+		return "fin"
+	case CloseRST:
+		return "rst"
+	}
+	return ""
+}
+
+// EventReader follows the events ring buffer.
+type EventReader struct {
+	rd  *ringbuf.Reader
+	clk monoClock
+}
+
+// NewEventReader opens a reader on the events ring buffer. A ring buffer
+// has one consumer position: two readers split the events between them.
+func (d *Datapath) NewEventReader() (*EventReader, error) {
+	rd, err := ringbuf.NewReader(d.EventsMap)
+	if err != nil {
+		return nil, fmt.Errorf("open event ring buffer: %w", err)
+	}
+	return &EventReader{rd: rd, clk: newMonoClock()}, nil
+}
+
+// ErrClosed is returned by Read after Close.
+var ErrClosed = ringbuf.ErrClosed
+
+// SetDeadline makes Read return os.ErrDeadlineExceeded after t.
+func (r *EventReader) SetDeadline(t time.Time) { r.rd.SetDeadline(t) }
+
+// Read blocks until the next event.
+func (r *EventReader) Read() (Event, error) {
+	rec, err := r.rd.Read()
+	if err != nil {
+		return Event{}, err
+	}
+	return decodeEvent(rec.RawSample, r.clk)
+}
+
+// Close stops the reader; a blocked Read returns ErrClosed.
+func (r *EventReader) Close() error { return r.rd.Close() }
+
+func decodeEvent(raw []byte, clk monoClock) (Event, error) {
+	var e bpfPktmetaEvent
+	if len(raw) < binary.Size(e) {
+		return Event{}, fmt.Errorf("event of %d bytes, want %d", len(raw), binary.Size(e))
+	}
+	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &e); err != nil {
+		return Event{}, fmt.Errorf("decode event: %w", err)
+	}
+	if e.Version != RecordVersion {
+		return Event{}, errors.New("event version mismatch")
+	}
+	return Event{
+		Type:           e.Type,
+		Reason:         e.Reason,
+		Flags:          e.Flags,
+		ConnID:         e.ConnId,
+		Time:           clk.wall(e.TsNs),
+		OriginWorkload: e.OriginWorkload,
+		PeerWorkload:   e.PeerWorkload,
+		Ifindex:        e.Ifindex,
+		Tuple:          tupleFromKey(&e.Tuple),
+		Seen:           tupleFromKey(&e.Seen),
+	}, nil
+}

@@ -1,0 +1,255 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// L4 protocols the datapath tracks.
+const (
+	ProtoTCP = unix.IPPROTO_TCP
+	ProtoUDP = unix.IPPROTO_UDP
+)
+
+// Tuple is a connection's 5-tuple in one direction.
+type Tuple struct {
+	Proto uint8
+	Src   netip.AddrPort
+	Dst   netip.AddrPort
+}
+
+// ParseProto accepts "tcp" and "udp".
+func ParseProto(s string) (uint8, error) {
+	switch strings.ToLower(s) {
+	case "tcp":
+		return ProtoTCP, nil
+	case "udp":
+		return ProtoUDP, nil
+	}
+	return 0, fmt.Errorf("unknown protocol %q (want tcp or udp)", s)
+}
+
+// ProtoName is the inverse of ParseProto.
+func ProtoName(p uint8) string {
+	switch p {
+	case ProtoTCP:
+		return "tcp"
+	case ProtoUDP:
+		return "udp"
+	}
+	return strconv.Itoa(int(p))
+}
+
+// Reverse returns the tuple of the opposite direction.
+func (t Tuple) Reverse() Tuple { return Tuple{Proto: t.Proto, Src: t.Dst, Dst: t.Src} }
+
+func (t Tuple) String() string {
+	return fmt.Sprintf("%s %s -> %s", ProtoName(t.Proto), t.Src, t.Dst)
+}
+
+// IsValid reports whether both ends are set.
+func (t Tuple) IsValid() bool { return t.Src.IsValid() && t.Dst.IsValid() }
+
+func (t Tuple) key() bpfPktmetaTuple {
+	k := bpfPktmetaTuple{
+		Saddr: t.Src.Addr().As16(),
+		Daddr: t.Dst.Addr().As16(),
+		Proto: t.Proto,
+	}
+	// Ports are stored in network order; the struct is read in host order.
+	k.Sport = nativePort(t.Src.Port())
+	k.Dport = nativePort(t.Dst.Port())
+	return k
+}
+
+func nativePort(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func tupleFromKey(k *bpfPktmetaTuple) Tuple {
+	if k.Proto == 0 {
+		return Tuple{}
+	}
+	return Tuple{
+		Proto: k.Proto,
+		Src:   netip.AddrPortFrom(netip.AddrFrom16(k.Saddr).Unmap(), nativePort(k.Sport)),
+		Dst:   netip.AddrPortFrom(netip.AddrFrom16(k.Daddr).Unmap(), nativePort(k.Dport)),
+	}
+}
+
+// Record flags (PKTMETA_F_*).
+const (
+	FlagDelivered = 1 << 0
+	FlagNAT       = 1 << 1
+	FlagFINOrig   = 1 << 2
+	FlagFINReply  = 1 << 3
+	FlagUDP       = 1 << 4
+)
+
+// Record is one connection's stash entry.
+type Record struct {
+	Version        uint8
+	Tuple          Tuple // as the origin sent it (the key)
+	Flags          uint32
+	ConnID         uint64
+	FirstSeen      time.Time
+	LastSeen       time.Time
+	Delivered      time.Time // zero until delivered
+	OriginWorkload uint32
+	OriginIfindex  uint32
+	PeerWorkload   uint32
+	PeerIfindex    uint32
+	PeerTuple      Tuple // as the receiver saw it, once delivered
+	SynSeq         uint32
+}
+
+// IsDelivered reports whether the first packet reached a pod on this node.
+func (r *Record) IsDelivered() bool { return r.Flags&FlagDelivered != 0 }
+
+func decodeRecord(k *bpfPktmetaTuple, v *bpfPktmetaRecord, clk monoClock) Record {
+	r := Record{
+		Version:        v.Version,
+		Tuple:          tupleFromKey(k),
+		Flags:          v.Flags,
+		ConnID:         v.ConnId,
+		FirstSeen:      clk.wall(v.FirstSeenNs),
+		LastSeen:       clk.wall(v.LastSeenNs),
+		OriginWorkload: v.OriginWorkload,
+		OriginIfindex:  v.OriginIfindex,
+		PeerWorkload:   v.PeerWorkload,
+		PeerIfindex:    v.PeerIfindex,
+		SynSeq:         v.SynSeq,
+	}
+	if r.IsDelivered() {
+		r.Delivered = clk.wall(v.DeliveredNs)
+		r.PeerTuple = tupleFromKey(&v.PeerTuple)
+	}
+	return r
+}
+
+// monoClock converts the datapath's CLOCK_MONOTONIC nanoseconds to wall
+// time, with one offset sampled per read so a listing is consistent.
+type monoClock struct{ offset time.Duration }
+
+func newMonoClock() monoClock {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return monoClock{}
+	}
+	return monoClock{offset: time.Duration(time.Now().UnixNano() - ts.Nano())}
+}
+
+func (c monoClock) wall(mono uint64) time.Time {
+	if mono == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, int64(mono)+int64(c.offset))
+}
+
+// WallTime converts a datapath timestamp (CLOCK_MONOTONIC ns) to wall time.
+func WallTime(mono uint64) time.Time { return newMonoClock().wall(mono) }
+
+// ErrNoRecord means the datapath knows nothing of a tuple.
+var ErrNoRecord = errors.New("no record")
+
+// Lookup finds the record a tuple belongs to, the way pktmeta_lookup() in
+// the public header does: the origin's tuple directly, a receiver's
+// post-NAT tuple through its alias. Either direction is accepted: a reply
+// tuple is reversed.
+func (d *Datapath) Lookup(t Tuple) (Record, error) {
+	clk := newMonoClock()
+	for _, q := range []Tuple{t, t.Reverse()} {
+		key := q.key()
+		var v bpfPktmetaRecord
+		err := d.ConnsMap.Lookup(&key, &v)
+		if err == nil {
+			return decodeRecord(&key, &v, clk), nil
+		}
+		if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Record{}, fmt.Errorf("look up %s: %w", q, err)
+		}
+		var a bpfPktmetaAlias
+		err = d.AliasesMap.Lookup(&key, &a)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
+			return Record{}, fmt.Errorf("look up alias %s: %w", q, err)
+		}
+		err = d.ConnsMap.Lookup(&a.Origin, &v)
+		if err == nil && v.ConnId == a.ConnId {
+			return decodeRecord(&a.Origin, &v, clk), nil
+		}
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Record{}, fmt.Errorf("look up %s: %w", tupleFromKey(&a.Origin), err)
+		}
+	}
+	return Record{}, fmt.Errorf("%s: %w", t, ErrNoRecord)
+}
+
+// Records lists every live record.
+func (d *Datapath) Records() ([]Record, error) {
+	clk := newMonoClock()
+	var out []Record
+	var (
+		k bpfPktmetaTuple
+		v bpfPktmetaRecord
+	)
+	it := d.ConnsMap.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, decodeRecord(&k, &v, clk))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list records: %w", err)
+	}
+	return out, nil
+}
+
+// Alias is a receiver-side tuple pointing at an origin record.
+type Alias struct {
+	Seen   Tuple
+	Origin Tuple
+	ConnID uint64
+}
+
+// Aliases lists every alias.
+func (d *Datapath) Aliases() ([]Alias, error) {
+	var out []Alias
+	var (
+		k bpfPktmetaTuple
+		v bpfPktmetaAlias
+	)
+	it := d.AliasesMap.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, Alias{Seen: tupleFromKey(&k), Origin: tupleFromKey(&v.Origin), ConnID: v.ConnId})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list aliases: %w", err)
+	}
+	return out, nil
+}
+
+// DeleteRecord removes a record and its alias.
+func (d *Datapath) DeleteRecord(r Record) error {
+	if r.Flags&FlagNAT != 0 && r.PeerTuple.IsValid() {
+		k := r.PeerTuple.key()
+		if err := d.AliasesMap.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete alias %s: %w", r.PeerTuple, err)
+		}
+	}
+	k := r.Tuple.key()
+	if err := d.ConnsMap.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete record %s: %w", r.Tuple, err)
+	}
+	return nil
+}

@@ -1,0 +1,69 @@
+package datapath
+
+import (
+	"fmt"
+	"reflect"
+)
+
+// Stats are the datapath's counters summed over CPUs.
+type Stats struct {
+	OriginPackets  uint64 `json:"originPackets"`
+	DeliverPackets uint64 `json:"deliverPackets"`
+	NotParsed      uint64 `json:"notParsed"`
+	Tagged         uint64 `json:"tagged"`
+	SynRetransmits uint64 `json:"synRetransmits"`
+	Unregistered   uint64 `json:"unregistered"`
+	UpdateErrors   uint64 `json:"updateErrors"`
+	Deliveries     uint64 `json:"deliveries"`
+	NATResolved    uint64 `json:"natResolved"`
+	Misses         uint64 `json:"misses"`
+	UDPReplies     uint64 `json:"udpReplies"`
+	Closed         uint64 `json:"closed"`
+	StrictDrops    uint64 `json:"strictDrops"`
+	EventsDropped  uint64 `json:"eventsDropped"`
+	CTUnavailable  uint64 `json:"ctUnavailable"`
+}
+
+// ReadStats sums the per-CPU counters.
+func (d *Datapath) ReadStats() (Stats, error) {
+	var perCPU []bpfPktmetaCounters
+	if err := d.StatsMap.Lookup(uint32(0), &perCPU); err != nil {
+		return Stats{}, fmt.Errorf("read counters: %w", err)
+	}
+	var s Stats
+	for _, c := range perCPU {
+		s.OriginPackets += c.OriginPackets
+		s.DeliverPackets += c.DeliverPackets
+		s.NotParsed += c.NotParsed
+		s.Tagged += c.Tagged
+		s.SynRetransmits += c.SynRetransmits
+		s.Unregistered += c.Unregistered
+		s.UpdateErrors += c.UpdateErrors
+		s.Deliveries += c.Deliveries
+		s.NATResolved += c.NatResolved
+		s.Misses += c.Misses
+		s.UDPReplies += c.UdpReplies
+		s.Closed += c.Closed
+		s.StrictDrops += c.StrictDrops
+		s.EventsDropped += c.EventsDropped
+		s.CTUnavailable += c.CtUnavailable
+	}
+	return s, nil
+}
+
+// Fields returns the counters as name/value pairs, in declaration order.
+func (s Stats) Fields() []StatField {
+	v := reflect.ValueOf(s)
+	t := v.Type()
+	out := make([]StatField, t.NumField())
+	for i := range out {
+		out[i] = StatField{Name: t.Field(i).Tag.Get("json"), Value: v.Field(i).Uint()}
+	}
+	return out
+}
+
+// StatField is one named counter.
+type StatField struct {
+	Name  string
+	Value uint64
+}

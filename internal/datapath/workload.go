@@ -1,0 +1,321 @@
+package datapath
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+	"time"
+
+	"github.com/cilium/ebpf"
+)
+
+// Limits of the fixed-size string fields (bytes, without the NUL).
+const (
+	MaxTagKeyLen   = 63
+	MaxTagValueLen = 127
+)
+
+// Workload flags (PKTMETA_WL_*).
+const (
+	wlPartial  = 1 << 0
+	wlLegacy   = 1 << 1
+	wlStrict   = 1 << 2
+	wlNoEgress = 1 << 3
+)
+
+// Workload is who sits behind one attachment: a pod's interface. Records
+// refer to it by ID; the strings live only here, in userspace's part of the
+// pinned state. It exists from CNI ADD to CNI DEL: as long as the pod's
+// network namespace, and so every connection the pod takes part in.
+type Workload struct {
+	ID          uint32
+	Namespace   string
+	Pod         string
+	UID         string
+	ContainerID string
+	IfName      string // inside the pod
+	HostIfName  string
+	HostIfindex uint32
+	Netns       string
+	Tags        map[string]string
+	Created     time.Time
+	Partial     bool // no Kubernetes identity was available
+	Legacy      bool // attached with cls_bpf
+	Strict      bool
+	NoEgress    bool // legacy beside an ingress qdisc: origin hook only
+}
+
+// Key names the attachment the way CNI does: (container id, ifname).
+func (w *Workload) Key() AttachmentKey {
+	return AttachmentKey{ContainerID: w.ContainerID, IfName: w.IfName}
+}
+
+// AttachmentKey identifies an attachment without a prevResult.
+type AttachmentKey struct {
+	ContainerID string
+	IfName      string
+}
+
+func putString(dst []byte, s, field string) error {
+	if len(s) > len(dst)-1 {
+		return fmt.Errorf("%s is %d bytes, at most %d fit", field, len(s), len(dst)-1)
+	}
+	clear(dst)
+	copy(dst, s)
+	return nil
+}
+
+func getString(b []byte) string {
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i])
+		}
+	}
+	return string(b)
+}
+
+func (w *Workload) encode() (*bpfPktmetaWorkload, error) {
+	raw := &bpfPktmetaWorkload{
+		Version:       RecordVersion,
+		HostIfindex:   w.HostIfindex,
+		CreatedUnixNs: uint64(w.Created.UnixNano()),
+	}
+	for _, f := range []struct {
+		set  bool
+		flag uint8
+	}{{w.Partial, wlPartial}, {w.Legacy, wlLegacy}, {w.Strict, wlStrict}, {w.NoEgress, wlNoEgress}} {
+		if f.set {
+			raw.Flags |= f.flag
+		}
+	}
+	for _, f := range []struct {
+		dst        []byte
+		val, field string
+	}{
+		{raw.Namespace[:], w.Namespace, "namespace"},
+		{raw.Pod[:], w.Pod, "pod name"},
+		{raw.Uid[:], w.UID, "pod UID"},
+		{raw.ContainerId[:], w.ContainerID, "container id"},
+		{raw.Ifname[:], w.IfName, "interface name"},
+		{raw.HostIfname[:], w.HostIfName, "host interface name"},
+		{raw.Netns[:], w.Netns, "netns path"},
+	} {
+		if err := putString(f.dst, f.val, f.field); err != nil {
+			return nil, err
+		}
+	}
+	if len(w.Tags) > MaxTags {
+		return nil, fmt.Errorf("%d tags, at most %d", len(w.Tags), MaxTags)
+	}
+	keys := make([]string, 0, len(w.Tags))
+	for k := range w.Tags {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for i, k := range keys {
+		if err := putString(raw.Tags[i].Key[:], k, "tag key "+k); err != nil {
+			return nil, err
+		}
+		if err := putString(raw.Tags[i].Value[:], w.Tags[k], "value of tag "+k); err != nil {
+			return nil, err
+		}
+	}
+	raw.N_tags = uint8(len(keys))
+	return raw, nil
+}
+
+func decodeWorkload(id uint32, raw *bpfPktmetaWorkload) Workload {
+	w := Workload{
+		ID:          id,
+		Namespace:   getString(raw.Namespace[:]),
+		Pod:         getString(raw.Pod[:]),
+		UID:         getString(raw.Uid[:]),
+		ContainerID: getString(raw.ContainerId[:]),
+		IfName:      getString(raw.Ifname[:]),
+		HostIfName:  getString(raw.HostIfname[:]),
+		HostIfindex: raw.HostIfindex,
+		Netns:       getString(raw.Netns[:]),
+		Created:     time.Unix(0, int64(raw.CreatedUnixNs)),
+		Partial:     raw.Flags&wlPartial != 0,
+		Legacy:      raw.Flags&wlLegacy != 0,
+		Strict:      raw.Flags&wlStrict != 0,
+		NoEgress:    raw.Flags&wlNoEgress != 0,
+	}
+	if n := int(raw.N_tags); n > 0 {
+		w.Tags = make(map[string]string, n)
+		for i := 0; i < n && i < MaxTags; i++ {
+			w.Tags[getString(raw.Tags[i].Key[:])] = getString(raw.Tags[i].Value[:])
+		}
+	}
+	return w
+}
+
+// ValidateWorkload checks that w fits the fixed-size layout.
+func ValidateWorkload(w *Workload) error {
+	_, err := w.encode()
+	return err
+}
+
+// RegisterWorkload stores w under a new, random, unused ID and returns it.
+// IDs are random so that concurrent ADDs need no shared counter.
+func (d *Datapath) RegisterWorkload(w *Workload) (uint32, error) {
+	raw, err := w.encode()
+	if err != nil {
+		return 0, fmt.Errorf("workload %s/%s: %w", w.Namespace, w.Pod, err)
+	}
+	for range 16 {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return 0, err
+		}
+		id := binary.LittleEndian.Uint32(b[:])
+		if id == 0 {
+			continue
+		}
+		err := d.WorkloadsMap.Update(id, raw, ebpf.UpdateNoExist)
+		if errors.Is(err, ebpf.ErrKeyExist) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("store workload: %w", err)
+		}
+		w.ID = id
+		return id, nil
+	}
+	return 0, errors.New("store workload: no free id after 16 tries")
+}
+
+// UpdateWorkload rewrites an existing workload entry.
+func (d *Datapath) UpdateWorkload(w *Workload) error {
+	raw, err := w.encode()
+	if err != nil {
+		return err
+	}
+	if err := d.WorkloadsMap.Update(w.ID, raw, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("update workload %d: %w", w.ID, err)
+	}
+	return nil
+}
+
+// DeleteWorkload removes a workload entry; a missing one is not an error.
+func (d *Datapath) DeleteWorkload(id uint32) error {
+	if err := d.WorkloadsMap.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete workload %d: %w", id, err)
+	}
+	return nil
+}
+
+// Workload returns one workload by ID.
+func (d *Datapath) Workload(id uint32) (Workload, bool, error) {
+	var raw bpfPktmetaWorkload
+	err := d.WorkloadsMap.Lookup(id, &raw)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Workload{}, false, nil
+	}
+	if err != nil {
+		return Workload{}, false, fmt.Errorf("look up workload %d: %w", id, err)
+	}
+	return decodeWorkload(id, &raw), true, nil
+}
+
+// Workloads returns every workload.
+func (d *Datapath) Workloads() ([]Workload, error) {
+	var (
+		out []Workload
+		id  uint32
+		raw bpfPktmetaWorkload
+	)
+	it := d.WorkloadsMap.Iterate()
+	for it.Next(&id, &raw) {
+		out = append(out, decodeWorkload(id, &raw))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list workloads: %w", err)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Created.Before(out[j].Created) })
+	return out, nil
+}
+
+// FindAttachment returns the workload of an attachment.
+func (d *Datapath) FindAttachment(key AttachmentKey) (Workload, bool, error) {
+	all, err := d.Workloads()
+	if err != nil {
+		return Workload{}, false, err
+	}
+	for _, w := range all {
+		if w.Key() == key {
+			return w, true, nil
+		}
+	}
+	return Workload{}, false, nil
+}
+
+// Endpoint is the datapath's view of a pod veth.
+type Endpoint struct {
+	Workload uint32
+	Strict   bool
+	Addrs    []netip.Addr
+}
+
+const epStrict = 1 << 0
+
+// PutEndpoint registers the pod behind host ifindex with the datapath.
+func (d *Datapath) PutEndpoint(ifindex uint32, ep Endpoint) error {
+	if len(ep.Addrs) > MaxAddrs {
+		return fmt.Errorf("%d addresses, at most %d", len(ep.Addrs), MaxAddrs)
+	}
+	raw := bpfPktmetaEndpoint{Version: RecordVersion, Workload: ep.Workload, N_addrs: uint8(len(ep.Addrs))}
+	if ep.Strict {
+		raw.Flags |= epStrict
+	}
+	for i, a := range ep.Addrs {
+		raw.Addrs[i] = a.As16()
+	}
+	if err := d.EndpointsMap.Update(ifindex, &raw, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("register endpoint ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// DeleteEndpoint removes ifindex's endpoint if it still belongs to workload.
+func (d *Datapath) DeleteEndpoint(ifindex, workload uint32) error {
+	var raw bpfPktmetaEndpoint
+	if err := d.EndpointsMap.Lookup(ifindex, &raw); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return fmt.Errorf("look up endpoint %d: %w", ifindex, err)
+	}
+	// The ifindex may have been reused by a newer pod.
+	if raw.Workload != workload {
+		return nil
+	}
+	if err := d.EndpointsMap.Delete(ifindex); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// ListEndpoints lists registered endpoints by host ifindex.
+func (d *Datapath) ListEndpoints() (map[uint32]Endpoint, error) {
+	out := map[uint32]Endpoint{}
+	var (
+		ifindex uint32
+		raw     bpfPktmetaEndpoint
+	)
+	it := d.EndpointsMap.Iterate()
+	for it.Next(&ifindex, &raw) {
+		ep := Endpoint{Workload: raw.Workload, Strict: raw.Flags&epStrict != 0}
+		for i := 0; i < int(raw.N_addrs) && i < MaxAddrs; i++ {
+			ep.Addrs = append(ep.Addrs, netip.AddrFrom16(raw.Addrs[i]).Unmap())
+		}
+		out[ifindex] = ep
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
