@@ -1,0 +1,302 @@
+// Command pktmetactl reads pktmeta's pinned state: live connections with
+// their origin, lookups by tuple, the event stream, and the datapath's
+// health. It needs no daemon; it opens the pins directly.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/view"
+)
+
+const usage = `usage: pktmetactl [--pin-path DIR] <command> [flags]
+
+commands:
+  conns    [-o json]                                   live connections and who opened them
+  lookup   --proto tcp|udp --src IP:PORT --dst IP:PORT [-o json]
+                                                       the record of one connection, by either side's tuple
+  events   [-o json] [--count N] [--timeout D]         follow opened/delivered/closed events
+  status   [-o json]                                   programs, attachments, map fill, counters
+
+--pin-path defaults to ` + datapath.DefaultPinPath + `
+`
+
+// exitError carries an exit status and a one-line message.
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return e.msg }
+
+func main() {
+	err := run(os.Args[1:], os.Stdout)
+	if err == nil {
+		return
+	}
+	var ee *exitError
+	if errors.As(err, &ee) {
+		fmt.Fprintln(os.Stderr, "pktmetactl:", ee.msg)
+		os.Exit(ee.code)
+	}
+	fmt.Fprintln(os.Stderr, "pktmetactl:", err)
+	os.Exit(2)
+}
+
+func run(args []string, out io.Writer) error {
+	global := flag.NewFlagSet("pktmetactl", flag.ContinueOnError)
+	global.SetOutput(io.Discard)
+	pinPath := global.String("pin-path", datapath.DefaultPinPath, "bpffs directory of the pinned datapath")
+	if err := global.Parse(args); err != nil {
+		fmt.Fprint(os.Stderr, usage)
+		return &exitError{2, err.Error()}
+	}
+	rest := global.Args()
+	if len(rest) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return &exitError{2, "no command"}
+	}
+	cmd, cmdArgs := rest[0], rest[1:]
+	switch cmd {
+	case "conns":
+		return cmdConns(*pinPath, cmdArgs, out)
+	case "lookup":
+		return cmdLookup(*pinPath, cmdArgs, out)
+	case "events":
+		return cmdEvents(*pinPath, cmdArgs, out)
+	case "status":
+		return cmdStatus(*pinPath, cmdArgs, out)
+	case "help", "-h", "--help":
+		fmt.Fprint(out, usage)
+		return nil
+	}
+	fmt.Fprint(os.Stderr, usage)
+	return &exitError{2, fmt.Sprintf("unknown command %q", cmd)}
+}
+
+func newFlags(name string) (*flag.FlagSet, *string) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(os.Stderr)
+	output := fs.String("o", "text", "output format: text or json")
+	return fs, output
+}
+
+func checkOutput(o string) error {
+	if o != "text" && o != "json" {
+		return &exitError{2, fmt.Sprintf("-o %q: want text or json", o)}
+	}
+	return nil
+}
+
+func open(pinPath string) (*datapath.Datapath, error) {
+	d, err := datapath.Open(pinPath)
+	if err != nil {
+		return nil, &exitError{3, fmt.Sprintf("open pinned datapath: %v", err)}
+	}
+	return d, nil
+}
+
+func cmdConns(pinPath string, args []string, out io.Writer) error {
+	fs, output := newFlags("conns")
+	if err := fs.Parse(args); err != nil {
+		return &exitError{2, err.Error()}
+	}
+	if err := checkOutput(*output); err != nil {
+		return err
+	}
+	d, err := open(pinPath)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	conns, err := view.Conns(d)
+	if err != nil {
+		return err
+	}
+	if *output == "json" {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(conns)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tORIGIN\tTAGS\tCONN-ID\tFIRST-SEEN\tPEER\tPEER-SAW")
+	for _, c := range conns {
+		peer, saw := "-", "-"
+		if c.Seen != nil {
+			peer = c.Peer.Name()
+			saw = c.Seen.Src + " -> " + c.Seen.Dst
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", c.Proto, c.Src, c.Dst, c.Origin.Name(), tagString(c.Tags), c.ConnID, c.FirstSeen, peer, saw)
+	}
+	return tw.Flush()
+}
+
+func tagString(tags map[string]string) string {
+	if len(tags) == 0 {
+		return "-"
+	}
+	keys := make([]string, 0, len(tags))
+	for k := range tags {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = k + "=" + tags[k]
+	}
+	return strings.Join(parts, ",")
+}
+
+func cmdLookup(pinPath string, args []string, out io.Writer) error {
+	fs, output := newFlags("lookup")
+	proto := fs.String("proto", "tcp", "tcp or udp")
+	src := fs.String("src", "", "source IP:PORT ([IPv6]:PORT)")
+	dst := fs.String("dst", "", "destination IP:PORT ([IPv6]:PORT)")
+	if err := fs.Parse(args); err != nil {
+		return &exitError{2, err.Error()}
+	}
+	if err := checkOutput(*output); err != nil {
+		return err
+	}
+	t, err := parseTuple(*proto, *src, *dst)
+	if err != nil {
+		return &exitError{2, err.Error()}
+	}
+	d, err := open(pinPath)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	rec, err := d.Lookup(t)
+	if errors.Is(err, datapath.ErrNoRecord) {
+		return &exitError{1, fmt.Sprintf("no record for %s", t)}
+	}
+	if err != nil {
+		return err
+	}
+	res, err := view.NewResolver(d)
+	if err != nil {
+		return err
+	}
+	c := res.ConnFromRecord(rec)
+	if *output == "json" {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(c)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "connection\t%s %s -> %s\n", c.Proto, c.Src, c.Dst)
+	fmt.Fprintf(tw, "conn id\t%d\n", c.ConnID)
+	fmt.Fprintf(tw, "first seen\t%s\n", c.FirstSeen)
+	fmt.Fprintf(tw, "origin\t%s\n", c.Origin.Name())
+	if c.Origin.UID != "" {
+		fmt.Fprintf(tw, "origin uid\t%s\n", c.Origin.UID)
+	}
+	if c.Origin.ContainerID != "" {
+		fmt.Fprintf(tw, "origin container\t%s\n", c.Origin.ContainerID)
+	}
+	fmt.Fprintf(tw, "tags\t%s\n", tagString(c.Tags))
+	if c.Seen != nil {
+		fmt.Fprintf(tw, "delivered to\t%s at %s\n", c.Peer.Name(), c.Delivered)
+		fmt.Fprintf(tw, "receiver saw\t%s -> %s (nat: %v)\n", c.Seen.Src, c.Seen.Dst, c.NAT)
+	} else {
+		fmt.Fprintf(tw, "delivered to\t- (not to a pod on this node)\n")
+	}
+	return tw.Flush()
+}
+
+func parseTuple(proto, src, dst string) (datapath.Tuple, error) {
+	p, err := datapath.ParseProto(proto)
+	if err != nil {
+		return datapath.Tuple{}, fmt.Errorf("--proto: %w", err)
+	}
+	s, err := parseAddrPort(src)
+	if err != nil {
+		return datapath.Tuple{}, fmt.Errorf("--src: %w", err)
+	}
+	d, err := parseAddrPort(dst)
+	if err != nil {
+		return datapath.Tuple{}, fmt.Errorf("--dst: %w", err)
+	}
+	return datapath.Tuple{Proto: p, Src: s, Dst: d}, nil
+}
+
+func cmdEvents(pinPath string, args []string, out io.Writer) error {
+	fs, output := newFlags("events")
+	count := fs.Int("count", 0, "exit after this many events (0: follow forever)")
+	timeout := fs.Duration("timeout", 0, "exit after this long without an event (0: never)")
+	if err := fs.Parse(args); err != nil {
+		return &exitError{2, err.Error()}
+	}
+	if err := checkOutput(*output); err != nil {
+		return err
+	}
+	d, err := open(pinPath)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	rd, err := d.NewEventReader()
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	res, err := view.NewResolver(d)
+	if err != nil {
+		return err
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sig
+		rd.Close()
+	}()
+	enc := json.NewEncoder(out)
+	for n := 0; *count == 0 || n < *count; n++ {
+		if *timeout > 0 {
+			rd.SetDeadline(time.Now().Add(*timeout))
+		}
+		ev, err := rd.Read()
+		if errors.Is(err, datapath.ErrClosed) {
+			return nil
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return &exitError{1, fmt.Sprintf("no event within %s", *timeout)}
+		}
+		if err != nil {
+			return err
+		}
+		// A workload registered after we started: read the table again.
+		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
+			res.Refresh(d)
+		}
+		v := res.EventFrom(ev)
+		if *output == "json" {
+			if err := enc.Encode(v); err != nil {
+				return err
+			}
+			continue
+		}
+		line := fmt.Sprintf("%s %-9s %s %s -> %s conn=%d origin=%s tags=%s", v.Time, v.Event, v.Proto, v.Src, v.Dst, v.ConnID, v.Origin.Name(), tagString(v.Tags))
+		if v.Seen != nil {
+			line += fmt.Sprintf(" peer=%s saw=%s->%s nat=%v", v.Peer.Name(), v.Seen.Src, v.Seen.Dst, v.NAT)
+		}
+		if v.Reason != "" {
+			line += " reason=" + v.Reason
+		}
+		fmt.Fprintln(out, line)
+	}
+	return nil
+}
