@@ -276,4 +276,3 @@ func parseAddrPort(s string) (netip.AddrPort, error) {
 	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 }
-
