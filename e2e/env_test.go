@@ -229,11 +229,22 @@ func eventually(t *testing.T, what string, cond func() error) {
 	}
 }
 
-// ctl runs pktmetactl against the test's pin path.
+// ctl runs pktmetactl against the test's pin path, in the node netns
+// where the pod veths are, as an operator on the node would.
 func (e *env) ctl(args ...string) (string, int) {
 	e.t.Helper()
-	cmd := exec.CommandContext(e.ctx, filepath.Join(binDir, "pktmetactl"), append([]string{"--pin-path", e.pin}, args...)...)
-	out, err := cmd.Output()
+	var (
+		out []byte
+		err error
+	)
+	nsErr := e.node.Do(func() error {
+		cmd := exec.CommandContext(e.ctx, filepath.Join(binDir, "pktmetactl"), append([]string{"--pin-path", e.pin}, args...)...)
+		out, err = cmd.Output()
+		return nil
+	})
+	if nsErr != nil {
+		e.t.Fatal(nsErr)
+	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return string(out) + string(ee.Stderr), ee.ExitCode()

@@ -51,6 +51,9 @@ type Config struct {
 	} `json:"runtimeConfig,omitempty"`
 	// Args is the CONVENTIONS.md "args" object; accepted and ignored.
 	Args json.RawMessage `json:"args,omitempty"`
+	// LegacyAttachments is the pre-1.1 spelling of
+	// cni.dev/valid-attachments that libcni sends along with it.
+	LegacyAttachments json.RawMessage `json:"cni.dev/attachments,omitempty"`
 
 	mode     attach.Mode
 	logLevel slog.Level

@@ -152,13 +152,16 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		}
 		as.Ingress = hookState(attach.Ingress, ingressWant)
 		as.Egress = hookState(attach.Egress, progIDs[datapath.ProgDeliver])
+		if prios := got.ForeignBefore[attach.Ingress]; as.Ingress == "ok" && len(prios) > 0 {
+			as.Ingress = fmt.Sprintf("ok, after foreign filters at prio %v: packets they redirect are not seen", prios)
+		}
 		if w.NoEgress {
 			as.Egress = "unavailable (ingress qdisc present, no clsact)"
 		}
 		for _, h := range []struct {
 			name, state string
 		}{{"ingress", as.Ingress}, {"egress", as.Egress}} {
-			if h.state != "ok" && !strings.HasPrefix(h.state, "unavailable") {
+			if !strings.HasPrefix(h.state, "ok") && !strings.HasPrefix(h.state, "unavailable") {
 				st.Problems = append(st.Problems, fmt.Sprintf("%s (%s): %s hook %s", podName(w), w.HostIfName, h.name, h.state))
 			}
 		}
@@ -196,11 +199,11 @@ func podName(w datapath.Workload) string {
 
 func countEntries(m *ebpf.Map) (int, error) {
 	var (
-		n   int
-		key []byte
+		n        int
+		key, val []byte
 	)
 	it := m.Iterate()
-	for it.Next(&key, nil) {
+	for it.Next(&key, &val) {
 		n++
 	}
 	return n, it.Err()

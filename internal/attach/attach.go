@@ -50,9 +50,11 @@ const (
 	Egress  Hook = "egress"  // packets the interface sends: to the pod
 )
 
-// Legacy filters are recognised by all three of these.
+// Legacy filters are recognised by all three of these. The priority is low
+// (early) because a filter before ours that ends classification hides
+// packets from us, while ours always lets the next one run.
 const (
-	FilterPriority = 0x7070
+	FilterPriority = 16
 	FilterHandle   = 0x706d
 	FilterPrefix   = "pktmeta_"
 )
@@ -221,11 +223,15 @@ type Attached struct {
 	TCX map[Hook][]ebpf.ProgramID
 	// Our legacy filters' program IDs per hook.
 	Legacy map[Hook]ebpf.ProgramID
+	// Priorities of foreign filters that run before our legacy filter. One
+	// that ends classification (the bandwidth plugin's redirect to its ifb
+	// does) hides packets from us.
+	ForeignBefore map[Hook][]uint16
 }
 
 // Query lists the programs on ifindex's hooks.
 func Query(ifindex int) (Attached, error) {
-	a := Attached{TCX: map[Hook][]ebpf.ProgramID{}, Legacy: map[Hook]ebpf.ProgramID{}}
+	a := Attached{TCX: map[Hook][]ebpf.ProgramID{}, Legacy: map[Hook]ebpf.ProgramID{}, ForeignBefore: map[Hook][]uint16{}}
 	for _, h := range []struct {
 		hook Hook
 		typ  ebpf.AttachType
@@ -240,12 +246,24 @@ func Query(ifindex int) (Attached, error) {
 			}
 		}
 	}
-	filters, err := ourFilters(ifindex)
+	filters, err := listFilters(ifindex)
 	if err != nil {
 		return a, err
 	}
-	for h, f := range filters {
-		a.Legacy[h] = ebpf.ProgramID(f.Id)
+	for h, fs := range filters {
+		for _, f := range fs {
+			if bf, ok := f.(*netlink.BpfFilter); ok && isOurs(bf) {
+				a.Legacy[h] = ebpf.ProgramID(bf.Id)
+			}
+		}
+		if _, ok := a.Legacy[h]; !ok {
+			continue
+		}
+		for _, f := range fs {
+			if p := f.Attrs().Priority; p < FilterPriority {
+				a.ForeignBefore[h] = append(a.ForeignBefore[h], p)
+			}
+		}
 	}
 	return a, nil
 }
@@ -356,9 +374,14 @@ func replaceFilter(ifindex int, h Hook, prog *ebpf.Program, create bool) error {
 	return nil
 }
 
-// ourFilters finds our filters: our priority, our handle, our name prefix.
-func ourFilters(ifindex int) (map[Hook]*netlink.BpfFilter, error) {
-	out := map[Hook]*netlink.BpfFilter{}
+func isOurs(f *netlink.BpfFilter) bool {
+	return f.Priority == FilterPriority && f.Handle == FilterHandle && strings.HasPrefix(f.Name, FilterPrefix)
+}
+
+// listFilters lists every filter on both hooks; none when the interface
+// or its clsact/ingress qdisc is gone.
+func listFilters(ifindex int) (map[Hook][]netlink.Filter, error) {
+	out := map[Hook][]netlink.Filter{}
 	lnk, err := netlink.LinkByIndex(ifindex)
 	if err != nil {
 		var nf netlink.LinkNotFoundError
@@ -370,18 +393,28 @@ func ourFilters(ifindex int) (map[Hook]*netlink.BpfFilter, error) {
 	for _, h := range []Hook{Ingress, Egress} {
 		filters, err := netlink.FilterList(lnk, hookParent(h))
 		if err != nil {
-			// No clsact/ingress qdisc: no filters.
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
 				continue
 			}
 			return nil, fmt.Errorf("list %s filters of %s: %w", h, lnk.Attrs().Name, err)
 		}
-		for _, f := range filters {
-			bf, ok := f.(*netlink.BpfFilter)
-			if !ok || bf.Priority != FilterPriority || bf.Handle != FilterHandle || !strings.HasPrefix(bf.Name, FilterPrefix) {
-				continue
+		out[h] = filters
+	}
+	return out, nil
+}
+
+// ourFilters finds our filters: our priority, our handle, our name prefix.
+func ourFilters(ifindex int) (map[Hook]*netlink.BpfFilter, error) {
+	all, err := listFilters(ifindex)
+	if err != nil {
+		return nil, err
+	}
+	out := map[Hook]*netlink.BpfFilter{}
+	for h, fs := range all {
+		for _, f := range fs {
+			if bf, ok := f.(*netlink.BpfFilter); ok && isOurs(bf) {
+				out[h] = bf
 			}
-			out[h] = bf
 		}
 	}
 	return out, nil

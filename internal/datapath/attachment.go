@@ -68,6 +68,12 @@ func (d *Datapath) AddAttachment(w *Workload, opts AttachOptions, log *slog.Logg
 		log.Warn("legacy attach beside an ingress qdisc: only the origin hook is attached; connections to this pod are not marked delivered",
 			"hostIfname", w.HostIfName)
 	}
+	if res.Mode == attach.Legacy {
+		if got, err := attach.Query(int(w.HostIfindex)); err == nil && len(got.ForeignBefore[attach.Ingress]) > 0 {
+			log.Warn("foreign tc filters run before pktmeta's; packets they redirect or drop are not tagged (tcx avoids this)",
+				"hostIfname", w.HostIfName, "priorities", got.ForeignBefore[attach.Ingress])
+		}
+	}
 	if err := d.UpdateWorkload(w); err != nil {
 		return err
 	}
