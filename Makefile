@@ -11,7 +11,7 @@ GO_SOURCES := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum $(
 
 export CGO_ENABLED := 0
 
-.PHONY: all deps build generate cni-plugins test test-unit demo vet fmt-check clean
+.PHONY: all deps build generate check-generate cni-plugins test demo vet fmt-check clean
 
 all: build
 
@@ -29,6 +29,11 @@ generate:
 	./hack/deps.sh
 	BPF_CLANG=$(CLANG) BPF_STRIP=$(STRIP) $(GO) generate ./internal/datapath/... ./examples/...
 
+# Regenerates into a copy of the tree and compares with what is committed.
+check-generate:
+	./hack/deps.sh
+	./hack/check-generate.sh
+
 # The CNI reference plugins, built from the module proxy (never committed).
 cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS))
 
@@ -44,7 +49,7 @@ fmt-check:
 	if [[ -n "$$out" ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 # Every test, including the ones that need root, netns and BPF.
-test: deps build cni-plugins fmt-check vet
+test: deps build cni-plugins fmt-check vet check-generate
 	PKTMETA_BIN=$(BIN) PKTMETA_CNI_BIN=$(CNI_BIN) $(GO) test -count=1 -timeout 30m ./...
 
 # A local "node" made of network namespaces, the real CNI chain, traffic

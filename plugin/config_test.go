@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/pktmeta/pktmeta/internal/attach"
 	"github.com/pktmeta/pktmeta/internal/datapath"
@@ -121,5 +122,26 @@ func TestParseCNIArgs(t *testing.T) {
 	id = parseCNIArgs("", "cid")
 	if id.ContainerID != "cid" || !id.partial() {
 		t.Fatalf("%+v", id)
+	}
+}
+
+// The example conflist shipped in deploy/ must be one libcni and pktmeta accept.
+func TestDeployConflistParses(t *testing.T) {
+	list, err := libcni.ConfListFromFile("../deploy/10-ptp-pktmeta.conflist")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, p := range list.Plugins {
+		if p.Network.Type != "pktmeta" {
+			continue
+		}
+		found = true
+		if _, err := ParseConfig(p.Bytes); err != nil {
+			t.Fatalf("pktmeta entry: %v", err)
+		}
+	}
+	if !found {
+		t.Fatal("no pktmeta entry")
 	}
 }

@@ -82,7 +82,7 @@ type Result struct {
 func Attach(ifindex int, progs Programs, mode Mode, linkDir string) (Result, error) {
 	switch mode {
 	case Auto, TCX:
-		err := attachTCX(ifindex, progs, linkDir)
+		err := attachTCXFunc(ifindex, progs, linkDir)
 		if err == nil {
 			return Result{Mode: TCX}, nil
 		}
@@ -102,6 +102,9 @@ func Attach(ifindex int, progs Programs, mode Mode, linkDir string) (Result, err
 	}
 	return Result{}, fmt.Errorf("unknown attach mode %q", mode)
 }
+
+// attachTCXFunc is attachTCX; tests swap it to play a kernel without tcx.
+var attachTCXFunc = attachTCX
 
 func linkPath(linkDir string, h Hook) string { return filepath.Join(linkDir, string(h)) }
 
@@ -165,6 +168,9 @@ func pinReplacing(l link.Link, path string) error {
 func Detach(ifindex int, linkDir string) error {
 	var errs []error
 	for _, h := range []Hook{Ingress, Egress} {
+		if linkDir == "" {
+			break
+		}
 		p := linkPath(linkDir, h)
 		l, err := link.LoadPinnedLink(p, nil)
 		if errors.Is(err, os.ErrNotExist) {
@@ -183,7 +189,9 @@ func Detach(ifindex int, linkDir string) error {
 		}
 		l.Close()
 	}
-	removeEmptyDirs(linkDir)
+	if linkDir != "" {
+		removeEmptyDirs(linkDir)
+	}
 	if ifindex > 0 {
 		if err := detachLegacy(ifindex); err != nil {
 			errs = append(errs, err)
