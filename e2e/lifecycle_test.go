@@ -300,6 +300,18 @@ func TestSTATUS(t *testing.T) {
 	if code, msg := cniCode(err); code != types.ErrPluginNotAvailable || !strings.Contains(msg, "bpf") {
 		t.Fatalf("STATUS off bpffs: code %d (%s), want 50", code, msg)
 	}
+	// ADD off bpffs: try again later (bpffs may not be mounted yet at boot).
+	p := e.addPod("default", "b", nil)
+	add := e.pktmetaConf(map[string]any{"pinPath": conf["pinPath"]})
+	prev, _ := json.Marshal(p.Result)
+	var prevMap map[string]any
+	json.Unmarshal(prev, &prevMap)
+	add["cniVersion"], add["name"], add["prevResult"] = "1.1.0", "pmtb", prevMap
+	b, _ = json.Marshal(add)
+	_, err = e.node.ExecPlugin(e.ctx, "pktmeta", "ADD", p, b, []string{"CNI_CONTAINERID=off-bpffs"})
+	if code, msg := cniCode(err); code != types.ErrTryAgainLater || !strings.Contains(msg, "bpf") {
+		t.Fatalf("ADD off bpffs: code %d (%s), want 11", code, msg)
+	}
 }
 
 // TestBadInputErrors: malformed config and missing prevResult get CNI
@@ -625,4 +637,57 @@ func TestBandwidthChainedBefore(t *testing.T) {
 			t.Fatalf("after DEL: qdiscs\n%s\nfilters\n%s", out2, filters)
 		}
 	})
+}
+
+// TestADDPassesPrevResultThrough: for every spec version pktmeta speaks,
+// ADD prints the prevResult unchanged. Repeating ADD for the same
+// container replaces its attachment instead of adding a second one.
+func TestADDPassesPrevResultThrough(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	p := e.addPod("default", "a", nil)
+	out, err := e.node.ExecPlugin(e.ctx, "pktmeta", "VERSION", nil, []byte(`{"cniVersion":"1.1.0"}`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vi struct {
+		Supported []string `json:"supportedVersions"`
+	}
+	json.Unmarshal(out, &vi)
+	if strings.Join(vi.Supported, ",") != "0.3.0,0.3.1,0.4.0,1.0.0,1.1.0" {
+		t.Fatalf("VERSION: %s", out)
+	}
+	for _, v := range []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+		t.Run(v, func(t *testing.T) {
+			prev, err := p.Result.GetAsVersion(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			prevJSON, _ := json.Marshal(prev)
+			var prevMap map[string]any
+			json.Unmarshal(prevJSON, &prevMap)
+			conf := e.pktmetaConf(nil)
+			conf["cniVersion"], conf["name"], conf["prevResult"] = v, "pmtb", prevMap
+			b, _ := json.Marshal(conf)
+			out, err := e.node.ExecPlugin(e.ctx, "pktmeta", "ADD", p, b, nil)
+			if err != nil {
+				t.Fatalf("ADD: %v", err)
+			}
+			var got map[string]any
+			if err := json.Unmarshal(out, &got); err != nil {
+				t.Fatalf("stdout is not the result: %v\n%s", err, out)
+			}
+			gotJSON, _ := json.Marshal(got)
+			wantJSON, _ := json.Marshal(prevMap)
+			if string(gotJSON) != string(wantJSON) {
+				t.Fatalf("result\n%s\nwant the prevResult\n%s", gotJSON, wantJSON)
+			}
+		})
+	}
+	d := e.open()
+	if ws, _ := d.Workloads(); len(ws) != 1 {
+		t.Fatalf("%d workloads after repeated ADDs of one pod, want 1", len(ws))
+	}
+	if err := e.node.CheckPod(e.ctx, p); err != nil {
+		t.Fatal(err)
+	}
 }
