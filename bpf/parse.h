@@ -37,19 +37,9 @@ struct packet {
 	__u8 family; /* 4 or 6 */
 };
 
-/* Bytes the parser may read: Ethernet + IPv6 + extension headers + TCP.
- * Headers of packets a pod's own stack sent are linear, so the pull (which
- * may reallocate) is a fallback for the rare non-linear head, not the fast
- * path. */
+/* Bytes pulled into the linear area when the headers are not all there:
+ * Ethernet + IPv6 + extension headers + TCP. */
 #define PKTMETA_PULL_LEN 256
-
-static __always_inline void ensure_linear(struct __sk_buff *skb)
-{
-	__u32 want = skb->len < PKTMETA_PULL_LEN ? skb->len : PKTMETA_PULL_LEN;
-
-	if ((__u32)(skb->data_end - skb->data) < want)
-		bpf_skb_pull_data(skb, want);
-}
 
 static __always_inline void v4mapped(__u8 dst[16], __be32 addr)
 {
@@ -112,13 +102,12 @@ static __always_inline int skip_ipv6_ext(void **cur, void *data_end, __u8 *proto
 	return 0;
 }
 
-static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, struct packet *p)
+static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, struct packet *p)
 {
 	void *data, *data_end, *l4;
 	struct ethhdr *eth;
 	__u8 proto;
 
-	ensure_linear(skb);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	eth = data;
@@ -182,6 +171,22 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 	}
 	p->t.proto = proto;
 	return PARSE_L4;
+}
+
+/* Parses the headers in the linear area. A pod's own stack puts its headers
+ * there (payload goes to page fragments), so the pull, which may copy and
+ * reallocate, only runs when they really are cut short. */
+static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, struct packet *p)
+{
+	enum parse_result res = parse_linear(skb, p);
+	__u32 linear = skb->data_end - skb->data;
+
+	if (res == PARSE_L4 || linear >= skb->len || linear >= PKTMETA_PULL_LEN)
+		return res;
+	if (bpf_skb_pull_data(skb, skb->len < PKTMETA_PULL_LEN ? skb->len : PKTMETA_PULL_LEN))
+		return res;
+	__builtin_memset(p, 0, sizeof(*p));
+	return parse_linear(skb, p);
 }
 
 static __always_inline void tuple_reverse(struct pktmeta_tuple *dst, const struct pktmeta_tuple *src)

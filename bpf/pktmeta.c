@@ -342,8 +342,9 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		 * started from. */
 		idle = now - rec->last_seen_ns;
 		if (idle < (__s64)timeout) {
-			/* A plain store, at most once a second per flow. */
-			if (idle > (__s64)UDP_REFRESH_NS)
+			/* A plain store, at most once a second per flow (more often
+			 * only for timeouts under two seconds). */
+			if (idle > (__s64)UDP_REFRESH_NS || idle > (__s64)(timeout / 2))
 				rec->last_seen_ns = now;
 			return;
 		}

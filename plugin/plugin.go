@@ -283,6 +283,11 @@ func cmdGC(args *skel.CmdArgs) error {
 			}
 			removed++
 		}
+		if n, err := d.SweepRecords(nil); err != nil {
+			errs = append(errs, err)
+		} else {
+			log.Info("gc: idle UDP records removed", "records", n)
+		}
 		orphans, err := d.OrphanLinkDirs()
 		if err != nil {
 			errs = append(errs, err)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/pktmeta/pktmeta/internal/attach"
 	"github.com/vishvananda/netlink"
@@ -100,7 +101,7 @@ func (d *Datapath) RemoveAttachment(w Workload, log *slog.Logger) error {
 	if err := d.DeleteEndpoint(w.HostIfindex, w.ID); err != nil {
 		errs = append(errs, err)
 	}
-	n, err := d.DeleteRecordsOf(map[uint32]bool{w.ID: true})
+	n, err := d.SweepRecords(map[uint32]bool{w.ID: true})
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -111,17 +112,26 @@ func (d *Datapath) RemoveAttachment(w Workload, log *slog.Logger) error {
 	return errors.Join(errs...)
 }
 
-// DeleteRecordsOf removes every record whose origin or peer is one of ids,
-// with its alias. Returns how many were removed.
-func (d *Datapath) DeleteRecordsOf(ids map[uint32]bool) (int, error) {
+// SweepRecords removes, with their aliases, the records whose origin or
+// peer is one of the gone workloads, and UDP records idle past the UDP
+// timeout (the datapath only notices those when the tuple is reused).
+// Returns how many were removed. It reads the whole table, so it runs where
+// a pass over it is paid anyway: DEL and GC.
+func (d *Datapath) SweepRecords(gone map[uint32]bool) (int, error) {
+	cfg, err := d.ReadConfig()
+	if err != nil {
+		return 0, err
+	}
 	recs, err := d.Records()
 	if err != nil {
 		return 0, err
 	}
+	idleBefore := time.Now().Add(-cfg.UDPTimeout)
 	n := 0
 	var errs []error
 	for _, r := range recs {
-		if !ids[r.OriginWorkload] && !ids[r.PeerWorkload] {
+		idle := r.Flags&FlagUDP != 0 && cfg.UDPTimeout > 0 && r.LastSeen.Before(idleBefore)
+		if !gone[r.OriginWorkload] && !gone[r.PeerWorkload] && !idle {
 			continue
 		}
 		if err := d.DeleteRecord(r); err != nil {

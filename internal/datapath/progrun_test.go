@@ -532,3 +532,53 @@ func TestEventsForOpenDeliverClose(t *testing.T) {
 		}
 	})
 }
+
+// A UDP flow idle past the timeout is a new flow on its next packet, and
+// the userspace sweep (DEL, GC) removes idle records.
+func TestUDPIdleFlowAgesOut(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		e.register(9, false)
+		cfg, err := e.d.ReadConfig()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.UDPTimeout = 400 * time.Millisecond
+		if err := e.d.WriteConfig(cfg); err != nil {
+			t.Fatal(err)
+		}
+		pkt := testutil.Packet{Src: podA, Dst: podB, Proto: 17}
+		e.run(e.d.Origin, pkt.Bytes())
+		r1, _ := e.lookup(udpTuple(podA, podB))
+		// A flow that keeps sending keeps its id past the timeout.
+		for range 3 {
+			time.Sleep(250 * time.Millisecond)
+			e.run(e.d.Origin, pkt.Bytes())
+			if r, _ := e.lookup(udpTuple(podA, podB)); r.ConnID != r1.ConnID {
+				t.Fatal("an active flow was re-tagged")
+			}
+		}
+		time.Sleep(600 * time.Millisecond)
+		e.run(e.d.Origin, pkt.Bytes())
+		r2, _ := e.lookup(udpTuple(podA, podB))
+		if r2.ConnID == r1.ConnID {
+			t.Fatal("an idle flow kept its old connection id")
+		}
+
+		other := udpTuple(podA6, podB6)
+		e.run(e.d.Origin, testutil.Packet{Src: podA6, Dst: podB6, Proto: 17}.Bytes())
+		time.Sleep(250 * time.Millisecond)
+		e.run(e.d.Origin, pkt.Bytes()) // keeps the first flow fresh
+		time.Sleep(250 * time.Millisecond)
+		n, err := e.d.SweepRecords(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := e.lookup(other); ok || n != 1 {
+			t.Fatalf("sweep removed %d records, idle flow still there: %v", n, ok)
+		}
+		if _, ok := e.lookup(udpTuple(podA, podB)); !ok {
+			t.Fatal("sweep removed an active flow")
+		}
+	})
+}
