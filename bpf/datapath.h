@@ -50,6 +50,7 @@ struct pktmeta_workload {
 	__u8 _pad;
 	__u32 host_ifindex;
 	__u64 created_unix_ns;
+	__u64 host_netns_ino; /* inode of the netns holding the host veth */
 	__u8 namespace[64];
 	__u8 pod[256];
 	__u8 uid[64];

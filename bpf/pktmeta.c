@@ -349,11 +349,18 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 			return;
 		}
 		/* Idle past the timeout: a new flow on an old tuple. */
-	} else if (ct_direction(skb, p, &p->t, NULL) == 1) {
-		/* The pod answers a flow someone else opened. Host-veth ingress runs
-		 * before PREROUTING, so a new flow has no conntrack entry yet. */
-		c->udp_replies++;
-		return;
+	} else {
+		struct pktmeta_tuple rev;
+
+		/* The pod answers a flow someone else opened: a flow tagged here
+		 * (found without conntrack), or one conntrack knows. Host-veth
+		 * ingress runs before PREROUTING, so a new flow has no conntrack
+		 * entry yet. */
+		tuple_reverse(&rev, &p->t);
+		if (bpf_map_lookup_elem(&pktmeta_conns, &rev) || ct_direction(skb, p, &p->t, NULL) == 1) {
+			c->udp_replies++;
+			return;
+		}
 	}
 	tag(skb, p, c, ep);
 }
@@ -428,15 +435,20 @@ static __always_inline void mark_delivered(struct __sk_buff *skb, struct pktmeta
 	__u32 old;
 	__u64 now;
 
-	old = __sync_fetch_and_or(&rec->flags, PKTMETA_F_DELIVERED | nat);
-	if (old & PKTMETA_F_DELIVERED)
+	if (rec->flags & PKTMETA_F_DELIVERED)
 		return;
+	/* Peer fields first, then the flag (a full barrier): whoever sees
+	 * DELIVERED sees them. Racing CPUs write the same values; the atomic
+	 * decides which one counts and reports the delivery. */
 	now = bpf_ktime_get_ns();
 	ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
 	rec->peer_workload = ep ? ep->workload : 0;
 	rec->peer_ifindex = ifindex;
 	rec->delivered_ns = now;
 	__builtin_memcpy(&rec->peer_tuple, seen, sizeof(rec->peer_tuple));
+	old = __sync_fetch_and_or(&rec->flags, PKTMETA_F_DELIVERED | nat);
+	if (old & PKTMETA_F_DELIVERED)
+		return;
 	c->deliveries++;
 	if (nat)
 		c->nat_resolved++;

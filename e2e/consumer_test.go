@@ -157,6 +157,13 @@ func TestCLIConnsAndEvents(t *testing.T) {
 	if _, code := tp.ctl("lookup", "--proto", "sctp", "--src", "1.2.3.4:1", "--dst", "1.2.3.4:2"); code != 2 {
 		t.Fatalf("bad --proto: exit %d, want 2", code)
 	}
+
+	// status from a network namespace other than the veths': it must say
+	// so rather than report the hooks missing.
+	st, err := exec.CommandContext(tp.ctx, filepath.Join(binDir, "pktmetactl"), "--pin-path", tp.pin, "status").CombinedOutput()
+	if err == nil || !strings.Contains(string(st), "network namespace") || strings.Contains(string(st), "hook missing") {
+		t.Fatalf("status from the root netns (err %v):\n%s", err, st)
+	}
 }
 
 // TestStrictSource: a pod that spoofs its source address is dropped at its

@@ -50,7 +50,7 @@ func testMain(m *testing.M) int {
 			return 1
 		}
 		defer os.RemoveAll(tmp)
-		for _, cmd := range []string{"pktmeta", "pktmetactl"} {
+		for _, cmd := range []string{"pktmeta", "pktmetactl", "pktmeta-demo"} {
 			out, err := exec.Command("go", "build", "-o", filepath.Join(tmp, cmd), "./cmd/"+cmd).CombinedOutput()
 			if err != nil {
 				fmt.Printf("build %s: %v\n%s", cmd, err, out)

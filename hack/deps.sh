@@ -23,8 +23,8 @@ if ((${#need_pkgs[@]})); then
 		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need_pkgs[@]}" >/dev/null; }
 fi
 
-# bpffs: the datapath pins its state there. Tests mount private instances,
-# the demo and real nodes use /sys/fs/bpf.
+# bpffs: a node's datapath pins its state there. Tests and the demo mount
+# private instances of their own; this is for using pktmeta on this host.
 if [[ $(id -u) -eq 0 ]] && ! mountpoint -q /sys/fs/bpf; then
 	mount -t bpf bpf /sys/fs/bpf
 fi

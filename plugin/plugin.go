@@ -81,6 +81,10 @@ func cmdAdd(args *skel.CmdArgs) error {
 		}
 
 		id := parseCNIArgs(args.Args, args.ContainerID)
+		hostNetns, err := datapath.CurrentNetns()
+		if err != nil {
+			return err
+		}
 		w := &datapath.Workload{
 			Namespace:   id.Namespace,
 			Pod:         id.Name,
@@ -89,6 +93,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 			IfName:      args.IfName,
 			HostIfName:  veth.Attrs().Name,
 			HostIfindex: uint32(veth.Attrs().Index),
+			HostNetns:   hostNetns,
 			Netns:       args.Netns,
 			Tags:        tags,
 			Created:     time.Now(),
@@ -151,8 +156,9 @@ func datapathError(err error) error {
 func cmdDel(args *skel.CmdArgs) error {
 	return withLogger(args, "DEL", func(conf *Config, log *slog.Logger) error {
 		// DEL must succeed when anything is missing: no datapath, no
-		// workload, no netns, no prevResult, a second DEL.
-		d, err := datapath.Open(conf.PinPath)
+		// workload, no netns, no prevResult, a second DEL. It needs the
+		// maps only, not the programs.
+		d, err := datapath.OpenMaps(conf.PinPath)
 		if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) || errors.Is(err, os.ErrNotExist) {
 			log.Debug("no datapath, nothing to delete", "err", err)
 			return nil
@@ -249,7 +255,7 @@ func checkAttached(d *datapath.Datapath, w datapath.Workload) error {
 
 func cmdGC(args *skel.CmdArgs) error {
 	return withLogger(args, "GC", func(conf *Config, log *slog.Logger) error {
-		d, err := datapath.Open(conf.PinPath)
+		d, err := datapath.OpenMaps(conf.PinPath)
 		if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) {
 			return nil
 		}

@@ -101,7 +101,7 @@ func checkOutput(o string) error {
 }
 
 func open(pinPath string) (*datapath.Datapath, error) {
-	d, err := datapath.Open(pinPath)
+	d, err := datapath.OpenMaps(pinPath)
 	if err != nil {
 		return nil, &exitError{3, fmt.Sprintf("open pinned datapath: %v", err)}
 	}

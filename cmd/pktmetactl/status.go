@@ -108,7 +108,13 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		st.Problems = append(st.Problems, "pinned programs come from another build than this pktmetactl; the next CNI ADD upgrades them")
 	}
 	progIDs := map[string]ebpf.ProgramID{}
+	if err := d.OpenPrograms(); err != nil {
+		st.Problems = append(st.Problems, fmt.Sprintf("pinned programs: %v (the next CNI ADD loads them)", err))
+	}
 	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver} {
+		if d.Program(name) == nil {
+			continue
+		}
 		info, err := d.Program(name).Info()
 		if err != nil {
 			return nil, fmt.Errorf("program %s: %w", name, err)
@@ -128,6 +134,10 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	if err != nil {
 		return nil, err
 	}
+	ownNetns, err := datapath.CurrentNetns()
+	if err != nil {
+		return nil, err
+	}
 	for _, w := range workloads {
 		as := attachmentStatus{
 			Workload: w.ID, Namespace: w.Namespace, Pod: w.Pod, ContainerID: w.ContainerID, IfName: w.IfName,
@@ -136,7 +146,12 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		if w.Legacy {
 			as.Mode = "legacy"
 		}
-		got, err := attach.Query(int(w.HostIfindex))
+		var got attach.Attached
+		if w.HostNetns != 0 && w.HostNetns != ownNetns {
+			err = fmt.Errorf("its veth is in network namespace %d and pktmetactl runs in %d: run it in the host's (nsenter --net=...)", w.HostNetns, ownNetns)
+		} else {
+			got, err = attach.Query(int(w.HostIfindex))
+		}
 		ingressWant := progIDs[datapath.ProgOrigin]
 		if w.Strict {
 			ingressWant = progIDs[datapath.ProgStrict]

@@ -118,6 +118,7 @@ type bpfPktmetaWorkload struct {
 	Pad           uint8
 	HostIfindex   uint32
 	CreatedUnixNs uint64
+	HostNetnsIno  uint64
 	Namespace     [64]uint8
 	Pod           [256]uint8
 	Uid           [64]uint8

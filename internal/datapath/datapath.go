@@ -163,10 +163,24 @@ func CheckBPFFS(dir string) error {
 	}
 }
 
-// Open opens the pinned datapath without loading anything. It fails with
-// ErrNotLoaded when nothing is pinned, and when the pinned layout is not
-// the one this build understands.
+// Open opens the pinned maps and programs without loading anything. It
+// fails with ErrNotLoaded when nothing (or not all of it) is pinned yet, and
+// when the pinned layout is not the one this build understands.
 func Open(pinPath string) (*Datapath, error) {
+	d, err := OpenMaps(pinPath)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.OpenPrograms(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// OpenMaps opens only the pinned maps: enough to read and remove state,
+// even when the programs are missing.
+func OpenMaps(pinPath string) (*Datapath, error) {
 	if pinPath == "" {
 		pinPath = DefaultPinPath
 	}
@@ -186,15 +200,16 @@ func Open(pinPath string) (*Datapath, error) {
 		d.Close()
 		return nil, err
 	}
-	if cfg.LayoutVersion != LayoutVersion {
+	switch cfg.LayoutVersion {
+	case LayoutVersion:
+		return d, nil
+	case 0:
+		// Maps created by a load that did not finish; the next ADD completes it.
 		d.Close()
-		return nil, fmt.Errorf("pinned datapath at %s has layout version %d, this build needs %d", pinPath, cfg.LayoutVersion, LayoutVersion)
+		return nil, fmt.Errorf("%s: maps without a layout version (an interrupted first load): %w", pinPath, ErrNotLoaded)
 	}
-	if err := d.openProgs(); err != nil {
-		d.Close()
-		return nil, err
-	}
-	return d, nil
+	d.Close()
+	return nil, fmt.Errorf("pinned datapath at %s has layout version %d, this build needs %d", pinPath, cfg.LayoutVersion, LayoutVersion)
 }
 
 // Map names, as in bpf/pktmeta.c.
@@ -219,7 +234,8 @@ func (d *Datapath) openMaps() error {
 	return nil
 }
 
-func (d *Datapath) openProgs() error {
+// OpenPrograms opens the pinned programs of a datapath opened with OpenMaps.
+func (d *Datapath) OpenPrograms() error {
 	for name, dst := range d.progSlots() {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.progsDir(), name), nil)
 		if err != nil {

@@ -1,9 +1,12 @@
 package datapath
 
 import (
+	"errors"
 	"log/slog"
 	"os"
 	"testing"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/pktmeta/pktmeta/internal/testutil"
 )
@@ -40,5 +43,42 @@ func TestEnsureLoadsOnceAndReuses(t *testing.T) {
 	}
 	if got := d2.ConnsMap.MaxEntries(); got != 4096 {
 		t.Fatalf("conns max entries %d, want the pinned 4096", got)
+	}
+}
+
+// A plugin killed between creating the maps and writing the config must
+// not leave a node where no pod can be added or deleted.
+func TestInterruptedFirstLoadRecovers(t *testing.T) {
+	pin := testutil.PinPath(t)
+	// What the dead plugin left: the maps, pinned, with a zero config.
+	spec, err := loadBpf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	delete(spec.Maps, ".bss")
+	delete(spec.Variables, bpfVarUnusedEvent)
+	d0 := &Datapath{PinPath: pin}
+	if err := os.MkdirAll(d0.mapsDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d0.mapsDir()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	coll.Close()
+
+	if _, err := OpenMaps(pin); !errors.Is(err, ErrNotLoaded) {
+		t.Fatalf("OpenMaps of a half-made datapath: %v, want ErrNotLoaded", err)
+	}
+	d, res, err := Ensure(Options{PinPath: pin}, testLogger())
+	if err != nil {
+		t.Fatalf("Ensure after an interrupted load: %v", err)
+	}
+	defer d.Close()
+	if !res.Loaded || res.Created {
+		t.Fatalf("%+v: want loaded into the existing maps", res)
+	}
+	if cur, _ := d.Current(); !cur {
+		t.Fatal("config not completed")
 	}
 }

@@ -108,20 +108,25 @@ func ensureLocked(opts Options, log *slog.Logger) (*Datapath, EnsureResult, erro
 	d.Deliver = coll.Programs[bpfProgPktmetaDeliver]
 
 	cfg := Config{LayoutVersion: LayoutVersion, UDPTimeout: opts.UDPTimeout}
-	if !res.Created {
-		old, err := d.ReadConfig()
-		if err != nil {
-			d.Close()
-			return nil, res, err
-		}
-		if old.LayoutVersion != 0 && old.LayoutVersion != LayoutVersion {
-			d.Close()
-			return nil, res, fmt.Errorf("pinned maps have layout version %d, this build needs %d", old.LayoutVersion, LayoutVersion)
-		}
-		cfg.UDPTimeout, cfg.EventsOff = old.UDPTimeout, old.EventsOff
-		if cfg.UDPTimeout == 0 {
-			cfg.UDPTimeout = opts.UDPTimeout
-		}
+	old, err := d.ReadConfig()
+	if err != nil {
+		d.Close()
+		return nil, res, err
+	}
+	switch old.LayoutVersion {
+	case 0:
+		// New maps, or maps from a first load that was interrupted.
+	case LayoutVersion:
+		cfg.UDPTimeout, cfg.EventsOff, cfg.DatapathID = old.UDPTimeout, old.EventsOff, old.DatapathID
+	default:
+		d.Close()
+		return nil, res, fmt.Errorf("pinned maps have layout version %d, this build needs %d", old.LayoutVersion, LayoutVersion)
+	}
+	// The layout goes in first, with the old datapath id: whatever happens
+	// next, the maps are identified, and the id says the upgrade is pending.
+	if err := d.WriteConfig(cfg); err != nil {
+		d.Close()
+		return nil, res, err
 	}
 
 	// Move existing attachments before the pins change, so that a crash in
@@ -132,6 +137,7 @@ func ensureLocked(opts Options, log *slog.Logger) (*Datapath, EnsureResult, erro
 		d.Close()
 		return nil, res, err
 	}
+
 	if err := d.pinPrograms(); err != nil {
 		d.Close()
 		return nil, res, err
@@ -165,14 +171,15 @@ func (d *Datapath) pinPrograms() error {
 
 // upgradeAttachments points every attachment at the freshly loaded
 // programs. tcx links are updated in place (BPF_LINK_UPDATE), legacy
-// filters replaced; either way the hook is never empty.
+// filters replaced; either way the hook is never empty. An attachment that
+// cannot be moved (its veth is being deleted) keeps the old program, which
+// works against the same maps; it is logged, and status reports it.
 func (d *Datapath) upgradeAttachments(log *slog.Logger) (int, error) {
 	workloads, err := d.Workloads()
 	if err != nil {
 		return 0, err
 	}
 	n := 0
-	var errs []error
 	for _, w := range workloads {
 		ingress := d.Origin
 		if w.Strict {
@@ -186,18 +193,16 @@ func (d *Datapath) upgradeAttachments(log *slog.Logger) (int, error) {
 		if w.NoEgress {
 			hooks = hooks[:1]
 		}
+		ok := true
 		for _, h := range hooks {
 			if err := attach.Update(int(w.HostIfindex), dir, h.h, w.Legacy, h.prog); err != nil {
-				// A pod whose veth is gone cannot be upgraded, nor needs it.
 				log.Warn("upgrade attachment", "containerID", w.ContainerID, "ifname", w.IfName, "hook", h.h, "err", err)
-				errs = append(errs, err)
-				continue
+				ok = false
 			}
 		}
-		n++
-	}
-	if len(errs) > 0 && len(errs) == 2*len(workloads) {
-		return n, fmt.Errorf("upgrade attachments: %w", errors.Join(errs...))
+		if ok {
+			n++
+		}
 	}
 	return n, nil
 }

@@ -582,3 +582,21 @@ func TestUDPIdleFlowAgesOut(t *testing.T) {
 		}
 	})
 }
+
+// A UDP reply is not a new flow even where the node has no conntrack: the
+// record of the flow it answers is enough.
+func TestUDPReplyWithoutConntrackIsNotTagged(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		e.register(1, false)
+		e.run(e.d.Origin, testutil.Packet{Src: podA, Dst: podB, Proto: 17}.Bytes())
+		e.register(2, false)
+		e.run(e.d.Origin, testutil.Packet{Src: podB, Dst: podA, Proto: 17}.Bytes())
+		if recs := e.records(); len(recs) != 1 || recs[0].OriginWorkload != 1 {
+			t.Fatalf("records %+v: the reply must not be a flow opened by the server", recs)
+		}
+		if s := e.stats(); s.Tagged != 1 || s.UDPReplies != 1 {
+			t.Fatalf("stats %+v, want 1 tagged and 1 UDP reply", s)
+		}
+	})
+}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // Limits of the fixed-size string fields (bytes, without the NUL).
@@ -39,13 +40,16 @@ type Workload struct {
 	IfName      string // inside the pod
 	HostIfName  string
 	HostIfindex uint32
-	Netns       string
-	Tags        map[string]string
-	Created     time.Time
-	Partial     bool // no Kubernetes identity was available
-	Legacy      bool // attached with cls_bpf
-	Strict      bool
-	NoEgress    bool // legacy beside an ingress qdisc: origin hook only
+	// HostNetns is the inode of the network namespace holding the host
+	// veth: ifindexes only mean something there.
+	HostNetns uint64
+	Netns     string
+	Tags      map[string]string
+	Created   time.Time
+	Partial   bool // no Kubernetes identity was available
+	Legacy    bool // attached with cls_bpf
+	Strict    bool
+	NoEgress  bool // legacy beside an ingress qdisc: origin hook only
 }
 
 // Key names the attachment the way CNI does: (container id, ifname).
@@ -81,6 +85,7 @@ func (w *Workload) encode() (*bpfPktmetaWorkload, error) {
 	raw := &bpfPktmetaWorkload{
 		Version:       RecordVersion,
 		HostIfindex:   w.HostIfindex,
+		HostNetnsIno:  w.HostNetns,
 		CreatedUnixNs: uint64(w.Created.UnixNano()),
 	}
 	for _, f := range []struct {
@@ -137,6 +142,7 @@ func decodeWorkload(id uint32, raw *bpfPktmetaWorkload) Workload {
 		IfName:      getString(raw.Ifname[:]),
 		HostIfName:  getString(raw.HostIfname[:]),
 		HostIfindex: raw.HostIfindex,
+		HostNetns:   raw.HostNetnsIno,
 		Netns:       getString(raw.Netns[:]),
 		Created:     time.Unix(0, int64(raw.CreatedUnixNs)),
 		Partial:     raw.Flags&wlPartial != 0,
@@ -151,6 +157,15 @@ func decodeWorkload(id uint32, raw *bpfPktmetaWorkload) Workload {
 		}
 	}
 	return w
+}
+
+// CurrentNetns returns the inode of the calling thread's network namespace.
+func CurrentNetns() (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), &st); err != nil {
+		return 0, fmt.Errorf("stat own netns: %w", err)
+	}
+	return st.Ino, nil
 }
 
 // ValidateWorkload checks that w fits the fixed-size layout.
