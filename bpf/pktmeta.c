@@ -20,6 +20,7 @@
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
+#define PKTMETA_DECLARE_MAPS
 #include "pktmeta.h"
 #include "datapath.h"
 #include "parse.h"
@@ -37,23 +38,9 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-/* Sizes are defaults; the loader sets conns/aliases from maxConnections. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
-	__type(key, struct pktmeta_tuple);
-	__type(value, struct pktmeta_record);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pktmeta_conns SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
-	__type(key, struct pktmeta_tuple);
-	__type(value, struct pktmeta_alias);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pktmeta_aliases SEC(".maps");
-
+/* pktmeta_conns and pktmeta_aliases come from the public header: the
+ * datapath declares them exactly as consumers do. The loader sizes them
+ * from maxConnections. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);

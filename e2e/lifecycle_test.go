@@ -541,18 +541,9 @@ func TestLegacyAttach(t *testing.T) {
 	}
 	for _, c := range trafficCases {
 		t.Run(c.name, func(t *testing.T) {
-			dial, backend := tp.targets(c)
-			var origin datapath.Tuple
-			if c.proto == datapath.ProtoTCP {
-				conn := tp.dialTCP(tp.a, dial)
-				defer conn.Close()
-				origin = localTuple(conn, c.proto, dial)
-			} else {
-				conn := tp.dialUDP(tp.a, dial)
-				defer conn.Close()
-				origin = localTuple(conn, c.proto, dial)
-			}
-			rec, err := d.Lookup(datapath.Tuple{Proto: c.proto, Src: origin.Src, Dst: backend})
+			origin, seen, conn := tp.connect(c)
+			defer conn.Close()
+			rec, err := d.Lookup(seen)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -588,18 +579,9 @@ func TestBandwidthChainedBefore(t *testing.T) {
 			t.Fatalf("bandwidth did not add its ingress qdisc:\n%s", out)
 		}
 		for _, c := range []trafficCase{trafficCases[0], trafficCases[4], trafficCases[5]} {
-			dial, backend := tp.targets(c)
-			var origin datapath.Tuple
-			if c.proto == datapath.ProtoTCP {
-				conn := tp.dialTCP(tp.a, dial)
-				defer conn.Close()
-				origin = localTuple(conn, c.proto, dial)
-			} else {
-				conn := tp.dialUDP(tp.a, dial)
-				defer conn.Close()
-				origin = localTuple(conn, c.proto, dial)
-			}
-			rec, err := d.Lookup(datapath.Tuple{Proto: c.proto, Src: origin.Src, Dst: backend})
+			_, seen, conn := tp.connect(c)
+			defer conn.Close()
+			rec, err := d.Lookup(seen)
 			if err != nil || !rec.IsDelivered() {
 				t.Fatalf("%s beside bandwidth: %+v %v", c.name, rec, err)
 			}

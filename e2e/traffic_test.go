@@ -3,6 +3,7 @@ package e2e
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"testing"
 
@@ -84,6 +85,20 @@ func (tp *twoPods) targets(c trafficCase) (dial, backend netip.AddrPort) {
 	return backend, backend
 }
 
+// connect opens connection c from pod a and completes one echo round trip.
+// It returns the tuple a sent and the tuple b saw; the caller closes conn.
+func (tp *twoPods) connect(c trafficCase) (origin, seen datapath.Tuple, conn net.Conn) {
+	tp.t.Helper()
+	dial, backend := tp.targets(c)
+	if c.proto == datapath.ProtoTCP {
+		conn = tp.dialTCP(tp.a, dial)
+	} else {
+		conn = tp.dialUDP(tp.a, dial)
+	}
+	origin = localTuple(conn, c.proto, dial)
+	return origin, datapath.Tuple{Proto: c.proto, Src: origin.Src, Dst: backend}, conn
+}
+
 // TestConnectionsCarryOriginToDestination is the core promise: for every
 // connection a pod opens — TCP and UDP, IPv4 and IPv6, directly and through
 // a DNATed Service — the destination side finds who opened it.
@@ -95,17 +110,8 @@ func TestConnectionsCarryOriginToDestination(t *testing.T) {
 	for _, c := range trafficCases {
 		t.Run(c.name, func(t *testing.T) {
 			dial, backend := tp.targets(c)
-			var conn interface{ Close() error }
-			var origin datapath.Tuple
-			if c.proto == datapath.ProtoTCP {
-				nc := tp.dialTCP(tp.a, dial)
-				conn, origin = nc, localTuple(nc, c.proto, dial)
-			} else {
-				nc := tp.dialUDP(tp.a, dial)
-				conn, origin = nc, localTuple(nc, c.proto, dial)
-			}
+			origin, seen, conn := tp.connect(c)
 			defer conn.Close()
-			seen := datapath.Tuple{Proto: c.proto, Src: origin.Src, Dst: backend}
 
 			// By the tuple the origin sent, and by the one the receiver saw.
 			for _, q := range []datapath.Tuple{origin, seen, seen.Reverse()} {

@@ -156,22 +156,12 @@ func datapathError(err error) error {
 func cmdDel(args *skel.CmdArgs) error {
 	return withLogger(args, "DEL", func(conf *Config, log *slog.Logger) error {
 		// DEL must succeed when anything is missing: no datapath, no
-		// workload, no netns, no prevResult, a second DEL. It needs the
-		// maps only, not the programs.
-		d, err := datapath.OpenMaps(conf.PinPath)
-		if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) || errors.Is(err, os.ErrNotExist) {
-			log.Debug("no datapath, nothing to delete", "err", err)
-			return nil
-		}
-		if err != nil {
+		// workload, no netns, no prevResult, a second DEL.
+		d, unlock, err := openForRemoval(conf, log)
+		if d == nil || err != nil {
 			return err
 		}
-		defer d.Close()
-		lock, err := datapath.LockPinPath(conf.PinPath, false)
-		if err != nil {
-			return err
-		}
-		defer lock.Unlock()
+		defer unlock()
 
 		key := datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName}
 		w, ok, err := d.FindAttachment(key)
@@ -184,6 +174,26 @@ func cmdDel(args *skel.CmdArgs) error {
 		}
 		return d.RemoveAttachment(w, log)
 	})
+}
+
+// openForRemoval opens the pinned maps (removing state needs no programs)
+// and takes the shared lock. A nil datapath and nil error: nothing pinned,
+// so nothing to remove.
+func openForRemoval(conf *Config, log *slog.Logger) (*datapath.Datapath, func(), error) {
+	d, err := datapath.OpenMaps(conf.PinPath)
+	if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) || errors.Is(err, os.ErrNotExist) {
+		log.Debug("no datapath, nothing to remove", "err", err)
+		return nil, nil, nil
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	lock, err := datapath.LockPinPath(conf.PinPath, false)
+	if err != nil {
+		d.Close()
+		return nil, nil, err
+	}
+	return d, func() { lock.Unlock(); d.Close() }, nil
 }
 
 func cmdCheck(args *skel.CmdArgs) error {
@@ -255,19 +265,11 @@ func checkAttached(d *datapath.Datapath, w datapath.Workload) error {
 
 func cmdGC(args *skel.CmdArgs) error {
 	return withLogger(args, "GC", func(conf *Config, log *slog.Logger) error {
-		d, err := datapath.OpenMaps(conf.PinPath)
-		if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) {
-			return nil
-		}
-		if err != nil {
+		d, unlock, err := openForRemoval(conf, log)
+		if d == nil || err != nil {
 			return err
 		}
-		defer d.Close()
-		lock, err := datapath.LockPinPath(conf.PinPath, false)
-		if err != nil {
-			return err
-		}
-		defer lock.Unlock()
+		defer unlock()
 
 		valid := map[datapath.AttachmentKey]bool{}
 		for _, a := range conf.ValidAttachments {

@@ -93,9 +93,13 @@ func newFlags(name string) (*flag.FlagSet, *string) {
 	return fs, output
 }
 
-func checkOutput(o string) error {
-	if o != "text" && o != "json" {
-		return &exitError{2, fmt.Sprintf("-o %q: want text or json", o)}
+// parse parses a command's flags and checks -o.
+func parse(fs *flag.FlagSet, output *string, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return &exitError{2, err.Error()}
+	}
+	if *output != "text" && *output != "json" {
+		return &exitError{2, fmt.Sprintf("-o %q: want text or json", *output)}
 	}
 	return nil
 }
@@ -110,10 +114,7 @@ func open(pinPath string) (*datapath.Datapath, error) {
 
 func cmdConns(pinPath string, args []string, out io.Writer) error {
 	fs, output := newFlags("conns")
-	if err := fs.Parse(args); err != nil {
-		return &exitError{2, err.Error()}
-	}
-	if err := checkOutput(*output); err != nil {
+	if err := parse(fs, output, args); err != nil {
 		return err
 	}
 	d, err := open(pinPath)
@@ -164,10 +165,7 @@ func cmdLookup(pinPath string, args []string, out io.Writer) error {
 	proto := fs.String("proto", "tcp", "tcp or udp")
 	src := fs.String("src", "", "source IP:PORT ([IPv6]:PORT)")
 	dst := fs.String("dst", "", "destination IP:PORT ([IPv6]:PORT)")
-	if err := fs.Parse(args); err != nil {
-		return &exitError{2, err.Error()}
-	}
-	if err := checkOutput(*output); err != nil {
+	if err := parse(fs, output, args); err != nil {
 		return err
 	}
 	t, err := parseTuple(*proto, *src, *dst)
@@ -237,10 +235,7 @@ func cmdEvents(pinPath string, args []string, out io.Writer) error {
 	fs, output := newFlags("events")
 	count := fs.Int("count", 0, "exit after this many events (0: follow forever)")
 	timeout := fs.Duration("timeout", 0, "exit after this long without an event (0: never)")
-	if err := fs.Parse(args); err != nil {
-		return &exitError{2, err.Error()}
-	}
-	if err := checkOutput(*output); err != nil {
+	if err := parse(fs, output, args); err != nil {
 		return err
 	}
 	d, err := open(pinPath)

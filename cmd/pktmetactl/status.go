@@ -60,10 +60,7 @@ type status struct {
 
 func cmdStatus(pinPath string, args []string, out io.Writer) error {
 	fs, output := newFlags("status")
-	if err := fs.Parse(args); err != nil {
-		return &exitError{2, err.Error()}
-	}
-	if err := checkOutput(*output); err != nil {
+	if err := parse(fs, output, args); err != nil {
 		return err
 	}
 	d, err := open(pinPath)

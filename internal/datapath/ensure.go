@@ -71,19 +71,20 @@ func ensureLocked(opts Options, log *slog.Logger) (*Datapath, EnsureResult, erro
 
 	_, statErr := os.Stat(filepath.Join(d.mapsDir(), mapConfig))
 	res.Created = errors.Is(statErr, os.ErrNotExist)
-	if !res.Created {
-		// Keep the pinned sizes: a pinned map is reused only if it matches.
-		for _, name := range []string{mapConns, mapAliases} {
-			m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
-			if err != nil {
-				return nil, res, fmt.Errorf("open pinned map %s: %w", name, err)
-			}
-			spec.Maps[name].MaxEntries = m.MaxEntries()
-			m.Close()
+	// The object declares the connection tables with a placeholder size
+	// (the public header's). New ones get maxConnections; pinned ones keep
+	// theirs, since a pinned map is reused only if the spec matches it.
+	for _, name := range []string{mapConns, mapAliases} {
+		spec.Maps[name].MaxEntries = opts.MaxConnections
+		m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
 		}
-	} else {
-		spec.Maps[mapConns].MaxEntries = opts.MaxConnections
-		spec.Maps[mapAliases].MaxEntries = opts.MaxConnections
+		if err != nil {
+			return nil, res, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		spec.Maps[name].MaxEntries = m.MaxEntries()
+		m.Close()
 	}
 
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
