@@ -15,7 +15,8 @@
  * Both directions remove records on RST and on the second FIN. Every program
  * returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours still run.
  * A packet that is not the first of its connection pays a header parse and
- * counter increments; UDP also pays the lookup that tells "first" apart.
+ * a per-CPU counter increment; UDP also pays the lookup that tells "first"
+ * apart.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
