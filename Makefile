@@ -18,7 +18,7 @@ all: build
 deps:
 	./hack/deps.sh
 
-build: $(BIN)/pktmeta $(BIN)/pktmetactl $(BIN)/pktmeta-demo
+build: $(BIN)/pktmeta $(BIN)/pktmetactl $(BIN)/pktmeta-demo $(BIN)/pktmeta-agent
 
 $(BIN)/%: $(GO_SOURCES)
 	$(GO) build -trimpath -o $@ ./cmd/$*

@@ -97,7 +97,7 @@ func TestCLIConnsAndEvents(t *testing.T) {
 	// Follow events while making one connection through the Service.
 	var evOut bytes.Buffer
 	done := make(chan error, 1)
-	cmd := exec.CommandContext(tp.ctx, filepath.Join(binDir, "pktmetactl"), "--pin-path", tp.pin, "events", "-o", "json", "--count", "3", "--timeout", "10s")
+	cmd := exec.CommandContext(tp.ctx, filepath.Join(binDir, "pktmetactl"), "--pin-path", tp.pin, "--api-socket", "", "events", "-o", "json", "--count", "3", "--timeout", "10s")
 	cmd.Stdout = &evOut
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -160,7 +160,7 @@ func TestCLIConnsAndEvents(t *testing.T) {
 
 	// status from a network namespace other than the veths': it must say
 	// so rather than report the hooks missing.
-	st, err := exec.CommandContext(tp.ctx, filepath.Join(binDir, "pktmetactl"), "--pin-path", tp.pin, "status").CombinedOutput()
+	st, err := exec.CommandContext(tp.ctx, filepath.Join(binDir, "pktmetactl"), "--pin-path", tp.pin, "--api-socket", "", "status").CombinedOutput()
 	if err == nil || !strings.Contains(string(st), "network namespace") || strings.Contains(string(st), "hook missing") {
 		t.Fatalf("status from the root netns (err %v):\n%s", err, st)
 	}

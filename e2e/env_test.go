@@ -50,7 +50,7 @@ func testMain(m *testing.M) int {
 			return 1
 		}
 		defer os.RemoveAll(tmp)
-		for _, cmd := range []string{"pktmeta", "pktmetactl", "pktmeta-demo"} {
+		for _, cmd := range []string{"pktmeta", "pktmetactl", "pktmeta-demo", "pktmeta-agent"} {
 			out, err := exec.Command("go", "build", "-o", filepath.Join(tmp, cmd), "./cmd/"+cmd).CombinedOutput()
 			if err != nil {
 				fmt.Printf("build %s: %v\n%s", cmd, err, out)
@@ -238,7 +238,7 @@ func (e *env) ctl(args ...string) (string, int) {
 		err error
 	)
 	nsErr := e.node.Do(func() error {
-		cmd := exec.CommandContext(e.ctx, filepath.Join(binDir, "pktmetactl"), append([]string{"--pin-path", e.pin}, args...)...)
+		cmd := exec.CommandContext(e.ctx, filepath.Join(binDir, "pktmetactl"), append([]string{"--pin-path", e.pin, "--api-socket", ""}, args...)...)
 		out, err = cmd.Output()
 		return nil
 	})

@@ -158,13 +158,19 @@ func validateTag(k, v string) error {
 }
 
 // podTags merges the static tags with the pod's pktmeta.dev/ annotations.
-// The operator's static tags win over a pod's own annotations.
 func (c *Config) podTags(log *slog.Logger) (map[string]string, error) {
-	tags := make(map[string]string, len(c.Tags))
-	for k, v := range c.Tags {
+	return MergeTags(c.Tags, c.RuntimeConfig.PodAnnotations, log)
+}
+
+// MergeTags builds a pod's tags: the static ones, plus its annotations
+// under the pktmeta.dev/ prefix. The operator's static tags win over a
+// pod's own annotations. Errors are CNI errors with code 7.
+func MergeTags(static, annotations map[string]string, log *slog.Logger) (map[string]string, error) {
+	tags := make(map[string]string, len(static))
+	for k, v := range static {
 		tags[k] = v
 	}
-	for ak, v := range c.RuntimeConfig.PodAnnotations {
+	for ak, v := range annotations {
 		k, ok := strings.CutPrefix(ak, AnnotationPrefix)
 		if !ok {
 			continue
@@ -172,7 +178,7 @@ func (c *Config) podTags(log *slog.Logger) (map[string]string, error) {
 		if err := validateTag(k, v); err != nil {
 			return nil, configError("pod annotation %q: %v", ak, err)
 		}
-		if old, ok := c.Tags[k]; ok {
+		if old, ok := static[k]; ok {
 			if old != v {
 				log.Warn("pod annotation conflicts with a static tag; keeping the static tag", "annotation", ak, "tag", k)
 			}
@@ -185,3 +191,6 @@ func (c *Config) podTags(log *slog.Logger) (map[string]string, error) {
 	}
 	return tags, nil
 }
+
+// ValidateTag checks a tag key and value against the layout's limits.
+func ValidateTag(k, v string) error { return validateTag(k, v) }

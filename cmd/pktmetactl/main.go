@@ -4,6 +4,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -15,8 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
-	"time"
 
+	"github.com/pktmeta/pktmeta/internal/api"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/view"
 )
@@ -30,7 +31,8 @@ commands:
   events   [-o json] [--count N] [--timeout D]         follow opened/delivered/closed events
   status   [-o json]                                   programs, attachments, map fill, counters
 
---pin-path defaults to ` + datapath.DefaultPinPath + `
+--pin-path defaults to ` + datapath.DefaultPinPath + `. conns, lookup and events go through the node
+agent's API (--api-socket, default ` + api.DefaultSocket + `) when an agent answers there.
 `
 
 // exitError carries an exit status and a one-line message.
@@ -59,6 +61,7 @@ func run(args []string, out io.Writer) error {
 	global := flag.NewFlagSet("pktmetactl", flag.ContinueOnError)
 	global.SetOutput(io.Discard)
 	pinPath := global.String("pin-path", datapath.DefaultPinPath, "bpffs directory of the pinned datapath")
+	socket := global.String("api-socket", api.DefaultSocket, "the agent's API socket, used when an agent answers there (empty: read the pins)")
 	if err := global.Parse(args); err != nil {
 		fmt.Fprint(os.Stderr, usage)
 		return &exitError{2, err.Error()}
@@ -71,11 +74,11 @@ func run(args []string, out io.Writer) error {
 	cmd, cmdArgs := rest[0], rest[1:]
 	switch cmd {
 	case "conns":
-		return cmdConns(*pinPath, cmdArgs, out)
+		return cmdConns(*pinPath, *socket, cmdArgs, out)
 	case "lookup":
-		return cmdLookup(*pinPath, cmdArgs, out)
+		return cmdLookup(*pinPath, *socket, cmdArgs, out)
 	case "events":
-		return cmdEvents(*pinPath, cmdArgs, out)
+		return cmdEvents(*pinPath, *socket, cmdArgs, out)
 	case "status":
 		return cmdStatus(*pinPath, cmdArgs, out)
 	case "help", "-h", "--help":
@@ -112,17 +115,17 @@ func open(pinPath string) (*datapath.Datapath, error) {
 	return d, nil
 }
 
-func cmdConns(pinPath string, args []string, out io.Writer) error {
+func cmdConns(pinPath, socket string, args []string, out io.Writer) error {
 	fs, output := newFlags("conns")
 	if err := parse(fs, output, args); err != nil {
 		return err
 	}
-	d, err := open(pinPath)
+	src, err := openSource(pinPath, socket)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	conns, err := view.Conns(d)
+	defer src.Close()
+	conns, err := src.Conns(context.Background())
 	if err != nil {
 		return err
 	}
@@ -160,35 +163,31 @@ func tagString(tags map[string]string) string {
 	return strings.Join(parts, ",")
 }
 
-func cmdLookup(pinPath string, args []string, out io.Writer) error {
+func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
 	fs, output := newFlags("lookup")
 	proto := fs.String("proto", "tcp", "tcp or udp")
-	src := fs.String("src", "", "source IP:PORT ([IPv6]:PORT)")
-	dst := fs.String("dst", "", "destination IP:PORT ([IPv6]:PORT)")
+	srcAddr := fs.String("src", "", "source IP:PORT ([IPv6]:PORT)")
+	dstAddr := fs.String("dst", "", "destination IP:PORT ([IPv6]:PORT)")
 	if err := parse(fs, output, args); err != nil {
 		return err
 	}
-	t, err := parseTuple(*proto, *src, *dst)
+	t, err := api.ParseTuple(*proto, *srcAddr, *dstAddr)
 	if err != nil {
-		return &exitError{2, err.Error()}
+		return &exitError{2, "--" + err.Error()}
 	}
-	d, err := open(pinPath)
+	src, err := openSource(pinPath, socket)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	rec, err := d.Lookup(t)
-	if errors.Is(err, datapath.ErrNoRecord) {
+	defer src.Close()
+	c, err := src.Lookup(context.Background(), t)
+	if errors.Is(err, errNoRecord) {
 		return &exitError{1, fmt.Sprintf("no record for %s", t)}
 	}
 	if err != nil {
 		return err
 	}
-	res, err := view.NewResolver(d)
-	if err != nil {
-		return err
-	}
-	c := res.ConnFromRecord(rec)
+
 	if *output == "json" {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -215,83 +214,46 @@ func cmdLookup(pinPath string, args []string, out io.Writer) error {
 	return tw.Flush()
 }
 
-func parseTuple(proto, src, dst string) (datapath.Tuple, error) {
-	p, err := datapath.ParseProto(proto)
-	if err != nil {
-		return datapath.Tuple{}, fmt.Errorf("--proto: %w", err)
-	}
-	s, err := parseAddrPort(src)
-	if err != nil {
-		return datapath.Tuple{}, fmt.Errorf("--src: %w", err)
-	}
-	d, err := parseAddrPort(dst)
-	if err != nil {
-		return datapath.Tuple{}, fmt.Errorf("--dst: %w", err)
-	}
-	return datapath.Tuple{Proto: p, Src: s, Dst: d}, nil
-}
-
-func cmdEvents(pinPath string, args []string, out io.Writer) error {
+func cmdEvents(pinPath, socket string, args []string, out io.Writer) error {
 	fs, output := newFlags("events")
 	count := fs.Int("count", 0, "exit after this many events (0: follow forever)")
-	timeout := fs.Duration("timeout", 0, "exit after this long without an event (0: never)")
+	timeout := fs.Duration("timeout", 0, "exit with status 1 after this long without an event (0: never)")
 	if err := parse(fs, output, args); err != nil {
 		return err
 	}
-	d, err := open(pinPath)
+	src, err := openSource(pinPath, socket)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	rd, err := d.NewEventReader()
-	if err != nil {
-		return err
-	}
-	defer rd.Close()
-	res, err := view.NewResolver(d)
-	if err != nil {
-		return err
-	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		<-sig
-		rd.Close()
-	}()
+	defer src.Close()
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	idle := newIdleTimer(*timeout, cancel)
 	enc := json.NewEncoder(out)
-	for n := 0; *count == 0 || n < *count; n++ {
-		if *timeout > 0 {
-			rd.SetDeadline(time.Now().Add(*timeout))
-		}
-		ev, err := rd.Read()
-		if errors.Is(err, datapath.ErrClosed) {
-			return nil
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return &exitError{1, fmt.Sprintf("no event within %s", *timeout)}
-		}
-		if err != nil {
-			return err
-		}
-		// A workload registered after we started: read the table again.
-		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
-			res.Refresh(d)
-		}
-		v := res.EventFrom(ev)
+	n := 0
+	var writeErr error
+	err = src.Events(ctx, func(v view.Event) bool {
+		idle.reset()
 		if *output == "json" {
-			if err := enc.Encode(v); err != nil {
-				return err
+			writeErr = enc.Encode(v)
+		} else {
+			line := fmt.Sprintf("%s %-9s %s %s -> %s conn=%d origin=%s tags=%s", v.Time, v.Event, v.Proto, v.Src, v.Dst, v.ConnID, v.Origin.Name(), tagString(v.Tags))
+			if v.Seen != nil {
+				line += fmt.Sprintf(" peer=%s saw=%s->%s nat=%v", v.Peer.Name(), v.Seen.Src, v.Seen.Dst, v.NAT)
 			}
-			continue
+			if v.Reason != "" {
+				line += " reason=" + v.Reason
+			}
+			_, writeErr = fmt.Fprintln(out, line)
 		}
-		line := fmt.Sprintf("%s %-9s %s %s -> %s conn=%d origin=%s tags=%s", v.Time, v.Event, v.Proto, v.Src, v.Dst, v.ConnID, v.Origin.Name(), tagString(v.Tags))
-		if v.Seen != nil {
-			line += fmt.Sprintf(" peer=%s saw=%s->%s nat=%v", v.Peer.Name(), v.Seen.Src, v.Seen.Dst, v.NAT)
-		}
-		if v.Reason != "" {
-			line += " reason=" + v.Reason
-		}
-		fmt.Fprintln(out, line)
+		n++
+		return writeErr == nil && (*count == 0 || n < *count)
+	})
+	if writeErr != nil {
+		return writeErr
 	}
-	return nil
+	if idle.expired() {
+		return &exitError{1, fmt.Sprintf("no event within %s", *timeout)}
+	}
+	return err
 }

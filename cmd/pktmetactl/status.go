@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/netip"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -38,12 +37,6 @@ type attachmentStatus struct {
 	Tags        map[string]string `json:"tags,omitempty"`
 }
 
-type mapStatus struct {
-	Name    string `json:"name"`
-	Entries int    `json:"entries"`
-	Max     uint32 `json:"max"`
-}
-
 type status struct {
 	PinPath       string             `json:"pinPath"`
 	LayoutVersion uint32             `json:"layoutVersion"`
@@ -52,7 +45,7 @@ type status struct {
 	UDPTimeout    string             `json:"udpTimeout"`
 	Programs      []programStatus    `json:"programs"`
 	Attachments   []attachmentStatus `json:"attachments"`
-	Maps          []mapStatus        `json:"maps"`
+	Maps          []datapath.MapFill `json:"maps"`
 	Counters      map[string]uint64  `json:"counters"`
 	counterOrder  []string
 	Problems      []string `json:"problems,omitempty"`
@@ -180,16 +173,7 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		st.Attachments = append(st.Attachments, as)
 	}
 
-	for _, m := range []struct {
-		name string
-		m    *ebpf.Map
-	}{{"pktmeta_conns", d.ConnsMap}, {"pktmeta_aliases", d.AliasesMap}, {"pktmeta_eps", d.EndpointsMap}, {"pktmeta_wloads", d.WorkloadsMap}} {
-		n, err := countEntries(m.m)
-		if err != nil {
-			return nil, fmt.Errorf("count %s: %w", m.name, err)
-		}
-		st.Maps = append(st.Maps, mapStatus{Name: m.name, Entries: n, Max: m.m.MaxEntries()})
-	}
+	st.Maps = d.MapFill()
 
 	stats, err := d.ReadStats()
 	if err != nil {
@@ -207,18 +191,6 @@ func podName(w datapath.Workload) string {
 		return w.Namespace + "/" + w.Pod
 	}
 	return "container " + w.ContainerID
-}
-
-func countEntries(m *ebpf.Map) (int, error) {
-	var (
-		n        int
-		key, val []byte
-	)
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		n++
-	}
-	return n, it.Err()
 }
 
 func printStatus(out io.Writer, st *status) {
@@ -278,16 +250,4 @@ func printStatus(out io.Writer, st *status) {
 			fmt.Fprintln(out, "  "+p)
 		}
 	}
-}
-
-// parseAddrPort accepts ip:port and [ipv6]:port.
-func parseAddrPort(s string) (netip.AddrPort, error) {
-	if s == "" {
-		return netip.AddrPort{}, fmt.Errorf("missing, want IP:PORT or [IPv6]:PORT")
-	}
-	ap, err := netip.ParseAddrPort(s)
-	if err != nil {
-		return netip.AddrPort{}, fmt.Errorf("%q: want IP:PORT or [IPv6]:PORT", s)
-	}
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 }

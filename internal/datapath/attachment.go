@@ -33,6 +33,17 @@ func (d *Datapath) AddAttachment(w *Workload, opts AttachOptions, log *slog.Logg
 			return fmt.Errorf("remove earlier attachment: %w", err)
 		}
 	}
+	// An endpoint already registered for this ifindex belongs to another
+	// workload: a stale one whose veth's ifindex was reused, or the agent's
+	// cover of this very pod before its ADD got to pktmeta. Replace it.
+	if ep, ok, err := d.Endpoint(w.HostIfindex); err == nil && ok {
+		if old, ok, _ := d.Workload(ep.Workload); ok && old.HostIfindex == w.HostIfindex && old.HostNetns == w.HostNetns {
+			log.Info("replacing another attachment of the same veth", "workload", old.ID, "containerID", old.ContainerID)
+			if err := d.RemoveAttachment(old, log); err != nil {
+				return fmt.Errorf("remove the veth's earlier attachment: %w", err)
+			}
+		}
+	}
 	if len(opts.Addrs) > MaxAddrs {
 		return fmt.Errorf("pod has %d addresses, at most %d are supported", len(opts.Addrs), MaxAddrs)
 	}

@@ -227,3 +227,38 @@ func pinName(s string) string {
 	}
 	return b.String()
 }
+
+// Destroy removes the pinned datapath: link pins (detaching whatever they
+// still hold), programs and maps. It removes only names pktmeta uses, and
+// pinPath itself only if that leaves it empty: a pin path pointed at a
+// shared directory does not take others' pins with it.
+func Destroy(pinPath string) error {
+	d := &Datapath{PinPath: pinPath}
+	var errs []error
+	if dirs, err := os.ReadDir(d.LinksDir()); err == nil {
+		for _, c := range dirs {
+			ifaces, _ := os.ReadDir(filepath.Join(d.LinksDir(), c.Name()))
+			for _, i := range ifaces {
+				if err := RemoveLinkDir(filepath.Join(d.LinksDir(), c.Name(), i.Name())); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+	}
+	for name := range d.progSlots() {
+		if err := os.Remove(filepath.Join(d.progsDir(), name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for name := range d.mapSlots() {
+		if err := os.Remove(filepath.Join(d.mapsDir(), name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for _, dir := range []string{d.LinksDir(), d.progsDir(), d.mapsDir(), pinPath} {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}

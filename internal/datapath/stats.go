@@ -3,6 +3,8 @@ package datapath
 import (
 	"fmt"
 	"reflect"
+
+	"github.com/cilium/ebpf"
 )
 
 // Stats are the datapath's counters summed over CPUs.
@@ -66,4 +68,34 @@ func (s Stats) Fields() []StatField {
 type StatField struct {
 	Name  string
 	Value uint64
+}
+
+// MapFill is how full one map is.
+type MapFill struct {
+	Name    string `json:"name"`
+	Entries int    `json:"entries"`
+	Max     uint32 `json:"max"`
+}
+
+// MapFill counts the entries of the connection, alias, endpoint and
+// workload maps. It walks the keys: fine for a scrape or a CLI call, not
+// for a hot loop.
+func (d *Datapath) MapFill() []MapFill {
+	var out []MapFill
+	for _, m := range []struct {
+		name string
+		m    *ebpf.Map
+	}{{mapConns, d.ConnsMap}, {mapAliases, d.AliasesMap}, {mapEndpoints, d.EndpointsMap}, {mapWorkloads, d.WorkloadsMap}} {
+		n := 0
+		var key, val []byte
+		it := m.m.Iterate()
+		for it.Next(&key, &val) {
+			n++
+		}
+		if it.Err() != nil {
+			continue
+		}
+		out = append(out, MapFill{Name: m.name, Entries: n, Max: m.m.MaxEntries()})
+	}
+	return out
 }

@@ -314,6 +314,27 @@ func (d *Datapath) DeleteEndpoint(ifindex, workload uint32) error {
 	return nil
 }
 
+// Endpoint returns the endpoint registered for a host ifindex.
+func (d *Datapath) Endpoint(ifindex uint32) (Endpoint, bool, error) {
+	var raw bpfPktmetaEndpoint
+	err := d.EndpointsMap.Lookup(ifindex, &raw)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Endpoint{}, false, nil
+	}
+	if err != nil {
+		return Endpoint{}, false, fmt.Errorf("look up endpoint %d: %w", ifindex, err)
+	}
+	return decodeEndpoint(&raw), true, nil
+}
+
+func decodeEndpoint(raw *bpfPktmetaEndpoint) Endpoint {
+	ep := Endpoint{Workload: raw.Workload, Strict: raw.Flags&epStrict != 0}
+	for i := 0; i < int(raw.N_addrs) && i < MaxAddrs; i++ {
+		ep.Addrs = append(ep.Addrs, netip.AddrFrom16(raw.Addrs[i]).Unmap())
+	}
+	return ep
+}
+
 // ListEndpoints lists registered endpoints by host ifindex.
 func (d *Datapath) ListEndpoints() (map[uint32]Endpoint, error) {
 	out := map[uint32]Endpoint{}
@@ -323,11 +344,7 @@ func (d *Datapath) ListEndpoints() (map[uint32]Endpoint, error) {
 	)
 	it := d.EndpointsMap.Iterate()
 	for it.Next(&ifindex, &raw) {
-		ep := Endpoint{Workload: raw.Workload, Strict: raw.Flags&epStrict != 0}
-		for i := 0; i < int(raw.N_addrs) && i < MaxAddrs; i++ {
-			ep.Addrs = append(ep.Addrs, netip.AddrFrom16(raw.Addrs[i]).Unmap())
-		}
-		out[ifindex] = ep
+		out[ifindex] = decodeEndpoint(&raw)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list endpoints: %w", err)

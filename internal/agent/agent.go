@@ -1,0 +1,216 @@
+// Package agent is pktmeta's node agent. The datapath does not need it:
+// tagging runs from pinned programs whether the agent runs or not. The
+// agent installs the plugin into the node's CNI chain and keeps it there,
+// owns loading and upgrading the datapath, covers pods that existed before
+// pktmeta, removes what their deletion left, and exports what the datapath
+// sees: events as JSON lines, Prometheus metrics, a lookup API.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pktmeta/pktmeta/internal/api"
+	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/metrics"
+	"github.com/pktmeta/pktmeta/internal/view"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+)
+
+// Agent runs on one node.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	events io.Writer // JSON lines, one per datapath event
+
+	metrics *metrics.Metrics
+	dpStats *metrics.DatapathCollector
+
+	mu   sync.Mutex
+	d    *datapath.Datapath
+	kube kubernetes.Interface // nil without API access
+
+	datapathReady atomic.Bool
+	installed     atomic.Bool
+
+	// unattached remembers pod veths seen without an attachment, by
+	// ifindex (reconcileLoop's goroutine only).
+	unattached map[int]sighting
+}
+
+// New returns an agent; Run starts it.
+func New(cfg Config, log *slog.Logger, events io.Writer) *Agent {
+	a := &Agent{cfg: cfg, log: log, events: events, metrics: metrics.New(cfg.MaxSeries), dpStats: &metrics.DatapathCollector{}, unattached: map[int]sighting{}}
+	a.metrics.Registry.MustRegister(a.dpStats)
+	return a
+}
+
+// Run runs until ctx ends, then decides whether to uninstall (see
+// Config.UninstallOnExit).
+func (a *Agent) Run(ctx context.Context) error {
+	if err := a.cfg.Validate(); err != nil {
+		return err
+	}
+	srvErr := make(chan error, 2)
+	metricsSrv, err := a.serveMetrics(srvErr)
+	if err != nil {
+		return err
+	}
+	defer metricsSrv.Close()
+
+	if err := EnsureBPFFS(filepath.Dir(a.cfg.Plugin.PinPath), a.log); err != nil {
+		return err
+	}
+	d, res, err := datapath.Ensure(datapath.Options{PinPath: a.cfg.Plugin.PinPath, MaxConnections: a.cfg.Plugin.MaxConnections}, a.log)
+	if err != nil {
+		return fmt.Errorf("datapath: %w", err)
+	}
+	defer d.Close()
+	if res.Loaded && !res.Created {
+		a.metrics.Action("upgrade")
+		a.log.Info("datapath upgraded", "attachments", res.Upgraded)
+	}
+	a.mu.Lock()
+	a.d = d
+	a.mu.Unlock()
+	a.dpStats.SetDatapath(d)
+	a.datapathReady.Store(true)
+
+	apiSrv := api.NewServer(d, a.log)
+	var wg sync.WaitGroup
+	runCtx, stop := context.WithCancel(ctx)
+	defer func() {
+		stop()
+		wg.Wait()
+	}()
+	wg.Add(4)
+	go func() {
+		defer wg.Done()
+		if err := apiSrv.Serve(runCtx, filepath.Join(a.cfg.RunDir, api.SocketName)); err != nil {
+			srvErr <- fmt.Errorf("API: %w", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		a.followEvents(runCtx, d, apiSrv)
+	}()
+	go func() {
+		defer wg.Done()
+		a.installLoop(runCtx)
+	}()
+	go func() {
+		defer wg.Done()
+		a.reconcileLoop(runCtx, d)
+	}()
+	if len(a.cfg.LabelTags) > 0 || a.cfg.UninstallOnExit == "auto" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.kubeLoop(runCtx, d)
+		}()
+	}
+
+	select {
+	case <-ctx.Done():
+	case err := <-srvErr:
+		return err
+	}
+	stop()
+	wg.Wait()
+	return a.shutdown(d)
+}
+
+// serveMetrics serves /metrics, /healthz and /readyz. Ready means the
+// datapath is loaded and the plugin is in the CNI chain.
+func (a *Agent) serveMetrics(errc chan<- error) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		switch {
+		case !a.datapathReady.Load():
+			http.Error(w, "datapath not loaded", http.StatusServiceUnavailable)
+		case !a.installed.Load():
+			http.Error(w, "pktmeta not in the CNI chain yet (waiting for the primary CNI's config?)", http.StatusServiceUnavailable)
+		default:
+			fmt.Fprintln(w, "ok")
+		}
+	})
+	l, err := net.Listen("tcp", a.cfg.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("metrics: %w", err)
+		}
+	}()
+	a.log.Info("serving metrics", "addr", l.Addr().String())
+	return srv, nil
+}
+
+// followEvents is the ring buffer's one reader: it prints each event as a
+// JSON line, counts it, and hands it to API clients.
+func (a *Agent) followEvents(ctx context.Context, d *datapath.Datapath, apiSrv *api.Server) {
+	rd, err := d.NewEventReader()
+	if err != nil {
+		a.log.Error("events", "err", err)
+		return
+	}
+	go func() {
+		<-ctx.Done()
+		rd.Close()
+	}()
+	res, err := view.NewResolver(d)
+	if err != nil {
+		a.log.Error("events", "err", err)
+		return
+	}
+	enc := json.NewEncoder(a.events)
+	for {
+		ev, err := rd.Read()
+		if errors.Is(err, datapath.ErrClosed) {
+			return
+		}
+		if err != nil {
+			a.log.Warn("read event", "err", err)
+			continue
+		}
+		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
+			res.Refresh(d)
+		}
+		v := res.EventFrom(ev)
+		enc.Encode(v)
+		a.metrics.Event(v)
+		apiSrv.Publish(v)
+	}
+}
+
+// reconcileLoop covers pods without an attachment and removes attachments
+// whose pod is gone, at start and every GCInterval.
+func (a *Agent) reconcileLoop(ctx context.Context, d *datapath.Datapath) {
+	t := time.NewTicker(a.cfg.GCInterval)
+	defer t.Stop()
+	for {
+		if err := a.reconcile(ctx, d); err != nil {
+			a.log.Warn("reconcile", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}

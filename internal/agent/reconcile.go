@@ -1,0 +1,209 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"time"
+
+	"github.com/pktmeta/pktmeta/internal/attach"
+	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/discover"
+	"github.com/pktmeta/pktmeta/plugin"
+	"github.com/vishvananda/netlink"
+)
+
+// reconcile makes the attachments match the pods on the node: it attaches
+// to pod veths that have none (pods from before install, or created while
+// another writer had dropped pktmeta from the CNI config), removes
+// attachments whose veth is gone (a DEL that never came), sweeps idle UDP
+// records and orphaned link pins.
+func (a *Agent) reconcile(ctx context.Context, d *datapath.Datapath) error {
+	lock, err := datapath.LockPinPath(d.PinPath, false)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+
+	var errs []error
+	if err := a.gc(d); err != nil {
+		errs = append(errs, err)
+	}
+	if err := a.coverExisting(ctx, d); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := d.SweepRecords(nil); err != nil {
+		errs = append(errs, err)
+	}
+	orphans, err := d.OrphanLinkDirs()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, dir := range orphans {
+		if err := datapath.RemoveLinkDir(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// gc removes attachments whose host veth no longer exists in this netns.
+func (a *Agent) gc(d *datapath.Datapath) error {
+	own, err := datapath.CurrentNetns()
+	if err != nil {
+		return err
+	}
+	all, err := d.Workloads()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, w := range all {
+		if w.HostNetns != own {
+			continue // not ours to judge: another netns (a test node)
+		}
+		if l, err := netlink.LinkByIndex(int(w.HostIfindex)); err == nil && l.Attrs().Name == w.HostIfName {
+			continue
+		}
+		a.log.Info("pod veth gone without a CNI DEL; removing its attachment", "workload", w.ID, "pod", w.Namespace+"/"+w.Pod, "hostIfname", w.HostIfName)
+		if err := d.RemoveAttachment(w, a.log); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		a.metrics.Action("gc")
+	}
+	return errors.Join(errs...)
+}
+
+// coverExisting attaches to pod veths that have no attachment.
+func (a *Agent) coverExisting(ctx context.Context, d *datapath.Datapath) error {
+	eps, err := d.ListEndpoints()
+	if err != nil {
+		return err
+	}
+	found, err := discover.Veths(discover.Options{NetnsDirs: a.cfg.NetnsDirs, ProcDir: a.cfg.ProcDir}, func(ifindex int) bool {
+		_, ok := eps[uint32(ifindex)]
+		return ok
+	})
+	if err != nil {
+		return err
+	}
+	// A veth is only covered once it has stayed unattached for a whole
+	// pass: a pod whose CNI ADD is still running (primary plugin done,
+	// pktmeta next) must not be taken for an existing one.
+	now := time.Now()
+	seen := map[int]time.Time{}
+	var pods []discover.PodInterface
+	for _, p := range found {
+		first, ok := a.unattached[p.HostIfindex]
+		if !ok || first.name != p.HostIfName {
+			first = sighting{name: p.HostIfName, at: now}
+		}
+		seen[p.HostIfindex] = first.at
+		a.unattached[p.HostIfindex] = first
+		if now.Sub(first.at) >= a.cfg.GCInterval {
+			pods = append(pods, p)
+		}
+	}
+	for ifindex := range a.unattached {
+		if _, ok := seen[ifindex]; !ok {
+			delete(a.unattached, ifindex)
+		}
+	}
+	if len(pods) == 0 {
+		return nil
+	}
+	sandboxes := a.sandboxes(ctx)
+	own, err := datapath.CurrentNetns()
+	if err != nil {
+		return err
+	}
+	mode, _ := attach.ParseMode(a.cfg.Plugin.AttachMode)
+	var errs []error
+	for _, p := range pods {
+		w, err := a.workloadFor(p, sandboxes, own)
+		if err != nil {
+			a.metrics.AttachError()
+			errs = append(errs, err)
+			continue
+		}
+		opts := datapath.AttachOptions{Mode: mode, Strict: a.cfg.Plugin.StrictSource, Addrs: p.Addrs}
+		if err := d.AddAttachment(w, opts, a.log); err != nil {
+			a.metrics.AttachError()
+			errs = append(errs, fmt.Errorf("attach existing pod veth %s: %w", p.HostIfName, err))
+			continue
+		}
+		a.metrics.Action("attach")
+		a.log.Info("covered an existing pod", "workload", w.ID, "pod", w.Namespace+"/"+w.Pod, "hostIfname", w.HostIfName, "partial", w.Partial)
+	}
+	return errors.Join(errs...)
+}
+
+// workloadFor builds the identity of an existing pod: complete when the
+// container runtime names the sandbox that owns the namespace, partial
+// (known by its namespace file only) when it cannot.
+func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbox, hostNetns uint64) (*datapath.Workload, error) {
+	w := &datapath.Workload{
+		IfName:      p.IfName,
+		HostIfName:  p.HostIfName,
+		HostIfindex: uint32(p.HostIfindex),
+		HostNetns:   hostNetns,
+		Netns:       p.NetnsPath,
+		Created:     time.Now(),
+	}
+	var annotations map[string]string
+	for _, s := range sandboxes {
+		if s.NetnsIno != 0 && s.NetnsIno == p.NetnsIno {
+			w.ContainerID, w.Namespace, w.Pod, w.UID = s.ID, s.Namespace, s.Name, s.UID
+			annotations = s.Annotations
+			if s.NetnsPath != "" {
+				w.Netns = s.NetnsPath
+			}
+			break
+		}
+	}
+	if w.ContainerID == "" {
+		// Never a real CNI container id, so no CNI DEL will ever name it:
+		// the agent's gc removes it when the veth goes.
+		w.ContainerID = "netns-" + filepath.Base(p.NetnsPath)
+		w.Partial = true
+	}
+	tags, err := plugin.MergeTags(a.cfg.Plugin.Tags, annotations, a.log)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s/%s: %w", w.Namespace, w.Pod, err)
+	}
+	w.Tags = tags
+	if err := datapath.ValidateWorkload(w); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+// sandboxes asks the CRI runtime, if reachable, which pods exist.
+func (a *Agent) sandboxes(ctx context.Context) []discover.Sandbox {
+	if a.cfg.CRISocket == "" {
+		return nil
+	}
+	cri, err := discover.DialCRI(a.cfg.CRISocket)
+	if err != nil {
+		a.log.Debug("no CRI runtime to name existing pods", "socket", a.cfg.CRISocket, "err", err)
+		return nil
+	}
+	defer cri.Close()
+	sbs, err := cri.Sandboxes(ctx)
+	if err != nil {
+		a.log.Warn("CRI runtime did not list pods; existing pods get a partial identity", "err", err)
+		return nil
+	}
+	return sbs
+}
+
+// sighting is when a veth was first seen without an attachment.
+type sighting struct {
+	name string
+	at   time.Time
+}
+
+var _ = slog.Default
