@@ -46,7 +46,7 @@ func main() {
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "where the CNI config backup is kept")
 	fs.StringVar(&cfg.RunDir, "run-dir", cfg.RunDir, "where the API socket is")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "address of /metrics, /healthz, /readyz")
-	fs.DurationVar(&cfg.GCInterval, "gc-interval", cfg.GCInterval, "how often to cover existing pods and remove gone ones")
+	fs.DurationVar(&cfg.GCInterval.Duration, "gc-interval", cfg.GCInterval.Duration, "how often to cover existing pods and remove gone ones")
 	fs.StringVar(&cfg.CRISocket, "cri-socket", cfg.CRISocket, "CRI runtime socket, to name existing pods (empty: don't)")
 	fs.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (label tags)")
 	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig (in a cluster: the service account)")

@@ -201,7 +201,7 @@ func (a *Agent) followEvents(ctx context.Context, d *datapath.Datapath, apiSrv *
 // reconcileLoop covers pods without an attachment and removes attachments
 // whose pod is gone, at start and every GCInterval.
 func (a *Agent) reconcileLoop(ctx context.Context, d *datapath.Datapath) {
-	t := time.NewTicker(a.cfg.GCInterval)
+	t := time.NewTicker(a.cfg.GCInterval.Duration)
 	defer t.Stop()
 	for {
 		if err := a.reconcile(ctx, d); err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -38,8 +39,8 @@ type Config struct {
 	// RunDir holds the API socket.
 	RunDir string `json:"runDir,omitempty"`
 
-	MetricsAddr string        `json:"metricsAddr,omitempty"`
-	GCInterval  time.Duration `json:"gcInterval,omitempty"`
+	MetricsAddr string   `json:"metricsAddr,omitempty"`
+	GCInterval  Duration `json:"gcInterval,omitempty"`
 	// MaxSeries caps the label sets of per-workload metrics.
 	MaxSeries int `json:"maxSeries,omitempty"`
 
@@ -65,6 +66,26 @@ type Config struct {
 	PodNamespace    string `json:"podNamespace,omitempty"`
 }
 
+// Duration reads "30s" from YAML and JSON.
+type Duration struct{ time.Duration }
+
+// UnmarshalJSON accepts a Go duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("want a duration like \"30s\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
 // Defaults for a node: the paths are the DaemonSet's mounts.
 func Defaults() Config {
 	return Config{
@@ -75,7 +96,7 @@ func Defaults() Config {
 		StateDir:        "/var/lib/pktmeta",
 		RunDir:          "/run/pktmeta",
 		MetricsAddr:     ":9964",
-		GCInterval:      30 * time.Second,
+		GCInterval:      Duration{30 * time.Second},
 		NetnsDirs:       []string{"/var/run/netns"},
 		CRISocket:       "/run/containerd/containerd.sock",
 		UninstallOnExit: "auto",
@@ -108,7 +129,7 @@ func (c *Config) Validate() error {
 	default:
 		return fmt.Errorf("uninstallOnExit: want auto, never or always, got %q", c.UninstallOnExit)
 	}
-	if c.GCInterval < time.Second {
+	if c.GCInterval.Duration < time.Second {
 		return fmt.Errorf("gcInterval: at least 1s, got %s", c.GCInterval)
 	}
 	for _, p := range []string{c.CNIConfDir, c.CNIBinDir, c.StateDir, c.RunDir} {

@@ -103,7 +103,7 @@ func (a *Agent) coverExisting(ctx context.Context, d *datapath.Datapath) error {
 		}
 		seen[p.HostIfindex] = first.at
 		a.unattached[p.HostIfindex] = first
-		if now.Sub(first.at) >= a.cfg.GCInterval {
+		if now.Sub(first.at) >= a.cfg.GCInterval.Duration {
 			pods = append(pods, p)
 		}
 	}
