@@ -11,7 +11,7 @@ GO_SOURCES := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum $(
 
 export CGO_ENABLED := 0
 
-.PHONY: all deps build generate check-generate cni-plugins test demo vet fmt-check clean
+.PHONY: all deps build generate check-generate cni-plugins cri-tools test demo vet fmt-check clean
 
 all: build
 
@@ -41,6 +41,10 @@ $(CNI_BIN)/%:
 	mkdir -p $(CNI_BIN)
 	GOBIN=$(CNI_BIN) $(GO) install github.com/containernetworking/plugins/plugins/$(if $(filter host-local,$*),ipam,$(if $(filter bandwidth,$*),meta,main))/$*@$(CNI_PLUGINS_VERSION)
 
+# containerd + runc (apt) and crictl (module proxy) for the CRI e2e tests.
+cri-tools:
+	./internal/crihost/install-tools.sh
+
 vet:
 	$(GO) vet ./...
 
@@ -49,7 +53,7 @@ fmt-check:
 	if [[ -n "$$out" ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 # Every test, including the ones that need root, netns and BPF.
-test: deps build cni-plugins fmt-check vet check-generate
+test: deps build cni-plugins cri-tools fmt-check vet check-generate
 	PKTMETA_BIN=$(BIN) PKTMETA_CNI_BIN=$(CNI_BIN) $(GO) test -count=1 -timeout 30m ./...
 
 # A local "node" made of network namespaces, the real CNI chain, traffic
