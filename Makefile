@@ -11,6 +11,9 @@ GO_SOURCES := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum $(
 
 export CGO_ENABLED := 0
 
+# make image (bin/pktmeta-image.tar, without Docker) and make e2e-kind.
+include hack/image.mk
+
 .PHONY: all deps build generate check-generate cni-plugins cri-tools test demo vet fmt-check clean
 
 all: build
