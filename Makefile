@@ -14,7 +14,7 @@ export CGO_ENABLED := 0
 # make image (bin/pktmeta-image.tar, without Docker) and make e2e-kind.
 include hack/image.mk
 
-.PHONY: all deps build generate check-generate cni-plugins cri-tools test demo vet fmt-check clean
+.PHONY: all deps build generate check-generate cni-plugins cri-tools test demo bench bench-quick vet fmt-check clean
 
 all: build
 
@@ -30,7 +30,7 @@ $(BIN)/%: $(GO_SOURCES)
 # the pinned compiler. The result is byte-for-byte reproducible.
 generate:
 	./hack/deps.sh
-	BPF_CLANG=$(CLANG) BPF_STRIP=$(STRIP) $(GO) generate ./internal/datapath/... ./examples/...
+	$(GO) generate ./internal/datapath/... ./examples/... ./bench/...
 
 # Regenerates into a copy of the tree and compares with what is committed.
 check-generate:
@@ -63,6 +63,15 @@ test: deps build cni-plugins cri-tools fmt-check vet check-generate
 # through a DNATed service, and the metadata the destination found.
 demo: deps build cni-plugins
 	$(BIN)/pktmeta-demo --cni-path $(CNI_BIN):$(BIN)
+
+# What pktmeta costs, next to the alternatives, in one run on this machine:
+# tables on stdout, figures in bench/results/latest.json. Not tests: nothing
+# in make test depends on timing. See docs/BENCHMARKS.md.
+bench: deps build cni-plugins
+	$(GO) run ./bench --cni-path $(CNI_BIN):$(BIN) --out bench/results/latest.json
+
+bench-quick: deps build cni-plugins
+	$(GO) run ./bench --quick --cni-path $(CNI_BIN):$(BIN) --out bench/results/quick.json
 
 clean:
 	rm -rf $(BIN)

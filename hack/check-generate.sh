@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$tmp"
-(cd "$tmp" && go generate ./internal/datapath/... ./examples/...)
+(cd "$tmp" && go generate ./internal/datapath/... ./examples/... ./bench/...)
 status=0
 while IFS= read -r f; do
 	if ! cmp -s "$f" "$tmp/$f"; then

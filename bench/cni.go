@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/pktmeta/pktmeta/internal/testbed"
+)
+
+// cniLatency times pktmeta's own ADD and DEL, invoked the way a runtime
+// does (a process with the CNI environment and the primary's prevResult on
+// stdin), for pods that ptp + host-local wired: the latency pktmeta adds to
+// pod creation and deletion.
+func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
+	n, err := testbed.NewNode(testbed.Config{CNIPath: cfg.cniPath, NoDAD: true, CNIVersion: "1.0.0", PluginStderr: io.Discard, Subnet4: "10.244.0.0/16"})
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	pin := filepath.Join(pinRoot, "cni")
+	pods := make([]*testbed.Pod, cfg.cniPods+1)
+	for i := range pods {
+		if pods[i], err = n.AddPod(ctx, testbed.PodSpec{Namespace: "bench", Name: fmt.Sprintf("p%d", i)}); err != nil {
+			return err
+		}
+	}
+	conf := func(p *testbed.Pod) ([]byte, error) {
+		prev, err := json.Marshal(p.Result)
+		if err != nil {
+			return nil, err
+		}
+		var prevMap map[string]any
+		json.Unmarshal(prev, &prevMap)
+		return json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "pmtb", "type": "pktmeta", "pinPath": pin, "prevResult": prevMap})
+	}
+	call := func(cmd string, p *testbed.Pod) (time.Duration, error) {
+		stdin, err := conf(p)
+		if err != nil {
+			return 0, err
+		}
+		start := time.Now()
+		_, err = n.ExecPlugin(ctx, "pktmeta", cmd, p, stdin, nil)
+		return time.Since(start), err
+	}
+
+	// The node's first ADD loads and verifies the datapath.
+	first, err := call("ADD", pods[0])
+	if err != nil {
+		return fmt.Errorf("first ADD: %w", err)
+	}
+	rep.add(Result{Name: "pktmeta ADD, first on the node (loads the datapath)", Unit: "ms", Median: ms(first), Min: ms(first), Max: ms(first), Runs: 1, Section: "cni"})
+
+	seqAdd, seqDel := make([]float64, 0, cfg.cniPods), make([]float64, 0, cfg.cniPods)
+	for _, p := range pods[1:] {
+		d, err := call("ADD", p)
+		if err != nil {
+			return err
+		}
+		seqAdd = append(seqAdd, ms(d))
+	}
+	for _, p := range pods[1:] {
+		d, err := call("DEL", p)
+		if err != nil {
+			return err
+		}
+		seqDel = append(seqDel, ms(d))
+	}
+	parAdd, err := parallel(pods[1:], 16, func(p *testbed.Pod) (time.Duration, error) { return call("ADD", p) })
+	if err != nil {
+		return err
+	}
+	parDel, err := parallel(pods[1:], 16, func(p *testbed.Pod) (time.Duration, error) { return call("DEL", p) })
+	if err != nil {
+		return err
+	}
+	for _, s := range []struct {
+		name    string
+		samples []float64
+	}{
+		{"pktmeta ADD, sequential", seqAdd},
+		{"pktmeta DEL, sequential", seqDel},
+		{"pktmeta ADD, 16 in parallel", parAdd},
+		{"pktmeta DEL, 16 in parallel", parDel},
+	} {
+		rep.add(percentiles(s.name, s.samples)...)
+	}
+	return nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// parallel runs fn for every pod with at most width at once and returns
+// each call's latency in ms.
+func parallel(pods []*testbed.Pod, width int, fn func(*testbed.Pod) (time.Duration, error)) ([]float64, error) {
+	var (
+		mu  sync.Mutex
+		out []float64
+		wg  sync.WaitGroup
+		err error
+	)
+	sem := make(chan struct{}, width)
+	for _, p := range pods {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			d, e := fn(p)
+			mu.Lock()
+			defer mu.Unlock()
+			if e != nil && err == nil {
+				err = e
+			}
+			out = append(out, ms(d))
+		}()
+	}
+	wg.Wait()
+	return out, err
+}
+
+// percentiles renders a latency distribution as p50 (median, with min and
+// max) and p99 results.
+func percentiles(name string, samples []float64) []Result {
+	s := append([]float64(nil), samples...)
+	sort.Float64s(s)
+	p := func(q float64) float64 { return s[min(len(s)-1, int(q*float64(len(s))))] }
+	p50 := Result{Name: name + ", p50", Unit: "ms", Median: p(0.5), Min: s[0], Max: s[len(s)-1], Runs: len(s), Section: "cni"}
+	p99 := Result{Name: name + ", p99", Unit: "ms", Median: p(0.99), Min: s[0], Max: s[len(s)-1], Runs: len(s), Section: "cni"}
+	return []Result{p50, p99}
+}

@@ -1,0 +1,171 @@
+// Command bench measures what pktmeta costs, next to what it is compared
+// with, in one run on one machine: per packet (BPF_PROG_TEST_RUN), as the
+// connection table grows, in memory, end to end between two pods, and in
+// CNI ADD/DEL latency. `make bench` runs it; `make bench-quick` runs a
+// reduced version. It writes tables to stdout and the figures as JSON.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pktmeta/pktmeta/internal/testbed"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+type config struct {
+	quick       bool
+	runs        int
+	repeat      int // repetitions of a test run
+	firstRepeat int // repetitions of a first-packet test run (each inserts a record)
+	growth      []int
+	e2eRuns     int
+	e2eDuration time.Duration
+	cniPods     int
+	cniPath     []string
+	sections    map[string]bool
+}
+
+func main() {
+	quick := flag.Bool("quick", false, "reduced runs, for a quick check (under two minutes)")
+	out := flag.String("out", "bench/results/latest.json", "where the JSON results go")
+	cniPath := flag.String("cni-path", "bin/cni:bin", "directories of the CNI plugins and pktmeta")
+	only := flag.String("only", "per-packet,growth,memory,end-to-end,cni", "sections to run")
+	spin := flag.String("spin", "", "for profiling: run one per-packet case (first-tcp4, first-udp4, known-udp4, nat) for --spin-for, nothing else")
+	spinFor := flag.Duration("spin-for", 10*time.Second, "how long --spin runs")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "bench: needs root (BPF, bpffs, network namespaces)")
+		os.Exit(2)
+	}
+	cfg := config{runs: 7, repeat: 1_000_000, firstRepeat: 100_000, growth: []int{1_000, 100_000, 1_000_000},
+		e2eRuns: 6, e2eDuration: 3 * time.Second, cniPods: 200, sections: map[string]bool{}}
+	if *quick {
+		cfg = config{quick: true, runs: 3, repeat: 200_000, firstRepeat: 20_000, growth: []int{1_000, 100_000},
+			e2eRuns: 2, e2eDuration: time.Second, cniPods: 48, sections: map[string]bool{}}
+	}
+	for _, p := range strings.Split(*cniPath, ":") {
+		abs, _ := filepath.Abs(p)
+		cfg.cniPath = append(cfg.cniPath, abs)
+	}
+	for _, s := range strings.Split(*only, ",") {
+		cfg.sections[s] = true
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if *spin != "" {
+		if err := spinCase(ctx, cfg, *spin, *spinFor); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := run(ctx, cfg, *out); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cfg config, out string) error {
+	testbed.CleanupStale()
+	rep := &Report{Machine: thisMachine(), Mode: "full", Started: time.Now().UTC()}
+	if cfg.quick {
+		rep.Mode = "quick"
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+
+	// A private bpffs: nothing here touches a real /sys/fs/bpf/pktmeta.
+	tmp, err := os.MkdirTemp("", "pktmeta-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	pinRoot := filepath.Join(tmp, "bpffs")
+	os.MkdirAll(pinRoot, 0o700)
+	if err := unix.Mount("bpf", pinRoot, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs: %w", err)
+	}
+	defer unix.Unmount(pinRoot, unix.MNT_DETACH)
+
+	if cfg.sections["per-packet"] || cfg.sections["growth"] || cfg.sections["memory"] {
+		fmt.Fprintln(os.Stderr, "bench: per packet (BPF_PROG_TEST_RUN) ...")
+		if err := inPrivateNetns(func() error {
+			b := &packetBench{cfg: cfg, pinRoot: pinRoot, log: log}
+			if cfg.sections["per-packet"] {
+				if err := b.run(ctx, rep); err != nil {
+					return err
+				}
+			}
+			if cfg.sections["growth"] {
+				fmt.Fprintln(os.Stderr, "bench: growth ...")
+				if err := b.growth(rep); err != nil {
+					return err
+				}
+				b.d.Close()
+			}
+			if cfg.sections["memory"] {
+				if err := b.memory(rep); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	if cfg.sections["end-to-end"] {
+		fmt.Fprintln(os.Stderr, "bench: end to end between two pods ...")
+		if err := endToEnd(ctx, cfg, rep, pinRoot); err != nil {
+			return fmt.Errorf("end to end: %w", err)
+		}
+	}
+	if cfg.sections["cni"] {
+		fmt.Fprintln(os.Stderr, "bench: CNI ADD/DEL latency ...")
+		if err := cniLatency(ctx, cfg, rep, pinRoot); err != nil {
+			return fmt.Errorf("cni: %w", err)
+		}
+	}
+	rep.Took = time.Since(rep.Started).Round(time.Second).String()
+	rep.compare()
+	fmt.Printf("pktmeta benchmarks (%s), %s, %d CPUs, %s, Linux %s, took %s\n", rep.Mode, rep.Machine.CPU, rep.Machine.CPUs, rep.Machine.Go, rep.Machine.Kernel, rep.Took)
+	for _, s := range []struct{ id, title string }{
+		{"per-packet", "Per packet (BPF_PROG_TEST_RUN, ns per packet, mean of each run's repetitions)"},
+		{"growth", "Per packet as the connection table grows"},
+		{"memory", "Memory (kernel accounting of the maps)"},
+		{"end-to-end", "End to end between two pods on a netns node (real CNI chain)"},
+		{"cni", "CNI latency added by pktmeta (its own ADD/DEL process)"},
+	} {
+		rep.printSection(os.Stdout, s.id, s.title)
+	}
+	if err := rep.writeJSON(out); err != nil {
+		return err
+	}
+	fmt.Printf("\nwrote %s\n", out)
+	return nil
+}
+
+// inPrivateNetns runs fn on a locked thread inside a new network
+// namespace; the thread is discarded afterwards.
+func inPrivateNetns(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if _, err := netns.New(); err != nil {
+			errc <- err
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}

@@ -1,0 +1,439 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/testutil"
+)
+
+const (
+	nameFloor    = "floor: empty tcx program"
+	nameDataMeta = "anchor: XDP data_meta reserve+write 104 B"
+	retNext      = 0xffffffff
+	loIfindex    = 1
+	// Big enough that the first-packet runs never make the LRU evict.
+	benchConns = 1 << 21
+)
+
+var (
+	podA  = netip.MustParseAddrPort("10.244.1.2:40000")
+	podB  = netip.MustParseAddrPort("10.244.1.3:8080")
+	vip   = netip.MustParseAddrPort("10.96.0.10:80")
+	podA6 = netip.MustParseAddrPort("[fd00:10:244:1::2]:40000")
+	podB6 = netip.MustParseAddrPort("[fd00:10:244:1::3]:8080")
+)
+
+func pkt(src, dst netip.AddrPort, proto, flags uint8) []byte {
+	return testutil.Packet{Src: src, Dst: dst, Proto: proto, TCPFlags: flags, Seq: 1}.Bytes()
+}
+
+// packetBench is the per-packet section's state: a datapath in a private
+// bpffs, the anchors, all used from one thread inside a private netns
+// (test runs use that netns's loopback, ifindex 1, and its conntrack).
+type packetBench struct {
+	cfg     config
+	pinRoot string
+	d       *datapath.Datapath
+	a       anchorsObjects
+	log     *slog.Logger
+}
+
+func (b *packetBench) loadDatapath(sub string) error {
+	if b.d != nil {
+		b.d.Close()
+		datapath.Destroy(b.d.PinPath)
+	}
+	d, _, err := datapath.Ensure(datapath.Options{PinPath: filepath.Join(b.pinRoot, sub), MaxConnections: benchConns}, b.log)
+	if err != nil {
+		return err
+	}
+	b.d = d
+	// The veth the test runs come in on (loopback) belongs to workload 1.
+	return d.PutEndpoint(loIfindex, datapath.Endpoint{Workload: 1, Strict: false, Addrs: []netip.Addr{podA.Addr(), podA6.Addr()}})
+}
+
+func (b *packetBench) setEvents(on bool) error {
+	c, err := b.d.ReadConfig()
+	if err != nil {
+		return err
+	}
+	c.EventsOff = !on
+	return b.d.WriteConfig(c)
+}
+
+// runs measures prog on data: runs test runs of repeat repetitions each;
+// the kernel reports the mean time of a repetition.
+func (b *packetBench) runs(prog *ebpf.Program, data []byte, want uint32, repeat, runs int) ([]float64, error) {
+	var out []float64
+	for range runs {
+		ret, d, err := prog.Benchmark(data, repeat, nil)
+		if err != nil {
+			return nil, err
+		}
+		if ret != want {
+			return nil, fmt.Errorf("program returned %#x, want %#x", ret, want)
+		}
+		// The kernel reports the mean of the repetitions in whole ns.
+		out = append(out, float64(d.Nanoseconds()))
+	}
+	return out, nil
+}
+
+// measure runs prog cfg.runs times and summarizes against the floor.
+func (b *packetBench) measure(name string, prog *ebpf.Program, data []byte, want uint32, repeat int, note string) (Result, error) {
+	s, err := b.runs(prog, data, want, repeat, b.cfg.runs)
+	if err != nil {
+		return Result{}, fmt.Errorf("%s: %w", name, err)
+	}
+	r := summarize(name, "ns/pkt", "per-packet", s)
+	r.Baseline, r.Note = nameFloor, note
+	return r, nil
+}
+
+// firstPacket measures the origin program on packets that each start a new
+// connection. The wrapper rewrites the tuple from a per-CPU counter before
+// tail-calling the origin program, so every repetition inserts a genuinely
+// new record; the same wrapper tail-calling the empty program is run
+// alternately, and its time is subtracted (the floor is added back, so the
+// figure compares with the floor like the others).
+func (b *packetBench) firstPacket(wrapper *ebpf.Program, data []byte, repeat, runs int) ([]float64, error) {
+	floor, err := b.runs(b.a.FloorProg, data, retNext, repeat, 1)
+	if err != nil {
+		return nil, err
+	}
+	var out []float64
+	for range runs {
+		if err := b.a.Target.Update(uint32(0), b.d.Origin, ebpf.UpdateAny); err != nil {
+			return nil, err
+		}
+		with, err := b.runs(wrapper, data, retNext, repeat, 1)
+		if err != nil {
+			return nil, fmt.Errorf("wrapper + origin: %w", err)
+		}
+		if err := b.a.Target.Update(uint32(0), b.a.FloorProg, ebpf.UpdateAny); err != nil {
+			return nil, err
+		}
+		without, err := b.runs(wrapper, data, retNext, repeat, 1)
+		if err != nil {
+			return nil, fmt.Errorf("wrapper + floor: %w", err)
+		}
+		out = append(out, with[0]-without[0]+floor[0])
+	}
+	return out, nil
+}
+
+// drainEvents empties the ring buffer.
+func (b *packetBench) drainEvents() error {
+	rd, err := b.d.NewEventReader()
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	for {
+		rd.SetDeadline(time.Now().Add(20 * time.Millisecond))
+		if _, err := rd.Read(); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+func (b *packetBench) run(ctx context.Context, rep *Report) error {
+	if err := loadAnchorObjs(&b.a); err != nil {
+		return err
+	}
+	defer b.a.Close()
+	if err := b.loadDatapath("main"); err != nil {
+		return err
+	}
+	defer func() { b.d.Close() }()
+	repeat := b.cfg.repeat
+	ack4, ack6 := pkt(podA, podB, 6, 0x10), pkt(podA6, podB6, 6, 0x10)
+	syn4, syn6 := pkt(podA, podB, 6, 0x02), pkt(podA6, podB6, 6, 0x02)
+	udp4, udp6 := pkt(podA, podB, 17, 0), pkt(podA6, podB6, 17, 0)
+
+	type item struct {
+		name   string
+		prog   *ebpf.Program
+		data   []byte
+		want   uint32
+		repeat int
+		note   string
+	}
+	// Known UDP flows, delivered records for the destination hit.
+	for _, p := range [][]byte{udp4, udp6, syn4} {
+		if _, err := b.runs(b.d.Origin, p, retNext, 1, 1); err != nil {
+			return err
+		}
+	}
+	if _, err := b.runs(b.d.Deliver, syn4, retNext, 1, 1); err != nil {
+		return err
+	}
+	// Service DNAT as conntrack knows it: a:p -> VIP:80 translated to b:8080.
+	if err := b.natEntry(ctx); err != nil {
+		return err
+	}
+	natSyn := pkt(netip.AddrPortFrom(podA.Addr(), 40001), podB, 6, 0x02)
+	missSyn := pkt(netip.MustParseAddrPort("10.244.9.9:1111"), podB, 6, 0x02)
+
+	items := []item{
+		{name: nameFloor, prog: b.a.FloorProg, data: ack4, want: retNext, repeat: repeat},
+		{name: "origin, not first: tcp4 established", prog: b.d.Origin, data: ack4, want: retNext, repeat: repeat},
+		{name: "origin, not first: tcp6 established", prog: b.d.Origin, data: ack6, want: retNext, repeat: repeat},
+		{name: "origin, not first: udp4 known flow", prog: b.d.Origin, data: udp4, want: retNext, repeat: repeat, note: "one LRU lookup"},
+		{name: "origin, not first: udp6 known flow", prog: b.d.Origin, data: udp6, want: retNext, repeat: repeat},
+		{name: "origin strict, not first: tcp4", prog: b.d.Strict, data: ack4, want: retNext, repeat: repeat, note: "adds the endpoint lookup and source check"},
+		{name: "destination, first packet: record hit", prog: b.d.Deliver, data: syn4, want: retNext, repeat: repeat, note: "SYN of a known, delivered connection: one lookup"},
+		{name: "destination, first packet: miss", prog: b.d.Deliver, data: missSyn, want: retNext, repeat: repeat, note: "no record: a lookup and a conntrack lookup that finds nothing"},
+		{name: "destination, first packet: NAT resolved, alias written", prog: b.d.Deliver, data: natSyn, want: retNext, repeat: repeat, note: "lookup miss, conntrack lookup (reply direction), lookup of the original tuple, alias update"},
+		{name: "anchor: skb->mark write", prog: b.a.MarkWrite, data: ack4, want: retNext, repeat: repeat},
+		{name: nameDataMeta, prog: b.a.XdpMeta, data: ack4, want: 2, repeat: repeat, note: "XDP test run; adjust_meta(-104), write, adjust_meta(+104): the buffer is reused across repetitions"},
+		{name: "anchor: socket local storage create+delete", prog: b.a.SkStorage, data: ack4, want: retNext, repeat: repeat / 10, note: "bpf_sk_storage_get(F_CREATE) on the test run's socket (allocates the storage and the element), then delete"},
+		{name: "anchor: task local storage create+delete", prog: b.a.TaskStorage, data: ack4, want: retNext, repeat: repeat / 10, note: "the same with task storage"},
+		{name: "anchor: allocating hash insert+delete", prog: b.a.HashAlloc, data: ack4, want: retNext, repeat: repeat / 10, note: "BPF_F_NO_PREALLOC hash, fresh key, then delete"},
+	}
+	for _, it := range items {
+		r, err := b.measure(it.name, it.prog, it.data, it.want, it.repeat, it.note)
+		if err != nil {
+			return err
+		}
+		if it.name == nameFloor {
+			r.Baseline = ""
+		}
+		rep.add(r)
+	}
+	// The NAT item really resolved through conntrack, not by accident.
+	st, _ := b.d.ReadStats()
+	if st.NATResolved == 0 {
+		return errors.New("NAT benchmark did not resolve through conntrack")
+	}
+
+	// First packets. Events off: the ring buffer would fill within a few
+	// thousand repetitions and every later reserve would fail fast.
+	if err := b.setEvents(false); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		name    string
+		wrapper *ebpf.Program
+		data    []byte
+	}{
+		{"origin, first packet: tcp4 SYN, new record", b.a.FreshV4, syn4},
+		{"origin, first packet: tcp6 SYN, new record", b.a.FreshV6, syn6},
+		{"origin, first packet: udp4, new record", b.a.FreshV4, udp4},
+	} {
+		s, err := b.firstPacket(f.wrapper, f.data, b.cfg.firstRepeat, b.cfg.runs)
+		if err != nil {
+			return fmt.Errorf("%s: %w", f.name, err)
+		}
+		r := summarize(f.name, "ns/pkt", "per-packet", s)
+		r.Baseline = nameFloor
+		r.Note = "each repetition a new tuple (wrapper rewrites source port and address, then tail-calls); wrapper cost subtracted; events off"
+		if strings.Contains(f.name, "udp") {
+			r.Note = "UDP: lookup miss, conntrack lookup (no entry), insert; " + r.Note
+		}
+		rep.add(r)
+	}
+	// With events on, in runs short enough for the ring buffer, drained
+	// between runs.
+	if err := b.setEvents(true); err != nil {
+		return err
+	}
+	var withEvents []float64
+	for range b.cfg.runs * 3 {
+		if err := b.drainEvents(); err != nil {
+			return err
+		}
+		s, err := b.firstPacket(b.a.FreshV4, syn4, 1000, 1)
+		if err != nil {
+			return err
+		}
+		withEvents = append(withEvents, s...)
+	}
+	r := summarize("origin, first packet: tcp4 SYN, new record, event emitted", "ns/pkt", "per-packet", withEvents)
+	r.Baseline = nameFloor
+	r.Note = "as above, plus the OPENED event on the ring buffer (1000 repetitions a run, drained between runs)"
+	rep.add(r)
+	return nil
+}
+
+// natEntry puts a Service DNAT entry into this netns's conntrack:
+// original a:40001 -> VIP:80, reply b:8080 -> a:40001.
+func (b *packetBench) natEntry(ctx context.Context) error {
+	out, err := exec.CommandContext(ctx, "conntrack", "-I", "-p", "tcp", "-t", "3600", "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED",
+		"-s", podA.Addr().String(), "-d", vip.Addr().String(), "--sport", "40001", "--dport", "80",
+		"-r", podB.Addr().String(), "-q", podA.Addr().String(), "--reply-port-src", "8080", "--reply-port-dst", "40001").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("conntrack -I: %v: %s", err, out)
+	}
+	// The origin record for that connection.
+	_, err = b.runs(b.d.Origin, pkt(netip.AddrPortFrom(podA.Addr(), 40001), vip, 6, 0x02), retNext, 1, 1)
+	return err
+}
+
+// growth repeats the headline per-packet figures with the connection table
+// already holding n records.
+func (b *packetBench) growth(rep *Report) error {
+	if err := loadAnchorObjs(&b.a); err != nil {
+		return err
+	}
+	defer b.a.Close()
+	syn4, udp4 := pkt(podA, podB, 6, 0x02), pkt(podA, podB, 17, 0)
+	for _, n := range b.cfg.growth {
+		if err := b.loadDatapath(fmt.Sprintf("growth%d", n)); err != nil {
+			return err
+		}
+		if err := b.setEvents(false); err != nil {
+			return err
+		}
+		if err := prefill(b.d, n); err != nil {
+			return err
+		}
+		for _, p := range [][]byte{udp4, syn4} {
+			if _, err := b.runs(b.d.Origin, p, retNext, 1, 1); err != nil {
+				return err
+			}
+		}
+		b.runs(b.d.Deliver, syn4, retNext, 1, 1)
+		label := countLabel(n)
+		s, err := b.firstPacket(b.a.FreshV4, syn4, b.cfg.firstRepeat, b.cfg.runs)
+		if err != nil {
+			return err
+		}
+		r := summarize("origin, first packet, tcp4, table holding "+label, "ns/pkt", "growth", s)
+		rep.add(r)
+		for _, m := range []struct {
+			name string
+			prog *ebpf.Program
+			data []byte
+		}{
+			{"origin, udp4 known flow, table holding " + label, b.d.Origin, udp4},
+			{"destination hit, table holding " + label, b.d.Deliver, syn4},
+		} {
+			s, err := b.runs(m.prog, m.data, retNext, b.cfg.repeat, b.cfg.runs)
+			if err != nil {
+				return err
+			}
+			rep.add(summarize(m.name, "ns/pkt", "growth", s))
+		}
+	}
+	// Baselines: every size compared with the smallest.
+	small := countLabel(b.cfg.growth[0])
+	for i := range rep.Results {
+		res := &rep.Results[i]
+		if res.Section != "growth" {
+			continue
+		}
+		for _, prefix := range []string{"origin, first packet, tcp4, table holding ", "origin, udp4 known flow, table holding ", "destination hit, table holding "} {
+			if strings.HasPrefix(res.Name, prefix) {
+				res.Baseline = prefix + small
+			}
+		}
+	}
+	return nil
+}
+
+func countLabel(n int) string {
+	switch {
+	case n >= 1_000_000:
+		return fmt.Sprintf("%dM", n/1_000_000)
+	case n >= 1000:
+		return fmt.Sprintf("%dk", n/1000)
+	}
+	return strconv.Itoa(n)
+}
+
+// prefill inserts n records under random tuples, in batches.
+func prefill(d *datapath.Datapath, n int) error {
+	const batch = 4096
+	keys := make([]byte, 40*batch)
+	vals := make([]byte, 104*batch)
+	for done := 0; done < n; {
+		m := min(batch, n-done)
+		rand.Read(keys[:40*m])
+		for i := range m {
+			k := keys[40*i : 40*i+40]
+			k[36], k[37], k[38], k[39] = 6, 0, 0, 0 // TCP, zero padding
+			v := vals[104*i : 104*i+104]
+			v[0] = datapath.RecordVersion
+			v[8] = byte(done + i) // conn id, nonzero
+			v[9] = 1
+		}
+		if _, err := d.ConnsMap.BatchUpdate(keys[:40*m], vals[:104*m], nil); err != nil {
+			return fmt.Errorf("prefill: %w", err)
+		}
+		done += m
+	}
+	return nil
+}
+
+// memory reports what the kernel accounts for the maps: the memlock line
+// of each map's fdinfo, divided by its capacity (LRU and array maps are
+// preallocated: they cost that much empty or full).
+func (b *packetBench) memory(rep *Report) error {
+	for _, size := range []int{131072, benchConns} {
+		d, _, err := datapath.Ensure(datapath.Options{PinPath: filepath.Join(b.pinRoot, fmt.Sprintf("mem%d", size)), MaxConnections: uint32(size)}, b.log)
+		if err != nil {
+			return err
+		}
+		for _, m := range []struct {
+			name string
+			m    *ebpf.Map
+		}{{"pktmeta_conns", d.ConnsMap}, {"pktmeta_aliases", d.AliasesMap}} {
+			memlock, err := fdinfoMemlock(m.m)
+			if err != nil {
+				d.Close()
+				return err
+			}
+			per := float64(memlock) / float64(m.m.MaxEntries())
+			r := Result{Name: fmt.Sprintf("%s bytes per entry (max_entries %s)", m.name, countLabel(size)), Unit: "bytes", Median: per, Min: per, Max: per, Runs: 1, Section: "memory",
+				Note: fmt.Sprintf("fdinfo memlock %d bytes for %d entries", memlock, m.m.MaxEntries())}
+			rep.add(r)
+		}
+		d.Close()
+		datapath.Destroy(filepath.Join(b.pinRoot, fmt.Sprintf("mem%d", size)))
+	}
+	return nil
+}
+
+func fdinfoMemlock(m *ebpf.Map) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/self/fdinfo/%d", m.FD()))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "memlock:"); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, errors.New("no memlock in fdinfo")
+}
+
+func loadAnchorObjs(objs *anchorsObjects) error {
+	if err := loadAnchorsObjects(objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("load anchors: %+v", ve)
+		}
+		return fmt.Errorf("load anchors: %w", err)
+	}
+	return nil
+}
