@@ -51,7 +51,9 @@ func testMain(m *testing.M) int {
 		}
 		defer os.RemoveAll(tmp)
 		for _, cmd := range []string{"pktmeta", "pktmetactl", "pktmeta-demo", "pktmeta-agent"} {
-			out, err := exec.Command("go", "build", "-o", filepath.Join(tmp, cmd), "./cmd/"+cmd).CombinedOutput()
+			build := exec.Command("go", "build", "-o", filepath.Join(tmp, cmd), "./cmd/"+cmd)
+			build.Dir = repo
+			out, err := build.CombinedOutput()
 			if err != nil {
 				fmt.Printf("build %s: %v\n%s", cmd, err, out)
 				return 1

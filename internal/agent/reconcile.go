@@ -169,6 +169,10 @@ func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbo
 		// the agent's gc removes it when the veth goes.
 		w.ContainerID = "netns-" + filepath.Base(p.NetnsPath)
 		w.Partial = true
+		if len(sandboxes) > 0 {
+			a.log.Warn("the CRI runtime knows pods but none owns this namespace; is its netns dir mounted where the runtime says (netnsDirs)?",
+				"netns", p.NetnsPath, "hostIfname", p.HostIfName)
+		}
 	}
 	tags, err := plugin.MergeTags(a.cfg.Plugin.Tags, annotations, a.log)
 	if err != nil {

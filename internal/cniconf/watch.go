@@ -329,8 +329,11 @@ func (w *watcher) run(now time.Time) time.Duration {
 		w.calm()
 		w.path = res.Path
 	}
+	// Only repairs count towards a fight: the first install is not one.
 	w.writes = slices.DeleteFunc(w.writes, func(t time.Time) bool { return now.Sub(t) >= w.window })
-	w.writes = append(w.writes, now)
+	if kind == EventRepaired {
+		w.writes = append(w.writes, now)
+	}
 	n := len(w.writes)
 	if kind == EventRepaired {
 		w.log.Debug("pktmeta entry repaired", "file", res.Path, "repairs", n, "window", w.window)
