@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/testbed"
 )
 
@@ -30,6 +31,7 @@ func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) er
 			return err
 		}
 	}
+	mode := "auto"
 	conf := func(p *testbed.Pod) ([]byte, error) {
 		prev, err := json.Marshal(p.Result)
 		if err != nil {
@@ -37,7 +39,7 @@ func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) er
 		}
 		var prevMap map[string]any
 		json.Unmarshal(prev, &prevMap)
-		return json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "pmtb", "type": "pktmeta", "pinPath": pin, "prevResult": prevMap})
+		return json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "pmtb", "type": "pktmeta", "pinPath": pin, "attachMode": mode, "prevResult": prevMap})
 	}
 	call := func(cmd string, p *testbed.Pod) (time.Duration, error) {
 		stdin, err := conf(p)
@@ -79,6 +81,47 @@ func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) er
 	if err != nil {
 		return err
 	}
+	// DEL reads the whole connection table (it removes the pod's records):
+	// time it with a big one.
+	d, err := datapath.OpenMaps(pin)
+	if err != nil {
+		return err
+	}
+	if err := prefill(d, 100_000); err != nil {
+		d.Close()
+		return err
+	}
+	d.Close()
+	var bigDel []float64
+	for _, p := range pods[1 : 1+min(len(pods)-1, 20)] {
+		if _, err := call("ADD", p); err != nil {
+			return err
+		}
+		dd, err := call("DEL", p)
+		if err != nil {
+			return err
+		}
+		bigDel = append(bigDel, ms(dd))
+	}
+
+	// The same with the legacy attach path, for comparison: tcx attach and
+	// detach each wait for an RCU grace period under RTNL, cls_bpf does not.
+	mode = "legacy"
+	legAdd, legDel := make([]float64, 0, cfg.cniPods), make([]float64, 0, cfg.cniPods)
+	for _, p := range pods[1:] {
+		d, err := call("ADD", p)
+		if err != nil {
+			return err
+		}
+		legAdd = append(legAdd, ms(d))
+	}
+	for _, p := range pods[1:] {
+		d, err := call("DEL", p)
+		if err != nil {
+			return err
+		}
+		legDel = append(legDel, ms(d))
+	}
 	for _, s := range []struct {
 		name    string
 		samples []float64
@@ -87,6 +130,9 @@ func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) er
 		{"pktmeta DEL, sequential", seqDel},
 		{"pktmeta ADD, 16 in parallel", parAdd},
 		{"pktmeta DEL, 16 in parallel", parDel},
+		{"pktmeta DEL, sequential, 100k records in the table", bigDel},
+		{"pktmeta ADD, sequential, attachMode legacy", legAdd},
+		{"pktmeta DEL, sequential, attachMode legacy", legDel},
 	} {
 		rep.add(percentiles(s.name, s.samples)...)
 	}

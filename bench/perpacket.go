@@ -93,14 +93,25 @@ func (b *packetBench) runs(prog *ebpf.Program, data []byte, want uint32, repeat,
 	return out, nil
 }
 
-// measure runs prog cfg.runs times and summarizes against the floor.
+// measure runs prog cfg.runs times, each run after a run of the floor
+// program, and summarizes against the floor.
 func (b *packetBench) measure(name string, prog *ebpf.Program, data []byte, want uint32, repeat int, note string) (Result, error) {
-	s, err := b.runs(prog, data, want, repeat, b.cfg.runs)
-	if err != nil {
-		return Result{}, fmt.Errorf("%s: %w", name, err)
+	var samples, over []float64
+	for range b.cfg.runs {
+		f, err := b.runs(b.a.FloorProg, data, retNext, repeat, 1)
+		if err != nil {
+			return Result{}, fmt.Errorf("floor: %w", err)
+		}
+		s, err := b.runs(prog, data, want, repeat, 1)
+		if err != nil {
+			return Result{}, fmt.Errorf("%s: %w", name, err)
+		}
+		samples = append(samples, s[0])
+		over = append(over, s[0]-f[0])
 	}
-	r := summarize(name, "ns/pkt", "per-packet", s)
-	r.Baseline, r.Note = nameFloor, note
+	r := summarize(name, "ns/pkt", "per-packet", samples)
+	d := median(over)
+	r.Baseline, r.Note, r.OverFloor = nameFloor, note, &d
 	return r, nil
 }
 
@@ -110,30 +121,42 @@ func (b *packetBench) measure(name string, prog *ebpf.Program, data []byte, want
 // new record; the same wrapper tail-calling the empty program is run
 // alternately, and its time is subtracted (the floor is added back, so the
 // figure compares with the floor like the others).
-func (b *packetBench) firstPacket(wrapper *ebpf.Program, data []byte, repeat, runs int) ([]float64, error) {
-	floor, err := b.runs(b.a.FloorProg, data, retNext, repeat, 1)
-	if err != nil {
-		return nil, err
-	}
-	var out []float64
+func (b *packetBench) firstPacket(wrapper *ebpf.Program, data []byte, repeat, runs int) (samples, over []float64, err error) {
 	for range runs {
+		floor, err := b.runs(b.a.FloorProg, data, retNext, repeat, 1)
+		if err != nil {
+			return nil, nil, err
+		}
 		if err := b.a.Target.Update(uint32(0), b.d.Origin, ebpf.UpdateAny); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		with, err := b.runs(wrapper, data, retNext, repeat, 1)
 		if err != nil {
-			return nil, fmt.Errorf("wrapper + origin: %w", err)
+			return nil, nil, fmt.Errorf("wrapper + origin: %w", err)
 		}
 		if err := b.a.Target.Update(uint32(0), b.a.FloorProg, ebpf.UpdateAny); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		without, err := b.runs(wrapper, data, retNext, repeat, 1)
 		if err != nil {
-			return nil, fmt.Errorf("wrapper + floor: %w", err)
+			return nil, nil, fmt.Errorf("wrapper + floor: %w", err)
 		}
-		out = append(out, with[0]-without[0]+floor[0])
+		samples = append(samples, with[0]-without[0]+floor[0])
+		over = append(over, with[0]-without[0])
 	}
-	return out, nil
+	return samples, over, nil
+}
+
+// firstPacketResult runs firstPacket into a Result.
+func (b *packetBench) firstPacketResult(name, section string, wrapper *ebpf.Program, data []byte, repeat, runs int) (Result, error) {
+	s, over, err := b.firstPacket(wrapper, data, repeat, runs)
+	if err != nil {
+		return Result{}, fmt.Errorf("%s: %w", name, err)
+	}
+	r := summarize(name, "ns/pkt", section, s)
+	d := median(over)
+	r.OverFloor = &d
+	return r, nil
 }
 
 // drainEvents empties the ring buffer.
@@ -229,7 +252,7 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 	if err := b.setEvents(false); err != nil {
 		return err
 	}
-	for _, f := range []struct {
+	for i, f := range []struct {
 		name    string
 		wrapper *ebpf.Program
 		data    []byte
@@ -238,11 +261,19 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		{"origin, first packet: tcp6 SYN, new record", b.a.FreshV6, syn6},
 		{"origin, first packet: udp4, new record", b.a.FreshV4, udp4},
 	} {
-		s, err := b.firstPacket(f.wrapper, f.data, b.cfg.firstRepeat, b.cfg.runs)
-		if err != nil {
-			return fmt.Errorf("%s: %w", f.name, err)
+		// A fresh table each time: these runs insert hundreds of thousands
+		// of records, and a full table would measure LRU eviction (growth
+		// does that on purpose).
+		if err := b.loadDatapath(fmt.Sprintf("first%d", i)); err != nil {
+			return err
 		}
-		r := summarize(f.name, "ns/pkt", "per-packet", s)
+		if err := b.setEvents(false); err != nil {
+			return err
+		}
+		r, err := b.firstPacketResult(f.name, "per-packet", f.wrapper, f.data, b.cfg.firstRepeat, b.cfg.runs)
+		if err != nil {
+			return err
+		}
 		r.Baseline = nameFloor
 		r.Note = "each repetition a new tuple (wrapper rewrites source port and address, then tail-calls); wrapper cost subtracted; events off"
 		if strings.Contains(f.name, "udp") {
@@ -250,26 +281,40 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		}
 		rep.add(r)
 	}
-	// With events on, in runs short enough for the ring buffer, drained
-	// between runs.
-	if err := b.setEvents(true); err != nil {
-		return err
-	}
-	var withEvents []float64
+	// With events on, in runs short enough for the ring buffer (1000
+	// events), drained between runs; each paired with a run of the same
+	// length with events off, so the event's own cost shows.
+	var withEvents, overEvents, eventCost []float64
 	for range b.cfg.runs * 3 {
-		if err := b.drainEvents(); err != nil {
+		if err := b.setEvents(false); err != nil {
 			return err
 		}
-		s, err := b.firstPacket(b.a.FreshV4, syn4, 1000, 1)
+		off, _, err := b.firstPacket(b.a.FreshV4, syn4, 1000, 1)
 		if err != nil {
 			return err
 		}
-		withEvents = append(withEvents, s...)
+		if err := b.setEvents(true); err != nil {
+			return err
+		}
+		if err := b.drainEvents(); err != nil {
+			return err
+		}
+		on, over, err := b.firstPacket(b.a.FreshV4, syn4, 1000, 1)
+		if err != nil {
+			return err
+		}
+		withEvents = append(withEvents, on...)
+		overEvents = append(overEvents, over...)
+		eventCost = append(eventCost, on[0]-off[0])
 	}
 	r := summarize("origin, first packet: tcp4 SYN, new record, event emitted", "ns/pkt", "per-packet", withEvents)
-	r.Baseline = nameFloor
+	d := median(overEvents)
+	r.Baseline, r.OverFloor = nameFloor, &d
 	r.Note = "as above, plus the OPENED event on the ring buffer (1000 repetitions a run, drained between runs)"
 	rep.add(r)
+	ev := summarize("the OPENED event alone", "ns/pkt", "per-packet", eventCost)
+	ev.Note = "paired runs of 1000 first packets with events on and off; the difference"
+	rep.add(ev)
 	return nil
 }
 
@@ -312,11 +357,10 @@ func (b *packetBench) growth(rep *Report) error {
 		}
 		b.runs(b.d.Deliver, syn4, retNext, 1, 1)
 		label := countLabel(n)
-		s, err := b.firstPacket(b.a.FreshV4, syn4, b.cfg.firstRepeat, b.cfg.runs)
+		r, err := b.firstPacketResult("origin, first packet, tcp4, table holding "+label, "growth", b.a.FreshV4, syn4, b.cfg.firstRepeat, b.cfg.runs)
 		if err != nil {
 			return err
 		}
-		r := summarize("origin, first packet, tcp4, table holding "+label, "ns/pkt", "growth", s)
 		rep.add(r)
 		for _, m := range []struct {
 			name string
@@ -333,6 +377,24 @@ func (b *packetBench) growth(rep *Report) error {
 			rep.add(summarize(m.name, "ns/pkt", "growth", s))
 		}
 	}
+	// A full table: every insert evicts the least recently used record.
+	if err := b.loadDatapath("full"); err != nil {
+		return err
+	}
+	if err := b.setEvents(false); err != nil {
+		return err
+	}
+	if err := prefill(b.d, int(b.d.ConnsMap.MaxEntries())+b.cfg.firstRepeat); err != nil {
+		return err
+	}
+	r, err := b.firstPacketResult("origin, first packet, tcp4, table full (each insert evicts)", "growth", b.a.FreshV4, syn4, b.cfg.firstRepeat, b.cfg.runs)
+	if err != nil {
+		return err
+	}
+	r.Baseline = "origin, first packet, tcp4, table holding " + countLabel(b.cfg.growth[0])
+	r.Note = fmt.Sprintf("table of %d records filled beyond capacity first", b.d.ConnsMap.MaxEntries())
+	rep.add(r)
+
 	// Baselines: every size compared with the smallest.
 	small := countLabel(b.cfg.growth[0])
 	for i := range rep.Results {
@@ -362,20 +424,19 @@ func countLabel(n int) string {
 // prefill inserts n records under random tuples, in batches.
 func prefill(d *datapath.Datapath, n int) error {
 	const batch = 4096
-	keys := make([]byte, 40*batch)
-	vals := make([]byte, 104*batch)
+	keys := make([][40]byte, batch)
+	vals := make([][104]byte, batch)
 	for done := 0; done < n; {
 		m := min(batch, n-done)
-		rand.Read(keys[:40*m])
 		for i := range m {
-			k := keys[40*i : 40*i+40]
+			k := &keys[i]
+			rand.Read(k[:36])
 			k[36], k[37], k[38], k[39] = 6, 0, 0, 0 // TCP, zero padding
-			v := vals[104*i : 104*i+104]
+			v := &vals[i]
 			v[0] = datapath.RecordVersion
-			v[8] = byte(done + i) // conn id, nonzero
-			v[9] = 1
+			v[8], v[9] = byte(done+i), 1 // a nonzero connection id
 		}
-		if _, err := d.ConnsMap.BatchUpdate(keys[:40*m], vals[:104*m], nil); err != nil {
+		if _, err := d.ConnsMap.BatchUpdate(keys[:m], vals[:m], nil); err != nil {
 			return fmt.Errorf("prefill: %w", err)
 		}
 		done += m

@@ -63,8 +63,8 @@ struct pktmeta_workload {
 
 /* Map "pktmeta_stats": per-CPU, one slot. */
 struct pktmeta_counters {
-	__u64 origin_packets; /* seen by the origin (from-pod) programs */
-	__u64 deliver_packets; /* seen by the delivery (to-pod) program */
+	__u64 origin_packets; /* examined by the origin programs: all but plain TCP segments */
+	__u64 deliver_packets; /* examined by the delivery program: all but plain TCP segments */
 	__u64 not_parsed; /* passed untouched: not TCP/UDP over IP, truncated, fragment */
 	__u64 tagged; /* first packets that created a record */
 	__u64 syn_retransmits; /* SYN for a record that already exists */
@@ -105,6 +105,15 @@ struct pktmeta_event {
 	__u32 _pad2;
 	struct pktmeta_tuple tuple; /* as the origin sent it */
 	struct pktmeta_tuple seen; /* DELIVERED: as the receiver saw it */
+};
+
+/* Context of the pktmeta_sweep program (BPF_PROG_RUN, userspace only). */
+struct pktmeta_sweep {
+	__u32 workload; /* remove the records this workload opened or received; 0: none */
+	__u32 _pad;
+	__u64 udp_idle_ns; /* also remove UDP records idle this long; 0: none */
+	__u64 visited; /* out */
+	__u64 removed; /* out */
 };
 
 /* Config flags. */

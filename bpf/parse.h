@@ -28,6 +28,7 @@ enum parse_result {
 	PARSE_NONE = 0, /* not IP, or malformed */
 	PARSE_L3, /* IP header valid, no usable TCP/UDP header */
 	PARSE_L4, /* tuple filled */
+	PARSE_TCP_PLAIN, /* TCP without SYN, FIN or RST: nothing to do, tuple not filled */
 };
 
 struct packet {
@@ -102,7 +103,56 @@ static __always_inline int skip_ipv6_ext(void **cur, void *data_end, __u8 *proto
 	return 0;
 }
 
-static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, struct packet *p)
+/* A TCP segment without SYN, FIN or RST: almost every packet, and one the
+ * datapath has nothing to do with. */
+static __always_inline int tcp_plain(void *l4, void *data_end, __u8 proto)
+{
+	__u8 *th = l4;
+
+	if (proto != IPPROTO_TCP || (void *)(th + 20) > data_end)
+		return 0;
+	return !(th[13] & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) && (th[12] >> 4) >= 5;
+}
+
+/* Fills the L4 part of p. */
+static __always_inline enum parse_result parse_l4(struct packet *p, void *l4, void *data_end, __u8 proto)
+{
+	if (proto == IPPROTO_TCP) {
+		__u8 *th = l4;
+
+		if ((void *)(th + 20) > data_end)
+			return PARSE_L3;
+		/* Data offset below 5 words: not a TCP header we can trust. */
+		if ((th[12] >> 4) < 5)
+			return PARSE_L3;
+		__builtin_memcpy(&p->t.sport, th, 2);
+		__builtin_memcpy(&p->t.dport, th + 2, 2);
+		p->seq = (__u32)th[4] << 24 | (__u32)th[5] << 16 | (__u32)th[6] << 8 | th[7];
+		p->tcp_flags = th[13];
+	} else if (proto == IPPROTO_UDP) {
+		__u8 *uh = l4;
+
+		if ((void *)(uh + 8) > data_end)
+			return PARSE_L3;
+		__builtin_memcpy(&p->t.sport, uh, 2);
+		__builtin_memcpy(&p->t.dport, uh + 2, 2);
+		p->seq = 0;
+		p->tcp_flags = 0;
+	} else {
+		return PARSE_L3;
+	}
+	p->t.proto = proto;
+	p->t._pad[0] = 0;
+	p->t._pad[1] = 0;
+	p->t._pad[2] = 0;
+	return PARSE_L4;
+}
+
+/* Fills p from the headers. A plain TCP segment returns PARSE_TCP_PLAIN as
+ * soon as its flags are read, before any address is copied, unless
+ * need_tuple (strict mode checks the source of every packet). */
+static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, struct packet *p,
+						      const int need_tuple)
 {
 	void *data, *data_end, *l4;
 	struct ethhdr *eth;
@@ -123,70 +173,53 @@ static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, str
 		ihl = iph->ihl * 4;
 		if (bpf_ntohs(iph->tot_len) < ihl)
 			return PARSE_NONE;
+		proto = iph->protocol;
+		l4 = (void *)iph + ihl;
+		/* Non-first fragments carry no L4 header. */
+		if (iph->frag_off & bpf_htons(0x1fff))
+			proto = 0;
+		if (!need_tuple && tcp_plain(l4, data_end, proto))
+			return PARSE_TCP_PLAIN;
 		p->family = 4;
 		v4mapped(p->t.saddr, iph->saddr);
 		v4mapped(p->t.daddr, iph->daddr);
-		proto = iph->protocol;
-		/* Non-first fragments carry no L4 header. */
-		if (iph->frag_off & bpf_htons(0x1fff))
-			return PARSE_L3;
-		l4 = (void *)iph + ihl;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6h = (void *)(eth + 1);
 
 		if ((void *)(ip6h + 1) > data_end || ip6h->version != 6)
 			return PARSE_NONE;
-		p->family = 6;
-		__builtin_memcpy(p->t.saddr, &ip6h->saddr, 16);
-		__builtin_memcpy(p->t.daddr, &ip6h->daddr, 16);
 		proto = ip6h->nexthdr;
 		l4 = ip6h + 1;
 		if (skip_ipv6_ext(&l4, data_end, &proto))
-			return PARSE_L3;
+			proto = 0;
+		if (!need_tuple && tcp_plain(l4, data_end, proto))
+			return PARSE_TCP_PLAIN;
+		p->family = 6;
+		__builtin_memcpy(p->t.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p->t.daddr, &ip6h->daddr, 16);
 	} else {
 		return PARSE_NONE;
 	}
-
-	if (proto == IPPROTO_TCP) {
-		__u8 *th = l4;
-
-		if ((void *)(th + 20) > data_end)
-			return PARSE_L3;
-		/* Data offset below 5 words: not a TCP header we can trust. */
-		if ((th[12] >> 4) < 5)
-			return PARSE_L3;
-		__builtin_memcpy(&p->t.sport, th, 2);
-		__builtin_memcpy(&p->t.dport, th + 2, 2);
-		p->seq = (__u32)th[4] << 24 | (__u32)th[5] << 16 | (__u32)th[6] << 8 | th[7];
-		p->tcp_flags = th[13];
-	} else if (proto == IPPROTO_UDP) {
-		__u8 *uh = l4;
-
-		if ((void *)(uh + 8) > data_end)
-			return PARSE_L3;
-		__builtin_memcpy(&p->t.sport, uh, 2);
-		__builtin_memcpy(&p->t.dport, uh + 2, 2);
-	} else {
-		return PARSE_L3;
-	}
-	p->t.proto = proto;
-	return PARSE_L4;
+	return parse_l4(p, l4, data_end, proto);
 }
 
 /* Parses the headers in the linear area. A pod's own stack puts its headers
  * there (payload goes to page fragments), so the pull, which may copy and
  * reallocate, only runs when they really are cut short. */
-static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, struct packet *p)
+static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, struct packet *p,
+						      const int need_tuple)
 {
-	enum parse_result res = parse_linear(skb, p);
-	__u32 linear = skb->data_end - skb->data;
+	enum parse_result res = parse_linear(skb, p, need_tuple);
+	__u32 linear;
 
-	if (res == PARSE_L4 || linear >= skb->len || linear >= PKTMETA_PULL_LEN)
+	if (res == PARSE_L4 || res == PARSE_TCP_PLAIN)
+		return res;
+	linear = skb->data_end - skb->data;
+	if (linear >= skb->len || linear >= PKTMETA_PULL_LEN)
 		return res;
 	if (bpf_skb_pull_data(skb, skb->len < PKTMETA_PULL_LEN ? skb->len : PKTMETA_PULL_LEN))
 		return res;
-	__builtin_memset(p, 0, sizeof(*p));
-	return parse_linear(skb, p);
+	return parse_linear(skb, p, need_tuple);
 }
 
 static __always_inline void tuple_reverse(struct pktmeta_tuple *dst, const struct pktmeta_tuple *src)

@@ -14,9 +14,8 @@
  *
  * Both directions remove records on RST and on the second FIN. Every program
  * returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours still run.
- * A packet that is not the first of its connection pays a header parse and
- * a per-CPU counter increment; UDP also pays the lookup that tells "first"
- * apart.
+ * A TCP segment without SYN, FIN or RST pays a header parse and nothing
+ * else; UDP also pays the lookup that tells "first" apart.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -36,6 +35,8 @@
 /* How stale a UDP record's last_seen may get before it is refreshed. */
 #define UDP_REFRESH_NS NSEC_PER_SEC
 #define DEFAULT_UDP_TIMEOUT_NS (120 * NSEC_PER_SEC)
+/* Wake event readers once this much is waiting (a quarter of the buffer). */
+#define EVENTS_WAKEUP_BYTES (64 * 1024)
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -113,9 +114,11 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 {
 	struct pktmeta_config *cfg = config();
 	struct pktmeta_event *e;
+	__u64 pending;
 
 	if (cfg && (cfg->flags & PKTMETA_CFG_NO_EVENTS))
 		return;
+	pending = bpf_ringbuf_query(&pktmeta_events, BPF_RB_AVAIL_DATA);
 	e = bpf_ringbuf_reserve(&pktmeta_events, sizeof(*e), 0);
 	if (!e) {
 		c->events_dropped++;
@@ -137,7 +140,11 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 		__builtin_memcpy(&e->seen, seen, sizeof(e->seen));
 	else
 		__builtin_memset(&e->seen, 0, sizeof(e->seen));
-	bpf_ringbuf_submit(e, 0);
+	/* Waking the reader (an irq_work, an IPI) costs more than the rest of
+	 * a first packet together. Readers poll; the event that makes the
+	 * backlog cross a quarter of the buffer wakes them, once. */
+	bpf_ringbuf_submit(e, pending < EVENTS_WAKEUP_BYTES && pending + sizeof(*e) + 8 >= EVENTS_WAKEUP_BYTES ?
+				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* Writes the record for the first packet of a connection. */
@@ -376,15 +383,20 @@ static __always_inline int addr_allowed(const struct pktmeta_endpoint *ep, const
 static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 {
 	struct pktmeta_endpoint *ep = NULL;
-	struct pktmeta_counters *c = counters();
+	struct pktmeta_counters *c;
 	enum parse_result res;
 	struct packet p;
 
+	/* Plain TCP segments leave before anything is written, the counters
+	 * included (bpf_stats run counts say how many packets the program
+	 * saw). */
+	res = parse_packet(skb, &p, strict);
+	if (res == PARSE_TCP_PLAIN)
+		return TCX_NEXT;
+	c = counters();
 	if (!c)
 		return TCX_NEXT;
 	c->origin_packets++;
-	__builtin_memset(&p, 0, sizeof(p));
-	res = parse_packet(skb, &p);
 
 	if (strict && res != PARSE_NONE) {
 		__u32 ifindex = skb->ifindex;
@@ -523,15 +535,19 @@ int pktmeta_strict(struct __sk_buff *skb)
 SEC("tc")
 int pktmeta_deliver(struct __sk_buff *skb)
 {
-	struct pktmeta_counters *c = counters();
+	struct pktmeta_counters *c;
 	struct pktmeta_record *rec;
+	enum parse_result res;
 	struct packet p;
 
+	res = parse_packet(skb, &p, 0);
+	if (res == PARSE_TCP_PLAIN)
+		return TCX_NEXT;
+	c = counters();
 	if (!c)
 		return TCX_NEXT;
 	c->deliver_packets++;
-	__builtin_memset(&p, 0, sizeof(p));
-	if (parse_packet(skb, &p) != PARSE_L4) {
+	if (res != PARSE_L4) {
 		c->not_parsed++;
 		return TCX_NEXT;
 	}
@@ -550,4 +566,45 @@ int pktmeta_deliver(struct __sk_buff *skb)
 	}
 	udp_to_pod(skb, &p, c);
 	return TCX_NEXT;
+}
+
+struct sweep_state {
+	struct pktmeta_sweep args;
+	__u64 now;
+};
+
+static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_record *rec,
+			 struct sweep_state *st)
+{
+	__u32 id = st->args.workload;
+	int gone = id && (rec->origin_workload == id || rec->peer_workload == id);
+	int idle = st->args.udp_idle_ns && (rec->flags & PKTMETA_F_UDP) &&
+		   (__s64)(st->now - rec->last_seen_ns) > (__s64)st->args.udp_idle_ns;
+
+	st->args.visited++;
+	if (!gone && !idle)
+		return 0;
+	if (rec->flags & PKTMETA_F_NAT)
+		bpf_map_delete_elem(&pktmeta_aliases, &rec->peer_tuple);
+	if (bpf_map_delete_elem(&pktmeta_conns, key) == 0)
+		st->args.removed++;
+	return 0;
+}
+
+/* Removes the records of a deleted pod, and idle UDP records, in one pass
+ * over the table in the kernel: CNI DEL runs it with BPF_PROG_RUN instead
+ * of copying a table of up to millions of records out to userspace. */
+SEC("syscall")
+int pktmeta_gc(struct pktmeta_sweep *ctx)
+{
+	struct sweep_state st;
+
+	__builtin_memcpy(&st.args, ctx, sizeof(st.args));
+	st.args.visited = 0;
+	st.args.removed = 0;
+	st.now = bpf_ktime_get_ns();
+	bpf_for_each_map_elem(&pktmeta_conns, sweep_record, &st, 0);
+	ctx->visited = st.args.visited;
+	ctx->removed = st.args.removed;
+	return 0;
 }

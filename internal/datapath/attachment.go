@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/pktmeta/pktmeta/internal/attach"
 	"github.com/vishvananda/netlink"
 )
@@ -126,22 +127,53 @@ func (d *Datapath) RemoveAttachment(w Workload, log *slog.Logger) error {
 // SweepRecords removes, with their aliases, the records whose origin or
 // peer is one of the gone workloads, and UDP records idle past the UDP
 // timeout (the datapath only notices those when the tuple is reused).
-// Returns how many were removed. It reads the whole table, so it runs where
-// a pass over it is paid anyway: DEL and GC.
+// Returns how many were removed. The pass runs in the kernel (the gc
+// program, one bpf_for_each_map_elem per workload), so DEL does not copy
+// the whole table out; without the program it falls back to reading it.
 func (d *Datapath) SweepRecords(gone map[uint32]bool) (int, error) {
 	cfg, err := d.ReadConfig()
 	if err != nil {
 		return 0, err
 	}
+	if d.GC == nil {
+		// Opened with OpenMaps: the pinned program is still there.
+		if p, err := ebpf.LoadPinnedProgram(filepath.Join(d.progsDir(), ProgGC), nil); err == nil {
+			d.GC = p
+		} else {
+			return d.sweepInUserspace(gone, cfg.UDPTimeout)
+		}
+	}
+	ids := make([]uint32, 0, len(gone)+1)
+	for id := range gone {
+		ids = append(ids, id)
+	}
+	if len(ids) == 0 {
+		ids = append(ids, 0)
+	}
+	removed := 0
+	for i, id := range ids {
+		args := bpfPktmetaSweep{Workload: id}
+		if i == 0 {
+			args.UdpIdleNs = uint64(cfg.UDPTimeout)
+		}
+		if _, err := d.GC.Run(&ebpf.RunOptions{Context: &args, ContextOut: &args}); err != nil {
+			return removed, fmt.Errorf("run gc program: %w", err)
+		}
+		removed += int(args.Removed)
+	}
+	return removed, nil
+}
+
+func (d *Datapath) sweepInUserspace(gone map[uint32]bool, udpTimeout time.Duration) (int, error) {
 	recs, err := d.Records()
 	if err != nil {
 		return 0, err
 	}
-	idleBefore := time.Now().Add(-cfg.UDPTimeout)
+	idleBefore := time.Now().Add(-udpTimeout)
 	n := 0
 	var errs []error
 	for _, r := range recs {
-		idle := r.Flags&FlagUDP != 0 && cfg.UDPTimeout > 0 && r.LastSeen.Before(idleBefore)
+		idle := r.Flags&FlagUDP != 0 && udpTimeout > 0 && r.LastSeen.Before(idleBefore)
 		if !gone[r.OriginWorkload] && !gone[r.PeerWorkload] && !idle {
 			continue
 		}

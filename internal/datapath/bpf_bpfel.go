@@ -94,6 +94,15 @@ type bpfPktmetaRecord struct {
 	PeerTuple      bpfPktmetaTuple
 }
 
+type bpfPktmetaSweep struct {
+	_         structs.HostLayout
+	Workload  uint32
+	Pad       uint32
+	UdpIdleNs uint64
+	Visited   uint64
+	Removed   uint64
+}
+
 type bpfPktmetaTag struct {
 	_     structs.HostLayout
 	Key   [64]uint8
@@ -141,6 +150,7 @@ const (
 	bpfMapPktmetaStats    = "pktmeta_stats"
 	bpfMapPktmetaWloads   = "pktmeta_wloads"
 	bpfProgPktmetaDeliver = "pktmeta_deliver"
+	bpfProgPktmetaGc      = "pktmeta_gc"
 	bpfProgPktmetaOrigin  = "pktmeta_origin"
 	bpfProgPktmetaStrict  = "pktmeta_strict"
 	bpfVarUnusedEvent     = "unused_event"
@@ -189,6 +199,7 @@ type bpfSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
 	PktmetaDeliver *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
+	PktmetaGc      *ebpf.ProgramSpec `ebpf:"pktmeta_gc"`
 	PktmetaOrigin  *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
 	PktmetaStrict  *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
 }
@@ -266,6 +277,7 @@ type bpfVariables struct {
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
 	PktmetaDeliver *ebpf.Program `ebpf:"pktmeta_deliver"`
+	PktmetaGc      *ebpf.Program `ebpf:"pktmeta_gc"`
 	PktmetaOrigin  *ebpf.Program `ebpf:"pktmeta_origin"`
 	PktmetaStrict  *ebpf.Program `ebpf:"pktmeta_strict"`
 }
@@ -273,6 +285,7 @@ type bpfPrograms struct {
 func (p *bpfPrograms) Close() error {
 	return _BpfClose(
 		p.PktmetaDeliver,
+		p.PktmetaGc,
 		p.PktmetaOrigin,
 		p.PktmetaStrict,
 	)

@@ -52,6 +52,8 @@ const (
 	ProgOrigin  = "origin"
 	ProgStrict  = "strict"
 	ProgDeliver = "deliver"
+	// ProgGC sweeps the connection table in the kernel (BPF_PROG_RUN).
+	ProgGC = "gc"
 )
 
 var (
@@ -98,6 +100,7 @@ type Datapath struct {
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
 	Deliver *ebpf.Program
+	GC      *ebpf.Program
 }
 
 // ID identifies the BPF object bundled in this binary: the sha256 of its
@@ -113,7 +116,7 @@ func (d *Datapath) LinksDir() string { return filepath.Join(d.PinPath, "links") 
 // Close releases the handles. Pinned state stays.
 func (d *Datapath) Close() error {
 	var errs []error
-	for _, c := range []interface{ Close() error }{d.ConnsMap, d.AliasesMap, d.EndpointsMap, d.WorkloadsMap, d.StatsMap, d.ConfigMap, d.EventsMap, d.Origin, d.Strict, d.Deliver} {
+	for _, c := range []interface{ Close() error }{d.ConnsMap, d.AliasesMap, d.EndpointsMap, d.WorkloadsMap, d.StatsMap, d.ConfigMap, d.EventsMap, d.Origin, d.Strict, d.Deliver, d.GC} {
 		if c == nil || isNilHandle(c) {
 			continue
 		}
@@ -141,6 +144,8 @@ func (d *Datapath) Program(name string) *ebpf.Program {
 		return d.Strict
 	case ProgDeliver:
 		return d.Deliver
+	case ProgGC:
+		return d.GC
 	}
 	return nil
 }
@@ -266,6 +271,7 @@ func (d *Datapath) progSlots() map[string]**ebpf.Program {
 		ProgOrigin:  &d.Origin,
 		ProgStrict:  &d.Strict,
 		ProgDeliver: &d.Deliver,
+		ProgGC:      &d.GC,
 	}
 }
 

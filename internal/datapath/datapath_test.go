@@ -2,7 +2,9 @@ package datapath
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"testing"
 
@@ -80,5 +82,69 @@ func TestInterruptedFirstLoadRecovers(t *testing.T) {
 	}
 	if cur, _ := d.Current(); !cur {
 		t.Fatal("config not completed")
+	}
+}
+
+// Workload IDs start at the attachment key's hash; taken IDs are skipped
+// and finding the workload again probes, it does not scan.
+func TestWorkloadIDsProbeFromTheKeyHash(t *testing.T) {
+	pin := testutil.PinPath(t)
+	d, _, err := Ensure(Options{PinPath: pin, MaxConnections: 4096}, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	key := AttachmentKey{ContainerID: "abc", IfName: "eth0"}
+	base := idSlot(key)
+	// Others already hold the first four IDs.
+	for i := range uint32(4) {
+		other := &Workload{ContainerID: fmt.Sprintf("other%d", i), IfName: "eth0"}
+		raw, _ := other.encode()
+		if err := d.WorkloadsMap.Update(base+i, raw, ebpf.UpdateNoExist); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := &Workload{ContainerID: "abc", IfName: "eth0", Pod: "p"}
+	id, err := d.RegisterWorkload(w)
+	if err != nil || id != base+4 {
+		t.Fatalf("registered as %d (%v), want %d", id, err, base+4)
+	}
+	got, ok, err := d.FindAttachment(key)
+	if err != nil || !ok || got.ID != id || got.Pod != "p" {
+		t.Fatalf("find: %+v %v %v", got, ok, err)
+	}
+	if _, ok, _ := d.FindAttachment(AttachmentKey{ContainerID: "nope", IfName: "eth0"}); ok {
+		t.Fatal("found a workload that was never registered")
+	}
+}
+
+// Records reads the table in batches; more than one batch must all come back.
+func TestRecordsAcrossBatches(t *testing.T) {
+	pin := testutil.PinPath(t)
+	d, _, err := Ensure(Options{PinPath: pin, MaxConnections: 16384}, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	const n = 10000
+	keys := make([]bpfPktmetaTuple, n)
+	vals := make([]bpfPktmetaRecord, n)
+	for i := range keys {
+		keys[i] = Tuple{Proto: ProtoTCP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(i+1)), Dst: netip.MustParseAddrPort("10.0.0.2:80")}.key()
+		vals[i] = bpfPktmetaRecord{Version: RecordVersion, ConnId: uint64(i + 1)}
+	}
+	if _, err := d.ConnsMap.BatchUpdate(keys, vals, nil); err != nil {
+		t.Fatal(err)
+	}
+	recs, err := d.Records()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint64]bool{}
+	for _, r := range recs {
+		seen[r.ConnID] = true
+	}
+	if len(recs) != n || len(seen) != n {
+		t.Fatalf("%d records (%d distinct), want %d", len(recs), len(seen), n)
 	}
 }

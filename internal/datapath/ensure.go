@@ -107,6 +107,7 @@ func ensureLocked(opts Options, log *slog.Logger) (*Datapath, EnsureResult, erro
 	d.Origin = coll.Programs[bpfProgPktmetaOrigin]
 	d.Strict = coll.Programs[bpfProgPktmetaStrict]
 	d.Deliver = coll.Programs[bpfProgPktmetaDeliver]
+	d.GC = coll.Programs[bpfProgPktmetaGc]
 
 	cfg := Config{LayoutVersion: LayoutVersion, UDPTimeout: opts.UDPTimeout}
 	old, err := d.ReadConfig()

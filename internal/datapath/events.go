@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
@@ -61,10 +62,16 @@ func (e *Event) ReasonName() string {
 	return ""
 }
 
+// PollInterval bounds how long an event waits in the ring buffer for its
+// reader: the datapath wakes readers only when the buffer fills up (a
+// wakeup costs more than the rest of a first packet), so readers poll.
+const PollInterval = 100 * time.Millisecond
+
 // EventReader follows the events ring buffer.
 type EventReader struct {
-	rd  *ringbuf.Reader
-	clk monoClock
+	rd       *ringbuf.Reader
+	clk      monoClock
+	deadline time.Time
 }
 
 // NewEventReader opens a reader on the events ring buffer. A ring buffer
@@ -81,15 +88,29 @@ func (d *Datapath) NewEventReader() (*EventReader, error) {
 var ErrClosed = ringbuf.ErrClosed
 
 // SetDeadline makes Read return os.ErrDeadlineExceeded after t.
-func (r *EventReader) SetDeadline(t time.Time) { r.rd.SetDeadline(t) }
+func (r *EventReader) SetDeadline(t time.Time) { r.deadline = t }
 
-// Read blocks until the next event.
+// Read blocks until the next event, looking at the buffer at least every
+// PollInterval.
 func (r *EventReader) Read() (Event, error) {
-	rec, err := r.rd.Read()
-	if err != nil {
-		return Event{}, err
+	for {
+		next := time.Now().Add(PollInterval)
+		if !r.deadline.IsZero() && r.deadline.Before(next) {
+			next = r.deadline
+		}
+		r.rd.SetDeadline(next)
+		rec, err := r.rd.Read()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if !r.deadline.IsZero() && !time.Now().Before(r.deadline) {
+				return Event{}, err
+			}
+			continue
+		}
+		if err != nil {
+			return Event{}, err
+		}
+		return decodeEvent(rec.RawSample, r.clk)
 	}
-	return decodeEvent(rec.RawSample, r.clk)
 }
 
 // Close stops the reader; a blocked Read returns ErrClosed.

@@ -197,9 +197,35 @@ func (d *Datapath) Lookup(t Tuple) (Record, error) {
 	return Record{}, fmt.Errorf("%s: %w", t, ErrNoRecord)
 }
 
-// Records lists every live record.
+// Records lists every live record. It reads the table in batches of 4096
+// (one syscall each): DEL, GC and the CLI walk it, and at a million
+// records one syscall per entry would take seconds.
 func (d *Datapath) Records() ([]Record, error) {
 	clk := newMonoClock()
+	var out []Record
+	const batch = 4096
+	keys := make([]bpfPktmetaTuple, batch)
+	vals := make([]bpfPktmetaRecord, batch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.ConnsMap.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			out = append(out, decodeRecord(&keys[i], &vals[i], clk))
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return d.recordsOneByOne(clk)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list records: %w", err)
+		}
+	}
+}
+
+// recordsOneByOne is Records for kernels without batch operations.
+func (d *Datapath) recordsOneByOne(clk monoClock) ([]Record, error) {
 	var out []Record
 	var (
 		k bpfPktmetaTuple

@@ -1,10 +1,9 @@
 package datapath
 
 import (
-	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"sort"
 	"time"
@@ -174,21 +173,35 @@ func ValidateWorkload(w *Workload) error {
 	return err
 }
 
-// RegisterWorkload stores w under a new, random, unused ID and returns it.
-// IDs are random so that concurrent ADDs need no shared counter.
+// idProbes is how many consecutive IDs, from the attachment key's hash, a
+// workload may take. With at most 65536 workloads in a 2^32 space, all of
+// them taken is practically impossible, so a lookup that probes them all
+// and finds nothing is authoritative: no scan of the table.
+const idProbes = 16
+
+// idSlot is where an attachment's workload IDs start: a hash of its
+// (container id, ifname), so finding it is a few lookups, not a scan, and
+// concurrent ADDs need no shared counter.
+func idSlot(k AttachmentKey) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(k.ContainerID))
+	h.Write([]byte{0})
+	h.Write([]byte(k.IfName))
+	return h.Sum32()
+}
+
+// RegisterWorkload stores w under a free ID near its key's hash and
+// returns the ID.
 func (d *Datapath) RegisterWorkload(w *Workload) (uint32, error) {
 	raw, err := w.encode()
 	if err != nil {
 		return 0, fmt.Errorf("workload %s/%s: %w", w.Namespace, w.Pod, err)
 	}
-	for range 16 {
-		var b [4]byte
-		if _, err := rand.Read(b[:]); err != nil {
-			return 0, err
-		}
-		id := binary.LittleEndian.Uint32(b[:])
+	base := idSlot(w.Key())
+	for i := range uint32(idProbes) {
+		id := base + i
 		if id == 0 {
-			continue
+			continue // 0 means "no workload" in records
 		}
 		err := d.WorkloadsMap.Update(id, raw, ebpf.UpdateNoExist)
 		if errors.Is(err, ebpf.ErrKeyExist) {
@@ -200,7 +213,7 @@ func (d *Datapath) RegisterWorkload(w *Workload) (uint32, error) {
 		w.ID = id
 		return id, nil
 	}
-	return 0, errors.New("store workload: no free id after 16 tries")
+	return 0, fmt.Errorf("store workload: the %d IDs of %s/%s are all taken", idProbes, w.ContainerID, w.IfName)
 }
 
 // UpdateWorkload rewrites an existing workload entry.
@@ -256,12 +269,21 @@ func (d *Datapath) Workloads() ([]Workload, error) {
 
 // FindAttachment returns the workload of an attachment.
 func (d *Datapath) FindAttachment(key AttachmentKey) (Workload, bool, error) {
-	all, err := d.Workloads()
-	if err != nil {
-		return Workload{}, false, err
-	}
-	for _, w := range all {
-		if w.Key() == key {
+	base := idSlot(key)
+	var raw bpfPktmetaWorkload
+	for i := range uint32(idProbes) {
+		id := base + i
+		if id == 0 {
+			continue
+		}
+		err := d.WorkloadsMap.Lookup(id, &raw)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
+			return Workload{}, false, fmt.Errorf("look up workload %d: %w", id, err)
+		}
+		if w := decodeWorkload(id, &raw); w.Key() == key {
 			return w, true, nil
 		}
 	}
