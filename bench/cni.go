@@ -51,6 +51,18 @@ func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) er
 		return time.Since(start), err
 	}
 
+	// What any plugin pays here before doing anything: the harness enters
+	// the node netns, forks and execs the binary, which starts and exits.
+	var version []float64
+	for range 50 {
+		start := time.Now()
+		if _, err := n.ExecPlugin(ctx, "pktmeta", "VERSION", nil, []byte(`{"cniVersion":"1.0.0"}`), nil); err != nil {
+			return fmt.Errorf("VERSION: %w", err)
+		}
+		version = append(version, ms(time.Since(start)))
+	}
+	rep.add(percentiles("pktmeta VERSION (exec, start, exit: the floor of any plugin call)", version)...)
+
 	// The node's first ADD loads and verifies the datapath.
 	first, err := call("ADD", pods[0])
 	if err != nil {

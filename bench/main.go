@@ -50,7 +50,7 @@ func main() {
 		os.Exit(2)
 	}
 	cfg := config{runs: 7, repeat: 1_000_000, firstRepeat: 100_000, growth: []int{1_000, 100_000, 1_000_000},
-		e2eRuns: 6, e2eDuration: 3 * time.Second, cniPods: 200, sections: map[string]bool{}}
+		e2eRuns: 10, e2eDuration: 3 * time.Second, cniPods: 200, sections: map[string]bool{}}
 	if *quick {
 		cfg = config{quick: true, runs: 3, repeat: 200_000, firstRepeat: 20_000, growth: []int{1_000, 100_000},
 			e2eRuns: 2, e2eDuration: time.Second, cniPods: 48, sections: map[string]bool{}}
