@@ -12,6 +12,9 @@
  *                   Service DNAT changed the tuple, stores an alias under
  *                   the tuple the pod sees, and marks the record delivered.
  *
+ * pktmeta_gc, a syscall program userspace runs with BPF_PROG_RUN, sweeps
+ * the table for CNI DEL and GC.
+ *
  * Both directions remove records on RST and on the second FIN. Every program
  * returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours still run.
  * A TCP segment without SYN, FIN or RST pays a header parse and nothing

@@ -6,7 +6,7 @@
 // Layout under the pin path (default /sys/fs/bpf/pktmeta):
 //
 //	maps/<name>                      the maps, pinned by name (see bpf/)
-//	progs/{origin,strict,deliver}    the programs
+//	progs/{origin,strict,deliver,gc} the programs
 //	links/<containerID>/<ifname>/{ingress,egress}   tcx links of one attachment
 //
 // The pin directory itself is the lock (flock) that serialises loading and
