@@ -307,7 +307,7 @@ func newRecord(confDir string, p *primary, target string, old *record) (*record,
 		}
 		return rec, nil
 	}
-	sf := savedFile{Name: rec.Target}
+	var sf savedFile
 	if lfi.Mode()&fs.ModeSymlink != 0 {
 		link, err := os.Readlink(target)
 		if err != nil {
