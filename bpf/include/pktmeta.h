@@ -13,15 +13,18 @@
  *   #include <pktmeta.h>
  *
  *   struct pktmeta_tuple t;
- *   if (pktmeta_tuple_from_ipv4(&t, iph, sport, dport, IPPROTO_TCP) == 0) {
- *       const struct pktmeta_record *rec = pktmeta_lookup(&t);
- *       if (rec) ... rec->origin_workload, rec->conn_id ...
- *   }
+ *   pktmeta_tuple_from_ipv4(&t, iph->saddr, iph->daddr, sport, dport, IPPROTO_TCP);
+ *   const struct pktmeta_record *rec = pktmeta_lookup(&t);
+ *   if (rec) ... rec->origin_workload, rec->conn_id ...
  *
- * and load the object with the maps replaced by the pinned ones: with
- * cilium/ebpf, CollectionOptions.Maps.PinPath = "<pinPath>/maps" (the maps
- * below are declared LIBBPF_PIN_BY_NAME), with libbpf, pin_root_path.
- * The default pin path is /sys/fs/bpf/pktmeta.
+ * and load the object with these maps replaced by the node's pinned ones,
+ * <pinPath>/maps/pktmeta_conns and pktmeta_aliases (default pin path
+ * /sys/fs/bpf/pktmeta). The declarations below carry a placeholder size, and
+ * loaders reuse a pinned map only if the sizes match: with cilium/ebpf, the
+ * Go package github.com/pktmeta/pktmeta/consumer does it all (Maps() returns
+ * the MapReplacements); with libbpf, open the pinned map, set the size with
+ * bpf_map__set_max_entries() and hand it over with bpf_map__reuse_fd()
+ * before loading. Open them read-only: only pktmeta writes them.
  *
  * Stability: every record carries a version byte, and the pinned config map
  * carries PKTMETA_LAYOUT_VERSION. A change to any layout in this file bumps
