@@ -96,6 +96,13 @@ func newFlags(name string) (*flag.FlagSet, *string) {
 	return fs, output
 }
 
+// writeJSON prints v as indented JSON.
+func writeJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
 // parse parses a command's flags and checks -o.
 func parse(fs *flag.FlagSet, output *string, args []string) error {
 	if err := fs.Parse(args); err != nil {
@@ -130,9 +137,7 @@ func cmdConns(pinPath, socket string, args []string, out io.Writer) error {
 		return err
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		return enc.Encode(conns)
+		return writeJSON(out, conns)
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tORIGIN\tTAGS\tCONN-ID\tFIRST-SEEN\tPEER\tPEER-SAW")
@@ -189,9 +194,7 @@ func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
 	}
 
 	if *output == "json" {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		return enc.Encode(c)
+		return writeJSON(out, c)
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "connection\t%s %s -> %s\n", c.Proto, c.Src, c.Dst)

@@ -77,35 +77,7 @@ func (s *pinSource) Lookup(_ context.Context, t datapath.Tuple) (view.Conn, erro
 // Events reads the ring buffer directly. Its one consumer position is then
 // shared with whoever else reads it; with an agent running, use the API.
 func (s *pinSource) Events(ctx context.Context, fn func(view.Event) bool) error {
-	rd, err := s.d.NewEventReader()
-	if err != nil {
-		return err
-	}
-	defer rd.Close()
-	go func() {
-		<-ctx.Done()
-		rd.Close()
-	}()
-	res, err := view.NewResolver(s.d)
-	if err != nil {
-		return err
-	}
-	for {
-		ev, err := rd.Read()
-		if errors.Is(err, datapath.ErrClosed) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		// A workload registered after we started: read the table again.
-		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
-			res.Refresh(s.d)
-		}
-		if !fn(res.EventFrom(ev)) {
-			return nil
-		}
-	}
+	return view.FollowEvents(ctx, s.d, fn)
 }
 
 // idleTimer cancels a context when no event came for d.

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"strconv"
@@ -66,9 +65,7 @@ func cmdStatus(pinPath string, args []string, out io.Writer) error {
 		return err
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(st); err != nil {
+		if err := writeJSON(out, st); err != nil {
 			return err
 		}
 	} else {

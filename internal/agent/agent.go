@@ -164,37 +164,15 @@ func (a *Agent) serveMetrics(errc chan<- error) (*http.Server, error) {
 // followEvents is the ring buffer's one reader: it prints each event as a
 // JSON line, counts it, and hands it to API clients.
 func (a *Agent) followEvents(ctx context.Context, d *datapath.Datapath, apiSrv *api.Server) {
-	rd, err := d.NewEventReader()
-	if err != nil {
-		a.log.Error("events", "err", err)
-		return
-	}
-	go func() {
-		<-ctx.Done()
-		rd.Close()
-	}()
-	res, err := view.NewResolver(d)
-	if err != nil {
-		a.log.Error("events", "err", err)
-		return
-	}
 	enc := json.NewEncoder(a.events)
-	for {
-		ev, err := rd.Read()
-		if errors.Is(err, datapath.ErrClosed) {
-			return
-		}
-		if err != nil {
-			a.log.Warn("read event", "err", err)
-			continue
-		}
-		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
-			res.Refresh(d)
-		}
-		v := res.EventFrom(ev)
+	err := view.FollowEvents(ctx, d, func(v view.Event) bool {
 		enc.Encode(v)
 		a.metrics.Event(v)
 		apiSrv.Publish(v)
+		return true
+	})
+	if err != nil {
+		a.log.Error("events", "err", err)
 	}
 }
 

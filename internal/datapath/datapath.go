@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -105,7 +106,10 @@ type Datapath struct {
 
 // ID identifies the BPF object bundled in this binary: the sha256 of its
 // bytes. Pinned programs from another object are upgraded.
-func ID() [32]byte { return sha256.Sum256(_BpfBytes) }
+func ID() [32]byte { return bundledID() }
+
+// Hashed once: every ADD compares it.
+var bundledID = sync.OnceValue(func() [32]byte { return sha256.Sum256(_BpfBytes) })
 
 func (d *Datapath) mapsDir() string  { return filepath.Join(d.PinPath, "maps") }
 func (d *Datapath) progsDir() string { return filepath.Join(d.PinPath, "progs") }

@@ -147,4 +147,9 @@ func TestRecordsAcrossBatches(t *testing.T) {
 	if len(recs) != n || len(seen) != n {
 		t.Fatalf("%d records (%d distinct), want %d", len(recs), len(seen), n)
 	}
+	for _, f := range d.MapFill() {
+		if f.Name == mapConns && (f.Entries != n || f.Max != 16384) {
+			t.Fatalf("map fill %+v, want %d of 16384", f, n)
+		}
+	}
 }

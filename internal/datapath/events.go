@@ -84,6 +84,9 @@ func (d *Datapath) NewEventReader() (*EventReader, error) {
 	return &EventReader{rd: rd, clk: newMonoClock()}, nil
 }
 
+// ErrBadEvent is an event that cannot be decoded; the next one may be fine.
+var ErrBadEvent = errors.New("bad event")
+
 // ErrClosed is returned by Read after Close.
 var ErrClosed = ringbuf.ErrClosed
 
@@ -119,13 +122,13 @@ func (r *EventReader) Close() error { return r.rd.Close() }
 func decodeEvent(raw []byte, clk monoClock) (Event, error) {
 	var e bpfPktmetaEvent
 	if len(raw) < binary.Size(e) {
-		return Event{}, fmt.Errorf("event of %d bytes, want %d", len(raw), binary.Size(e))
+		return Event{}, fmt.Errorf("%w: %d bytes, want %d", ErrBadEvent, len(raw), binary.Size(e))
 	}
 	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &e); err != nil {
-		return Event{}, fmt.Errorf("decode event: %w", err)
+		return Event{}, fmt.Errorf("%w: %v", ErrBadEvent, err)
 	}
 	if e.Version != RecordVersion {
-		return Event{}, errors.New("event version mismatch")
+		return Event{}, fmt.Errorf("%w: version %d, want %d", ErrBadEvent, e.Version, RecordVersion)
 	}
 	return Event{
 		Type:           e.Type,

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"reflect"
 
@@ -78,24 +79,43 @@ type MapFill struct {
 }
 
 // MapFill counts the entries of the connection, alias, endpoint and
-// workload maps. It walks the keys: fine for a scrape or a CLI call, not
-// for a hot loop.
+// workload maps. It reads them in batches, so a Prometheus scrape of a
+// million-record table is a few hundred syscalls, not two million.
 func (d *Datapath) MapFill() []MapFill {
 	var out []MapFill
 	for _, m := range []struct {
-		name string
-		m    *ebpf.Map
-	}{{mapConns, d.ConnsMap}, {mapAliases, d.AliasesMap}, {mapEndpoints, d.EndpointsMap}, {mapWorkloads, d.WorkloadsMap}} {
-		n := 0
-		var key, val []byte
-		it := m.m.Iterate()
-		for it.Next(&key, &val) {
-			n++
-		}
-		if it.Err() != nil {
+		name  string
+		m     *ebpf.Map
+		count func(*ebpf.Map) (int, error)
+	}{
+		{mapConns, d.ConnsMap, countEntries[bpfPktmetaTuple, bpfPktmetaRecord]},
+		{mapAliases, d.AliasesMap, countEntries[bpfPktmetaTuple, bpfPktmetaAlias]},
+		{mapEndpoints, d.EndpointsMap, countEntries[uint32, bpfPktmetaEndpoint]},
+		{mapWorkloads, d.WorkloadsMap, countEntries[uint32, bpfPktmetaWorkload]},
+	} {
+		n, err := m.count(m.m)
+		if err != nil {
 			continue
 		}
 		out = append(out, MapFill{Name: m.name, Entries: n, Max: m.m.MaxEntries()})
 	}
 	return out
+}
+
+// countEntries reads a hash map in batches of about 1 MiB and counts.
+func countEntries[K, V any](m *ebpf.Map) (int, error) {
+	batch := max(16, (1<<20)/int(m.ValueSize()))
+	keys, vals := make([]K, batch), make([]V, batch)
+	n := 0
+	var cursor ebpf.MapBatchCursor
+	for {
+		got, err := m.BatchLookup(&cursor, keys, vals, nil)
+		n += got
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
 }

@@ -1,0 +1,45 @@
+package view
+
+import (
+	"context"
+	"errors"
+
+	"github.com/pktmeta/pktmeta/internal/datapath"
+)
+
+// FollowEvents reads the datapath's event ring buffer until ctx ends or fn
+// returns false, handing fn each event with its identities resolved. The
+// workload table is read again when an event names a workload registered
+// since. Events that cannot be decoded are skipped.
+func FollowEvents(ctx context.Context, d *datapath.Datapath, fn func(Event) bool) error {
+	rd, err := d.NewEventReader()
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	defer stop()
+	res, err := NewResolver(d)
+	if err != nil {
+		return err
+	}
+	for {
+		ev, err := rd.Read()
+		switch {
+		case errors.Is(err, datapath.ErrClosed):
+			return nil
+		case errors.Is(err, datapath.ErrBadEvent):
+			continue
+		case err != nil:
+			return err
+		}
+		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
+			if err := res.Refresh(d); err != nil {
+				return err
+			}
+		}
+		if !fn(res.EventFrom(ev)) {
+			return nil
+		}
+	}
+}
