@@ -95,7 +95,7 @@ func cniLatency(ctx context.Context, cfg config, rep *Report, pinRoot string) er
 	}
 	// DEL reads the whole connection table (it removes the pod's records):
 	// time it with a big one.
-	d, err := datapath.OpenMaps(pin)
+	d, err := datapath.OpenExisting(pin, nil)
 	if err != nil {
 		return err
 	}

@@ -60,8 +60,24 @@ struct nf_conntrack_tuple_hash {
 	struct nf_conntrack_tuple tuple;
 } __attribute__((preserve_access_index));
 
+/* TCP tracking state: enum tcp_conntrack (uapi nf_conntrack_tcp.h). */
+#define PKTMETA_CT_TCP_FIN_WAIT 4
+#define PKTMETA_CT_TCP_CLOSE_WAIT 5
+#define PKTMETA_CT_TCP_LAST_ACK 6
+#define PKTMETA_CT_TCP_TIME_WAIT 7
+#define PKTMETA_CT_TCP_CLOSE 8
+
+struct ip_ct_tcp {
+	__u8 state;
+} __attribute__((preserve_access_index));
+
+union nf_conntrack_proto {
+	struct ip_ct_tcp tcp;
+} __attribute__((preserve_access_index));
+
 struct nf_conn {
 	struct nf_conntrack_tuple_hash tuplehash[2];
+	union nf_conntrack_proto proto;
 } __attribute__((preserve_access_index));
 
 /* __weak: the object still loads where conntrack (or its BTF) is absent;

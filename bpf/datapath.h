@@ -11,22 +11,38 @@
 #include <linux/types.h>
 #include "pktmeta.h"
 
-#define PKTMETA_MAX_ADDRS 8
+/* Addresses a pod interface may send from (source validation). */
+#define PKTMETA_MAX_ADDRS 16
 #define PKTMETA_MAX_TAGS 8
 
 /* Endpoint flags. */
-#define PKTMETA_EP_STRICT (1U << 0)
+#define PKTMETA_EP_STRICT (1U << 0) /* drop packets from other sources */
+#define PKTMETA_EP_NO_EGRESS (1U << 1) /* no delivery hook: SYN-ACKs are not seen */
 
 /* Map "pktmeta_eps", keyed by the ifindex of a pod's host-side veth:
- * what the datapath needs to know about the pod behind it. Identity comes
- * from here, never from packet contents. */
+ * what the datapath needs to know about the pod behind it, and what it
+ * keeps per pod. Identity comes from here, never from packet contents.
+ * Userspace writes the first part when it registers the pod; the datapath
+ * changes only the counters, atomically (the event window is approximate). */
 struct pktmeta_endpoint {
 	__u8 version; /* PKTMETA_RECORD_VERSION */
 	__u8 flags; /* PKTMETA_EP_* */
 	__u8 n_addrs;
 	__u8 _pad;
 	__u32 workload;
-	__u8 addrs[PKTMETA_MAX_ADDRS][16]; /* IPv4-mapped or IPv6; strict mode */
+	__u32 max_conns; /* records this pod may hold at once; 0: no limit */
+	__u32 events_per_sec; /* connections a second that produce events; 0: no limit */
+	__u8 addrs[PKTMETA_MAX_ADDRS][16]; /* the pod's own: IPv4-mapped or IPv6 */
+	/* Kept by the datapath. */
+	__s64 live; /* records this pod opened that are in the table */
+	__u64 spoofed; /* packets from another source address: not tagged */
+	__u64 over_budget; /* first packets not tagged: live reached max_conns */
+	__u64 table_full; /* first packets not tagged: the table was full */
+	__u64 not_party; /* changes refused: not a party to the connection */
+	__u64 events_limited; /* connections without events: over events_per_sec */
+	__u64 ev_window_ns; /* start of the current one-second event window */
+	__u32 ev_count; /* connections with events in that window */
+	__u32 _pad2;
 };
 
 /* Workload flags. */
@@ -47,7 +63,7 @@ struct pktmeta_workload {
 	__u8 version; /* PKTMETA_RECORD_VERSION */
 	__u8 flags; /* PKTMETA_WL_* */
 	__u8 n_tags;
-	__u8 _pad;
+	__u8 pod_tags; /* bit i: tags[i] is claimed by the pod (annotation, label), not the operator's */
 	__u32 host_ifindex;
 	__u64 created_unix_ns;
 	__u64 host_netns_ino; /* inode of the netns holding the host veth */
@@ -69,7 +85,7 @@ struct pktmeta_counters {
 	__u64 tagged; /* first packets that created a record */
 	__u64 syn_retransmits; /* SYN for a record that already exists */
 	__u64 unregistered; /* first packet on a veth with no endpoint */
-	__u64 update_errors; /* map update failed */
+	__u64 update_errors; /* map update failed for another reason */
 	__u64 deliveries; /* records marked delivered */
 	__u64 nat_resolved; /* deliveries that needed a conntrack lookup */
 	__u64 misses; /* first packet at a destination with no record */
@@ -78,6 +94,16 @@ struct pktmeta_counters {
 	__u64 strict_drops;
 	__u64 events_dropped; /* ring buffer full */
 	__u64 ct_unavailable; /* NAT resolution skipped: no conntrack kfuncs */
+	__u64 spoofed; /* not the pod's own source address: not tagged, changes nothing */
+	__u64 link_local; /* IPv6 link-local or unspecified source: never tagged */
+	__u64 over_budget; /* first packets of a pod at its maxConnectionsPerPod */
+	__u64 table_full; /* first packets refused by a full connection table */
+	__u64 aliases_full; /* deliveries behind NAT refused by a full alias table */
+	__u64 not_party; /* replace/close refused: the sender is not a party */
+	__u64 simultaneous_opens; /* SYN whose reverse tuple already has a record */
+	__u64 unverified_closes; /* FIN/RST at a delivery hook that conntrack did not confirm */
+	__u64 events_limited; /* connections without events: origin over its event rate */
+	__u64 udp_preexisting; /* UDP without a record that conntrack already tracked: not tagged */
 	__u64 conn_seq; /* per-CPU part of the connection id */
 };
 
@@ -107,25 +133,45 @@ struct pktmeta_event {
 	struct pktmeta_tuple seen; /* DELIVERED: as the receiver saw it */
 };
 
-/* Context of the pktmeta_sweep program (BPF_PROG_RUN, userspace only). */
-struct pktmeta_sweep {
+/* Sweep flags. */
+#define PKTMETA_SWEEP_CONNTRACK (1U << 0) /* remove TCP records conntrack says are over */
+#define PKTMETA_SWEEP_ALIASES (1U << 1) /* remove aliases whose record is gone */
+
+#define PKTMETA_SWEEP_MAGIC 0x7065657773746d70ULL /* "pmtsweep" */
+
+/* Arguments and results of the pktmeta_sweep program, which userspace runs
+ * with BPF_PROG_TEST_RUN on a packet made of an Ethernet header and this. */
+struct pktmeta_sweep_args {
+	__u64 magic; /* PKTMETA_SWEEP_MAGIC */
 	__u32 workload; /* remove the records this workload opened or received; 0: none */
-	__u32 _pad;
-	__u64 udp_idle_ns; /* also remove UDP records idle this long; 0: none */
-	__u64 visited; /* out */
-	__u64 removed; /* out */
+	__u32 flags; /* PKTMETA_SWEEP_* */
+	__u64 udp_idle_ns; /* remove UDP records idle this long; 0: none */
+	__u64 tcp_pending_ns; /* remove TCP records whose handshake did not complete in this long; 0: none */
+	__u64 ct_min_age_ns; /* ask conntrack only about records at least this old */
+	/* Results. */
+	__u64 visited;
+	__u64 removed_workload;
+	__u64 removed_udp_idle;
+	__u64 removed_tcp_pending;
+	__u64 removed_tcp_over; /* conntrack: closed, or gone after it was seen */
+	__u64 removed_aliases;
+	__u64 ct_checked;
+	__u64 ct_unavailable; /* 1: no conntrack kfuncs, no conntrack checks */
 };
 
 /* Config flags. */
 #define PKTMETA_CFG_NO_EVENTS (1U << 0)
 
 /* Map "pktmeta_cfg": one slot, written by userspace when the datapath
- * is created or upgraded. */
+ * is created or upgraded. A non-zero layout_version commits the maps: a
+ * load interrupted before that is thrown away and redone. */
 struct pktmeta_config {
 	__u32 layout_version; /* PKTMETA_LAYOUT_VERSION of the maps */
 	__u32 flags; /* PKTMETA_CFG_* */
 	__u64 udp_timeout_ns; /* a UDP record unused for this long is a new flow */
 	__u8 datapath_id[32]; /* sha256 of the BPF object the programs came from */
+	__u32 release; /* ordered: the pktmeta datapath release the programs came from */
+	__u32 _pad;
 };
 
 #endif /* __PKTMETA_DATAPATH_H__ */

@@ -29,6 +29,7 @@ enum parse_result {
 	PARSE_L3, /* IP header valid, no usable TCP/UDP header */
 	PARSE_L4, /* tuple filled */
 	PARSE_TCP_PLAIN, /* TCP without SYN, FIN or RST: nothing to do, tuple not filled */
+	PARSE_BAD_ADDR, /* IPv6 with an IPv4-mapped address: never valid on the wire */
 };
 
 struct packet {
@@ -50,6 +51,13 @@ static __always_inline void v4mapped(__u8 dst[16], __be32 addr)
 	w[1] = 0;
 	w[2] = bpf_htonl(0x0000ffff);
 	w[3] = addr;
+}
+
+static __always_inline int is_v4mapped(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
 }
 
 static __always_inline int is_ipv6_ext(__u8 nexthdr)
@@ -114,8 +122,11 @@ static __always_inline int tcp_plain(void *l4, void *data_end, __u8 proto)
 	return !(th[13] & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) && (th[12] >> 4) >= 5;
 }
 
-/* Fills the L4 part of p. */
-static __always_inline enum parse_result parse_l4(struct packet *p, void *l4, void *data_end, __u8 proto)
+/* Fills the L4 part of p. l4_len is what the IP header says follows the
+ * network headers (0: unknown, a BIG TCP packet); a header that does not
+ * fit in it is padding, not a header. */
+static __always_inline enum parse_result parse_l4(struct packet *p, void *l4, void *data_end, __u8 proto,
+						  __u32 l4_len)
 {
 	if (proto == IPPROTO_TCP) {
 		__u8 *th = l4;
@@ -125,6 +136,8 @@ static __always_inline enum parse_result parse_l4(struct packet *p, void *l4, vo
 		/* Data offset below 5 words: not a TCP header we can trust. */
 		if ((th[12] >> 4) < 5)
 			return PARSE_L3;
+		if (l4_len && l4_len < (__u32)(th[12] >> 4) * 4)
+			return PARSE_L3;
 		__builtin_memcpy(&p->t.sport, th, 2);
 		__builtin_memcpy(&p->t.dport, th + 2, 2);
 		p->seq = (__u32)th[4] << 24 | (__u32)th[5] << 16 | (__u32)th[6] << 8 | th[7];
@@ -133,6 +146,8 @@ static __always_inline enum parse_result parse_l4(struct packet *p, void *l4, vo
 		__u8 *uh = l4;
 
 		if ((void *)(uh + 8) > data_end)
+			return PARSE_L3;
+		if (l4_len && l4_len < 8)
 			return PARSE_L3;
 		__builtin_memcpy(&p->t.sport, uh, 2);
 		__builtin_memcpy(&p->t.dport, uh + 2, 2);
@@ -156,6 +171,7 @@ static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, str
 {
 	void *data, *data_end, *l4;
 	struct ethhdr *eth;
+	__u32 l4_len;
 	__u8 proto;
 
 	data = (void *)(long)skb->data;
@@ -171,8 +187,14 @@ static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, str
 		if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl < 5)
 			return PARSE_NONE;
 		ihl = iph->ihl * 4;
-		if (bpf_ntohs(iph->tot_len) < ihl)
-			return PARSE_NONE;
+		l4_len = bpf_ntohs(iph->tot_len);
+		/* 0 is a BIG TCP packet (longer than 64 KiB); the length is then
+		 * the skb's, and the headers are checked against the data. */
+		if (l4_len) {
+			if (l4_len < ihl)
+				return PARSE_NONE;
+			l4_len -= ihl;
+		}
 		proto = iph->protocol;
 		l4 = (void *)iph + ihl;
 		/* Non-first fragments carry no L4 header. */
@@ -197,10 +219,24 @@ static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, str
 		p->family = 6;
 		__builtin_memcpy(p->t.saddr, &ip6h->saddr, 16);
 		__builtin_memcpy(p->t.daddr, &ip6h->daddr, 16);
+		/* ::ffff:a.b.c.d is how tuples hold IPv4 addresses: an IPv6
+		 * packet carrying one could pose as an IPv4 connection. */
+		if (is_v4mapped(p->t.saddr) || is_v4mapped(p->t.daddr))
+			return PARSE_BAD_ADDR;
+		/* Payload length covers the extension headers too; 0 is a
+		 * jumbogram or BIG TCP packet. */
+		l4_len = bpf_ntohs(ip6h->payload_len);
+		if (l4_len) {
+			__u32 ext = l4 - (void *)(ip6h + 1);
+
+			if (l4_len < ext)
+				return PARSE_L3;
+			l4_len -= ext;
+		}
 	} else {
 		return PARSE_NONE;
 	}
-	return parse_l4(p, l4, data_end, proto);
+	return parse_l4(p, l4, data_end, proto, l4_len);
 }
 
 /* Parses the headers in the linear area. A pod's own stack puts its headers
@@ -212,7 +248,7 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 	enum parse_result res = parse_linear(skb, p, need_tuple);
 	__u32 linear;
 
-	if (res == PARSE_L4 || res == PARSE_TCP_PLAIN)
+	if (res == PARSE_L4 || res == PARSE_TCP_PLAIN || res == PARSE_BAD_ADDR)
 		return res;
 	linear = skb->data_end - skb->data;
 	if (linear >= skb->len || linear >= PKTMETA_PULL_LEN)

@@ -12,13 +12,25 @@
  *                   Service DNAT changed the tuple, stores an alias under
  *                   the tuple the pod sees, and marks the record delivered.
  *
- * pktmeta_gc, a syscall program userspace runs with BPF_PROG_RUN, sweeps
- * the table for CNI DEL and GC.
+ * and pktmeta_sweep, which userspace runs with BPF_PROG_TEST_RUN to remove
+ * the records of a deleted pod and records whose connection is over.
  *
- * Both directions remove records on RST and on the second FIN. Every program
- * returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours still run.
- * A TCP segment without SYN, FIN or RST pays a header parse and nothing
- * else; UDP also pays the lookup that tells "first" apart.
+ * Trust: identity comes from the veth a packet arrives on. A packet creates,
+ * replaces or closes a record only if its source address is the pod's own
+ * (source validation, always on) and the pod is a party to the connection;
+ * anything else passes untouched and is counted. At a delivery hook, where
+ * the sender is not known, a FIN or RST counts only once conntrack has
+ * accepted it. Each pod may hold at most max_conns records, so no pod can
+ * fill the table for the others; the table is never LRU: nothing live is
+ * evicted, a full table refuses new records and says so.
+ *
+ * Records are changed with a compare-and-swap on {flags, conn_gen}, or
+ * replaced whole with a map update; never by plain stores into an element
+ * that may have been recycled for another connection (see pktmeta.h).
+ *
+ * Every program returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours
+ * still run. A TCP segment without SYN, FIN or RST pays a header parse and
+ * nothing else; UDP also pays the lookup that tells "first" apart.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -34,12 +46,22 @@
 #define TCX_DROP 2
 #endif
 
+#define EEXIST 17
+#define E2BIG 7
+
 #define NSEC_PER_SEC 1000000000ULL
 /* How stale a UDP record's last_seen may get before it is refreshed. */
 #define UDP_REFRESH_NS NSEC_PER_SEC
 #define DEFAULT_UDP_TIMEOUT_NS (120 * NSEC_PER_SEC)
 /* Wake event readers once this much is waiting (a quarter of the buffer). */
 #define EVENTS_WAKEUP_BYTES (64 * 1024)
+/* Compare-and-swap attempts before giving up on a record that keeps changing. */
+#define CAS_TRIES 4
+/* Internal: a CPU is delivering this record (never set in a stored record
+ * for longer than the delivery takes; readers ignore it). */
+#define F_DELIVERING (1U << 31)
+
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -85,8 +107,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pktmeta_events SEC(".maps");
 
-/* Keeps the event layout in BTF for bpf2go. */
+/* Keep these layouts in BTF for bpf2go. */
 const struct pktmeta_event *unused_event __attribute__((unused));
+const struct pktmeta_sweep_args *unused_sweep __attribute__((unused));
 
 static __always_inline struct pktmeta_counters *counters(void)
 {
@@ -111,6 +134,172 @@ static __always_inline __u64 next_conn_id(struct pktmeta_counters *c)
 	return (seq << 12) | (bpf_get_smp_processor_id() & 0xfff);
 }
 
+/* ---- Records: read by copy, changed by compare-and-swap or update. ---- */
+
+/* Copies the record under key and returns the element it came from, or
+ * NULL. The second lookup proves the element still held that connection
+ * under that key once the copy was made. */
+static __always_inline struct pktmeta_record *snapshot(const struct pktmeta_tuple *key,
+						       struct pktmeta_record *copy)
+{
+	struct pktmeta_record *e;
+
+	e = bpf_map_lookup_elem(&pktmeta_conns, key);
+	if (!e)
+		return NULL;
+	__builtin_memcpy(copy, e, sizeof(*copy));
+	if (bpf_map_lookup_elem(&pktmeta_conns, key) != e || READ_ONCE(e->conn_id) != copy->conn_id)
+		return NULL;
+	return e;
+}
+
+/* Sets bits in the flags of e if it still holds connection conn_id.
+ * Returns the flags before (bits possibly already set), or -1 when e is no
+ * longer that connection. */
+static __always_inline __s64 set_flags(struct pktmeta_record *e, __u64 conn_id, __u32 bits)
+{
+	__u64 *word = (__u64 *)e;
+
+	for (int i = 0; i < CAS_TRIES; i++) {
+		__u64 old = READ_ONCE(*word);
+
+		if ((__u32)(old >> 32) != (__u32)conn_id)
+			return -1;
+		if (((__u32)old & bits) == bits)
+			return (__u32)old;
+		if (__sync_val_compare_and_swap(word, old, old | bits) == old)
+			return (__u32)old;
+	}
+	return -1;
+}
+
+static __always_inline int tcp_closing(__u32 flags)
+{
+	return flags & (PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY);
+}
+
+/* ---- Per-pod state. ---- */
+
+/* The pod's own endpoint, if the record's origin is still registered. */
+static __always_inline struct pktmeta_endpoint *origin_endpoint(const struct pktmeta_record *r)
+{
+	__u32 ifindex = r->origin_ifindex;
+	struct pktmeta_endpoint *ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
+
+	if (ep && ep->workload == r->origin_workload)
+		return ep;
+	return NULL;
+}
+
+/* A record of r's origin left the table. */
+static __always_inline void release_budget(const struct pktmeta_record *r)
+{
+	struct pktmeta_endpoint *ep = origin_endpoint(r);
+
+	if (ep)
+		__sync_fetch_and_add(&ep->live, -1);
+}
+
+/* Removes the record r stored under key, and its alias. Returns 1 if this
+ * call removed it (a racing close or sweep may have). */
+static __always_inline int remove_record(const struct pktmeta_tuple *key, const struct pktmeta_record *r)
+{
+	struct pktmeta_alias *a;
+
+	if (bpf_map_delete_elem(&pktmeta_conns, key))
+		return 0;
+	if (r->flags & PKTMETA_F_NAT) {
+		a = bpf_map_lookup_elem(&pktmeta_aliases, &r->peer_tuple);
+		/* Only our own alias: the seen tuple may belong to a newer one. */
+		if (a && READ_ONCE(a->conn_id) == r->conn_id)
+			bpf_map_delete_elem(&pktmeta_aliases, &r->peer_tuple);
+	}
+	release_budget(r);
+	return 1;
+}
+
+/* Whether the pod may open one more connection with events, in a one-second
+ * window. Approximate under concurrency, which is all a rate limit needs. */
+static __always_inline int events_allowed(struct pktmeta_endpoint *ep, __u64 now)
+{
+	if (!ep->events_per_sec)
+		return 1;
+	if (now - ep->ev_window_ns >= NSEC_PER_SEC) {
+		ep->ev_window_ns = now;
+		ep->ev_count = 0;
+	}
+	if (ep->ev_count >= ep->events_per_sec)
+		return 0;
+	ep->ev_count++;
+	return 1;
+}
+
+/* ---- Source validation. ---- */
+
+static __always_inline int link_local_or_unspecified(const struct packet *p)
+{
+	const __u64 *s = (const __u64 *)p->t.saddr;
+
+	return p->family == 6 && ((p->t.saddr[0] == 0xfe && (p->t.saddr[1] & 0xc0) == 0x80) ||
+				  (s[0] == 0 && s[1] == 0));
+}
+
+/* Whether the packet's source is one of the pod's own addresses. */
+static __always_inline int own_address(const struct pktmeta_endpoint *ep, const struct packet *p)
+{
+	const __u64 *s = (const __u64 *)p->t.saddr;
+
+	for (int i = 0; i < PKTMETA_MAX_ADDRS; i++) {
+		const __u64 *a = (const __u64 *)ep->addrs[i];
+
+		if (i >= ep->n_addrs)
+			break;
+		if (a[0] == s[0] && a[1] == s[1])
+			return 1;
+	}
+	return 0;
+}
+
+enum sender {
+	SENDER_OK,
+	SENDER_UNREGISTERED, /* no endpoint: an ADD in progress */
+	SENDER_LINK_LOCAL, /* never tagged, but not a forgery */
+	SENDER_SPOOFED,
+};
+
+/* Decides whether the packet may create, replace or close records: it must
+ * come from a registered pod, with one of that pod's own addresses. Counts
+ * what it refuses. *epp is looked up if NULL. */
+static __always_inline enum sender check_sender(struct __sk_buff *skb, const struct packet *p,
+						 struct pktmeta_counters *c,
+						 struct pktmeta_endpoint **epp)
+{
+	struct pktmeta_endpoint *ep = *epp;
+
+	if (!ep) {
+		__u32 ifindex = skb->ifindex;
+
+		ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
+		if (!ep) {
+			c->unregistered++;
+			return SENDER_UNREGISTERED;
+		}
+		*epp = ep;
+	}
+	if (link_local_or_unspecified(p)) {
+		c->link_local++;
+		return SENDER_LINK_LOCAL;
+	}
+	if (!own_address(ep, p)) {
+		c->spoofed++;
+		__sync_fetch_and_add(&ep->spoofed, 1);
+		return SENDER_SPOOFED;
+	}
+	return SENDER_OK;
+}
+
+/* ---- Events. ---- */
+
 static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 reason,
 				 const struct pktmeta_record *rec, const struct pktmeta_tuple *origin,
 				 const struct pktmeta_tuple *seen, __u32 ifindex, __u64 now)
@@ -119,6 +308,8 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 	struct pktmeta_event *e;
 	__u64 pending;
 
+	if (rec->flags & PKTMETA_F_QUIET)
+		return;
 	if (cfg && (cfg->flags & PKTMETA_CFG_NO_EVENTS))
 		return;
 	pending = bpf_ringbuf_query(&pktmeta_events, BPF_RB_AVAIL_DATA);
@@ -131,7 +322,7 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 	e->type = type;
 	e->reason = reason;
 	e->_pad = 0;
-	e->flags = rec->flags;
+	e->flags = rec->flags & ~F_DELIVERING;
 	e->conn_id = rec->conn_id;
 	e->ts_ns = now;
 	e->origin_workload = rec->origin_workload;
@@ -150,144 +341,32 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
-/* Writes the record for the first packet of a connection. */
-static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c,
-				struct pktmeta_endpoint *ep)
+/* ---- Conntrack. ---- */
+
+static __always_inline int tuple_is_v4(const struct pktmeta_tuple *t)
 {
-	struct pktmeta_record rec, *old;
-	__u64 now;
-	long err;
-
-	if (!ep) {
-		__u32 ifindex = skb->ifindex;
-
-		ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
-		if (!ep) {
-			c->unregistered++;
-			return;
-		}
-	}
-
-	now = bpf_ktime_get_ns();
-	__builtin_memset(&rec, 0, sizeof(rec));
-	rec.version = PKTMETA_RECORD_VERSION;
-	rec.flags = p->t.proto == IPPROTO_UDP ? PKTMETA_F_UDP : 0;
-	rec.conn_id = next_conn_id(c);
-	rec.first_seen_ns = now;
-	rec.last_seen_ns = now;
-	rec.origin_workload = ep->workload;
-	rec.origin_ifindex = skb->ifindex;
-	rec.syn_seq = p->seq;
-
-	err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_NOEXIST);
-	if (err == -17 /* EEXIST */) {
-		old = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
-		/* Same SYN again: a retransmit, not a new connection. */
-		if (old && p->t.proto == IPPROTO_TCP && old->syn_seq == p->seq &&
-		    !(old->flags & (PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY))) {
-			c->syn_retransmits++;
-			return;
-		}
-		/* The tuple was reused (TIME_WAIT reuse, expired UDP flow). */
-		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_ANY);
-	}
-	if (err) {
-		c->update_errors++;
-		return;
-	}
-	c->tagged++;
-	emit(c, PKTMETA_EV_OPENED, 0, &rec, &p->t, NULL, skb->ifindex, now);
+	return is_v4mapped(t->saddr);
 }
 
-/* Finds the record a FIN or RST belongs to, in either direction and on
- * either side of a NAT. Returns the record and fills key with its key. */
-static __always_inline struct pktmeta_record *find_for_close(const struct pktmeta_tuple *seen,
-							     struct pktmeta_tuple *key, int *from_origin)
-{
-	struct pktmeta_record *rec;
-	struct pktmeta_alias *alias;
-	struct pktmeta_tuple rev;
-
-	*from_origin = 1;
-	rec = bpf_map_lookup_elem(&pktmeta_conns, seen);
-	if (rec) {
-		__builtin_memcpy(key, seen, sizeof(*key));
-		return rec;
-	}
-	alias = bpf_map_lookup_elem(&pktmeta_aliases, seen);
-	if (alias) {
-		__builtin_memcpy(key, &alias->origin, sizeof(*key));
-		return bpf_map_lookup_elem(&pktmeta_conns, key);
-	}
-	*from_origin = 0;
-	tuple_reverse(&rev, seen);
-	rec = bpf_map_lookup_elem(&pktmeta_conns, &rev);
-	if (rec) {
-		__builtin_memcpy(key, &rev, sizeof(*key));
-		return rec;
-	}
-	alias = bpf_map_lookup_elem(&pktmeta_aliases, &rev);
-	if (alias) {
-		__builtin_memcpy(key, &alias->origin, sizeof(*key));
-		return bpf_map_lookup_elem(&pktmeta_conns, key);
-	}
-	return NULL;
-}
-
-/* RST ends a connection at once; FIN ends it once both sides sent one. */
-static __always_inline void close_tcp(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c)
-{
-	struct pktmeta_tuple key;
-	struct pktmeta_record *rec;
-	__u32 fin_bit, both = PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY;
-	__u8 reason;
-	int from_origin;
-
-	rec = find_for_close(&p->t, &key, &from_origin);
-	if (!rec)
-		return;
-	if (p->tcp_flags & TCP_FLAG_RST) {
-		reason = PKTMETA_CLOSE_RST;
-	} else {
-		__u32 old;
-
-		fin_bit = from_origin ? PKTMETA_F_FIN_ORIG : PKTMETA_F_FIN_REPLY;
-		old = __sync_fetch_and_or(&rec->flags, fin_bit);
-		/* Only the packet that completes the pair closes it: FINs are seen
-		 * on both veths of a pod-to-pod connection. */
-		if ((old & both) == both || ((old | fin_bit) & both) != both)
-			return;
-		reason = PKTMETA_CLOSE_FIN;
-	}
-	emit(c, PKTMETA_EV_CLOSED, reason, rec, &key, NULL, skb->ifindex, bpf_ktime_get_ns());
-	if (rec->flags & PKTMETA_F_NAT)
-		bpf_map_delete_elem(&pktmeta_aliases, &rec->peer_tuple);
-	if (bpf_map_delete_elem(&pktmeta_conns, &key) == 0)
-		c->closed++;
-}
-
-/* Asks conntrack about the tuple the packet carries. Returns 1 when conntrack
- * has an entry and the packet travels in its reply direction, 0 when it
- * travels in the original direction or there is no entry, -1 when conntrack
- * cannot be asked. With want_orig, fills *orig with the entry's original
- * tuple: what the origin sent before any NAT. */
-static __always_inline int ct_direction(struct __sk_buff *skb, const struct packet *p,
-					const struct pktmeta_tuple *q, struct pktmeta_tuple *orig)
+/* Looks the tuple up in the host's conntrack (either direction matches).
+ * Returns the entry (release it with bpf_ct_release) or NULL, and sets
+ * *unavailable when conntrack cannot be asked at all. */
+static __always_inline struct nf_conn *ct_lookup(struct __sk_buff *skb, const struct pktmeta_tuple *q,
+						 struct bpf_ct_opts *opts, int *unavailable)
 {
 	struct bpf_sock_tuple bt;
-	struct bpf_ct_opts opts;
-	struct nf_conn *ct;
 	__u32 len;
-	int reply;
 
-	if (!pktmeta_ksym_exists(bpf_skb_ct_lookup) || !pktmeta_ksym_exists(bpf_ct_release))
-		return -1;
-
+	*unavailable = 0;
+	if (!pktmeta_ksym_exists(bpf_skb_ct_lookup) || !pktmeta_ksym_exists(bpf_ct_release)) {
+		*unavailable = 1;
+		return NULL;
+	}
 	__builtin_memset(&bt, 0, sizeof(bt));
-	__builtin_memset(&opts, 0, sizeof(opts));
-	opts.netns_id = BPF_F_CURRENT_NETNS;
-	opts.l4proto = q->proto;
-	if (p->family == 4) {
+	__builtin_memset(opts, 0, sizeof(*opts));
+	opts->netns_id = BPF_F_CURRENT_NETNS;
+	opts->l4proto = q->proto;
+	if (tuple_is_v4(q)) {
 		__builtin_memcpy(&bt.ipv4.saddr, &q->saddr[12], 4);
 		__builtin_memcpy(&bt.ipv4.daddr, &q->daddr[12], 4);
 		bt.ipv4.sport = q->sport;
@@ -300,15 +379,35 @@ static __always_inline int ct_direction(struct __sk_buff *skb, const struct pack
 		bt.ipv6.dport = q->dport;
 		len = sizeof(bt.ipv6);
 	}
-	ct = bpf_skb_ct_lookup(skb, &bt, len, &opts, PKTMETA_CT_OPTS_SZ);
+	return bpf_skb_ct_lookup(skb, &bt, len, opts, PKTMETA_CT_OPTS_SZ);
+}
+
+/* What conntrack says about a tuple. */
+#define CT_NONE 0 /* no entry */
+#define CT_REPLY 1 /* an entry, and the tuple travels in its reply direction */
+#define CT_ORIGINAL 2 /* an entry, and the tuple travels in its original direction */
+
+/* Asks conntrack about the tuple the packet carries: CT_*, or -1 when
+ * conntrack cannot be asked. With orig, fills *orig with the entry's
+ * original tuple (what the origin sent before any NAT) for CT_REPLY. */
+static __always_inline int ct_direction(struct __sk_buff *skb, const struct pktmeta_tuple *q,
+					struct pktmeta_tuple *orig)
+{
+	struct bpf_ct_opts opts;
+	struct nf_conn *ct;
+	int unavailable, reply;
+
+	ct = ct_lookup(skb, q, &opts, &unavailable);
+	if (unavailable)
+		return -1;
 	if (!ct)
-		return 0;
+		return CT_NONE;
 	reply = opts.dir == IP_CT_DIR_REPLY;
 	if (reply && orig) {
 		const struct nf_conntrack_tuple *o = &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple;
 
 		__builtin_memset(orig, 0, sizeof(*orig));
-		if (p->family == 4) {
+		if (tuple_is_v4(q)) {
 			v4mapped(orig->saddr, o->src.u3.ip);
 			v4mapped(orig->daddr, o->dst.u3.ip);
 		} else {
@@ -320,7 +419,210 @@ static __always_inline int ct_direction(struct __sk_buff *skb, const struct pack
 		orig->proto = q->proto;
 	}
 	bpf_ct_release(ct);
-	return reply;
+	return reply ? CT_REPLY : CT_ORIGINAL;
+}
+
+/* conntrack's TCP state for the tuple: > 0 the state, 0 no entry, -1 no
+ * conntrack to ask. */
+static __always_inline int ct_tcp_state(struct __sk_buff *skb, const struct pktmeta_tuple *q)
+{
+	struct bpf_ct_opts opts;
+	struct nf_conn *ct;
+	int unavailable, state;
+
+	ct = ct_lookup(skb, q, &opts, &unavailable);
+	if (unavailable)
+		return -1;
+	if (!ct)
+		return 0;
+	state = ct->proto.tcp.state;
+	bpf_ct_release(ct);
+	return state;
+}
+
+/* ---- The origin side: packets from a pod. ---- */
+
+/* Writes the record for the first packet of a connection from a pod that
+ * check_sender accepted. */
+static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c,
+				struct pktmeta_endpoint *ep)
+{
+	struct pktmeta_record rec, old, *e;
+	__u64 now, timeout;
+	long err;
+
+	now = bpf_ktime_get_ns();
+	__builtin_memset(&rec, 0, sizeof(rec));
+	rec.version = PKTMETA_RECORD_VERSION;
+	rec.flags = p->t.proto == IPPROTO_UDP ? PKTMETA_F_UDP : 0;
+	rec.conn_id = next_conn_id(c);
+	rec.conn_gen = (__u32)rec.conn_id;
+	rec.first_seen_ns = now;
+	rec.last_seen_ns = now;
+	rec.origin_workload = ep->workload;
+	rec.origin_ifindex = skb->ifindex;
+	rec.syn_seq = p->seq;
+
+	if (ep->max_conns && READ_ONCE(ep->live) >= (__s64)ep->max_conns) {
+		c->over_budget++;
+		__sync_fetch_and_add(&ep->over_budget, 1);
+		return;
+	}
+	if (!events_allowed(ep, now)) {
+		rec.flags |= PKTMETA_F_QUIET;
+		c->events_limited++;
+		__sync_fetch_and_add(&ep->events_limited, 1);
+	}
+
+	err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_NOEXIST);
+	if (err == -EEXIST) {
+		e = snapshot(&p->t, &old);
+		if (!e)
+			return; /* changing under us: leave it to the packet's retransmit */
+		if (old.origin_workload != ep->workload) {
+			/* Another workload's record on a tuple with our address: a
+			 * stale one of a pod that is gone may be replaced, a live
+			 * one is not ours to touch. */
+			if (origin_endpoint(&old)) {
+				c->not_party++;
+				__sync_fetch_and_add(&ep->not_party, 1);
+				return;
+			}
+		} else if (p->t.proto == IPPROTO_TCP) {
+			/* Same SYN again: a retransmit, not a new connection. */
+			if (old.syn_seq == p->seq && !tcp_closing(old.flags)) {
+				c->syn_retransmits++;
+				return;
+			}
+			/* Otherwise the tuple was reused (TIME_WAIT reuse). */
+		} else {
+			struct pktmeta_config *cfg = config();
+
+			timeout = cfg && cfg->udp_timeout_ns ? cfg->udp_timeout_ns : DEFAULT_UDP_TIMEOUT_NS;
+			/* Another CPU just created the flow: one flow, one id. */
+			if ((__s64)(now - old.last_seen_ns) < (__s64)timeout)
+				return;
+		}
+		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_EXIST);
+		if (!err && old.origin_workload != ep->workload) {
+			release_budget(&old);
+			__sync_fetch_and_add(&ep->live, 1);
+		}
+	} else if (!err) {
+		__sync_fetch_and_add(&ep->live, 1);
+	}
+	if (err == -E2BIG) {
+		c->table_full++;
+		__sync_fetch_and_add(&ep->table_full, 1);
+		return;
+	}
+	if (err) {
+		c->update_errors++;
+		return;
+	}
+	c->tagged++;
+	emit(c, PKTMETA_EV_OPENED, 0, &rec, &p->t, NULL, skb->ifindex, now);
+}
+
+/* Where a FIN or RST belongs: the record's key, a validated copy of the
+ * record, and whether the packet travels from the origin. */
+struct close_target {
+	struct pktmeta_tuple key;
+	struct pktmeta_record rec;
+	struct pktmeta_record *elem;
+	int from_origin;
+};
+
+/* Finds the record through one tuple as the origin sent it or as the
+ * receiver saw it (alias). */
+static __always_inline int find_one(const struct pktmeta_tuple *t, struct close_target *ct)
+{
+	struct pktmeta_alias *a;
+	struct pktmeta_alias alias;
+
+	ct->elem = snapshot(t, &ct->rec);
+	if (ct->elem) {
+		__builtin_memcpy(&ct->key, t, sizeof(ct->key));
+		return 1;
+	}
+	a = bpf_map_lookup_elem(&pktmeta_aliases, t);
+	if (!a)
+		return 0;
+	__builtin_memcpy(&alias, a, sizeof(alias));
+	if (bpf_map_lookup_elem(&pktmeta_aliases, t) != a || READ_ONCE(a->conn_id) != alias.conn_id)
+		return 0;
+	ct->elem = snapshot(&alias.origin, &ct->rec);
+	if (!ct->elem || ct->rec.conn_id != alias.conn_id)
+		return 0;
+	__builtin_memcpy(&ct->key, &alias.origin, sizeof(ct->key));
+	return 1;
+}
+
+/* Finds the record a FIN or RST belongs to, in either direction and on
+ * either side of a NAT. */
+static __always_inline int find_for_close(const struct pktmeta_tuple *seen, struct close_target *ct)
+{
+	struct pktmeta_tuple rev;
+
+	ct->from_origin = 1;
+	if (find_one(seen, ct))
+		return 1;
+	ct->from_origin = 0;
+	tuple_reverse(&rev, seen);
+	return find_one(&rev, ct);
+}
+
+/* RST ends a connection at once; FIN ends it once both sides sent one. */
+static __always_inline void apply_close(struct __sk_buff *skb, const struct packet *p,
+					struct pktmeta_counters *c, struct close_target *ct)
+{
+	__u32 both = PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY;
+	__u8 reason;
+
+	if (p->tcp_flags & TCP_FLAG_RST) {
+		reason = PKTMETA_CLOSE_RST;
+	} else {
+		__u32 fin_bit = ct->from_origin ? PKTMETA_F_FIN_ORIG : PKTMETA_F_FIN_REPLY;
+		__s64 old = set_flags(ct->elem, ct->rec.conn_id, fin_bit);
+
+		/* Only the packet that completes the pair closes it: FINs are seen
+		 * on both veths of a pod-to-pod connection. */
+		if (old < 0 || ((__u32)old & both) == both || (((__u32)old | fin_bit) & both) != both)
+			return;
+		ct->rec.flags = (__u32)old | fin_bit;
+		reason = PKTMETA_CLOSE_FIN;
+	}
+	if (!remove_record(&ct->key, &ct->rec))
+		return;
+	c->closed++;
+	emit(c, PKTMETA_EV_CLOSED, reason, &ct->rec, &ct->key, NULL, skb->ifindex, bpf_ktime_get_ns());
+}
+
+/* A FIN or RST from a pod: it counts only if the pod is a party. With a
+ * validated source, matching the tuple already means owning one of its
+ * addresses; the workload check holds even if two pods shared one. */
+static __always_inline void close_from_pod(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c,
+					   struct pktmeta_endpoint *ep)
+{
+	struct close_target ct;
+	int party;
+
+	if (check_sender(skb, p, c, &ep) != SENDER_OK)
+		return;
+	if (!find_for_close(&p->t, &ct))
+		return;
+	if (ct.from_origin)
+		party = ct.rec.origin_workload == ep->workload;
+	else
+		/* The receiver's side; a receiver with no delivery hook is
+		 * never recorded as the peer. */
+		party = ct.rec.peer_workload == ep->workload || !(ct.rec.flags & PKTMETA_F_DELIVERED);
+	if (!party) {
+		c->not_party++;
+		__sync_fetch_and_add(&ep->not_party, 1);
+		return;
+	}
+	apply_close(skb, p, c, &ct);
 }
 
 static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p,
@@ -333,16 +635,24 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
 	if (rec) {
+		__u64 word = READ_ONCE(*(__u64 *)rec);
+		__u64 last = READ_ONCE(rec->last_seen_ns);
+
 		now = bpf_ktime_get_coarse_ns();
 		cfg = config();
 		timeout = cfg && cfg->udp_timeout_ns ? cfg->udp_timeout_ns : DEFAULT_UDP_TIMEOUT_NS;
 		/* Signed: the coarse clock may lag the precise one last_seen
 		 * started from. */
-		idle = now - rec->last_seen_ns;
+		idle = now - last;
 		if (idle < (__s64)timeout) {
-			/* A plain store, at most once a second per flow (more often
-			 * only for timeouts under two seconds). */
-			if (idle > (__s64)UDP_REFRESH_NS || idle > (__s64)(timeout / 2))
+			/* At most once a second per flow (more often only for
+			 * timeouts under two seconds), and only for the pod's own
+			 * datagrams: a forger must not keep a flow alive. The
+			 * store is advisory: on an element recycled in between it
+			 * only delays the other flow's ageing. */
+			if ((idle > (__s64)UDP_REFRESH_NS || idle > (__s64)(timeout / 2)) &&
+			    check_sender(skb, p, c, &ep) == SENDER_OK &&
+			    READ_ONCE(*(__u64 *)rec) == word)
 				rec->last_seen_ns = now;
 			return;
 		}
@@ -350,37 +660,55 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 	} else {
 		struct pktmeta_tuple rev;
 
+		int ct;
+
 		/* The pod answers a flow someone else opened: a flow tagged here
-		 * (found without conntrack), or one conntrack knows. Host-veth
-		 * ingress runs before PREROUTING, so a new flow has no conntrack
-		 * entry yet. */
+		 * (found without conntrack), or one conntrack knows. */
 		tuple_reverse(&rev, &p->t);
-		if (bpf_map_lookup_elem(&pktmeta_conns, &rev) || ct_direction(skb, p, &p->t, NULL) == 1) {
+		if (bpf_map_lookup_elem(&pktmeta_conns, &rev)) {
 			c->udp_replies++;
 			return;
 		}
+		/* Host-veth ingress runs before PREROUTING, so the first
+		 * datagram of a new flow has no conntrack entry yet. An entry in
+		 * either direction means the flow began before pktmeta saw it:
+		 * as an answer, or because a datagram posing as one of its ends
+		 * (a forgery, without strictSource) reached conntrack first.
+		 * Either way nobody here can vouch for who opened it, so it is
+		 * not tagged: a missing answer, never a wrong one. */
+		ct = ct_direction(skb, &p->t, NULL);
+		if (ct == CT_REPLY) {
+			c->udp_replies++;
+			return;
+		}
+		if (ct == CT_ORIGINAL) {
+			c->udp_preexisting++;
+			return;
+		}
 	}
+	if (check_sender(skb, p, c, &ep) != SENDER_OK)
+		return;
 	tag(skb, p, c, ep);
 }
 
-static __always_inline int addr_allowed(const struct pktmeta_endpoint *ep, const struct packet *p)
+/* A SYN without ACK from a pod: the first packet of a TCP connection. */
+static __always_inline void syn_from_pod(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c,
+					 struct pktmeta_endpoint *ep)
 {
-	const __u64 *s = (const __u64 *)p->t.saddr;
+	struct pktmeta_record *r;
+	struct pktmeta_tuple rev;
 
-	/* IPv6 link-local (ND, router solicitations) and the unspecified
-	 * address (DAD) never leave the link. */
-	if (p->family == 6 && ((p->t.saddr[0] == 0xfe && (p->t.saddr[1] & 0xc0) == 0x80) ||
-			       (s[0] == 0 && s[1] == 0)))
-		return 1;
-	for (int i = 0; i < PKTMETA_MAX_ADDRS; i++) {
-		const __u64 *a = (const __u64 *)ep->addrs[i];
-
-		if (i >= ep->n_addrs)
-			break;
-		if (a[0] == s[0] && a[1] == s[1])
-			return 1;
+	if (check_sender(skb, p, c, &ep) != SENDER_OK)
+		return;
+	/* Simultaneous open: the other side's SYN came first and owns the
+	 * connection; one connection, one record. */
+	tuple_reverse(&rev, &p->t);
+	r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
+	if (r && !(READ_ONCE(r->flags) & (PKTMETA_F_UDP | PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY))) {
+		c->simultaneous_opens++;
+		return;
 	}
-	return 0;
+	tag(skb, p, c, ep);
 }
 
 static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
@@ -389,6 +717,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 	struct pktmeta_counters *c;
 	enum parse_result res;
 	struct packet p;
+	__u8 flags;
 
 	/* Plain TCP segments leave before anything is written, the counters
 	 * included (bpf_stats run counts say how many packets the program
@@ -405,11 +734,19 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 		__u32 ifindex = skb->ifindex;
 
 		ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
-		/* Fail closed: strict mode without an endpoint cannot vouch for anything. */
-		if (!ep || !addr_allowed(ep, &p)) {
+		/* Fail closed: strict mode without an endpoint cannot vouch for
+		 * anything. IPv6 link-local and :: pass (ND, DAD), but never
+		 * create records (check_sender). */
+		if (!ep || res == PARSE_BAD_ADDR || (!link_local_or_unspecified(&p) && !own_address(ep, &p))) {
 			c->strict_drops++;
+			if (ep)
+				__sync_fetch_and_add(&ep->spoofed, 1);
 			return TCX_DROP;
 		}
+	}
+	if (res == PARSE_BAD_ADDR) {
+		c->spoofed++;
+		return TCX_NEXT;
 	}
 	if (res != PARSE_L4) {
 		c->not_parsed++;
@@ -417,45 +754,58 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 	}
 
 	if (p.t.proto == IPPROTO_TCP) {
-		if ((p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
-			tag(skb, &p, c, ep);
-		else if (p.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-			close_tcp(skb, &p, c);
+		flags = p.tcp_flags;
+		if (flags & TCP_FLAG_SYN) {
+			/* SYN|FIN and SYN|RST are not openings (Linux drops them);
+			 * SYN|ACK is the answer to someone else's. */
+			if (!(flags & (TCP_FLAG_ACK | TCP_FLAG_FIN | TCP_FLAG_RST)))
+				syn_from_pod(skb, &p, c, ep);
+		} else if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
+			close_from_pod(skb, &p, c, ep);
+		}
 		return TCX_NEXT;
 	}
 	udp_from_pod(skb, &p, c, ep);
 	return TCX_NEXT;
 }
 
-/* Marks the record delivered to the pod behind this veth, once. */
-static __always_inline void mark_delivered(struct __sk_buff *skb, struct pktmeta_record *rec,
-					   const struct pktmeta_tuple *origin,
+/* ---- The delivery side: packets to a pod. ---- */
+
+/* Marks the record under key delivered to the pod behind this veth, once.
+ * The record is replaced whole (a map update), never written in place: the
+ * element may be recycled at any time. One CPU wins the claim. */
+static __always_inline void mark_delivered(struct __sk_buff *skb, const struct pktmeta_tuple *key,
 					   const struct pktmeta_tuple *seen, __u32 nat,
 					   struct pktmeta_counters *c)
 {
 	struct pktmeta_endpoint *ep;
+	struct pktmeta_record rec, *e;
 	__u32 ifindex = skb->ifindex;
-	__u32 old;
+	__s64 old;
 	__u64 now;
 
-	if (rec->flags & PKTMETA_F_DELIVERED)
+	e = snapshot(key, &rec);
+	if (!e || (rec.flags & (PKTMETA_F_DELIVERED | F_DELIVERING)))
 		return;
-	/* Peer fields first, then the flag (a full barrier): whoever sees
-	 * DELIVERED sees them. Racing CPUs write the same values; the atomic
-	 * decides which one counts and reports the delivery. */
+	old = set_flags(e, rec.conn_id, F_DELIVERING);
+	if (old < 0 || ((__u32)old & (PKTMETA_F_DELIVERED | F_DELIVERING)))
+		return;
 	now = bpf_ktime_get_ns();
 	ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
-	rec->peer_workload = ep ? ep->workload : 0;
-	rec->peer_ifindex = ifindex;
-	rec->delivered_ns = now;
-	__builtin_memcpy(&rec->peer_tuple, seen, sizeof(rec->peer_tuple));
-	old = __sync_fetch_and_or(&rec->flags, PKTMETA_F_DELIVERED | nat);
-	if (old & PKTMETA_F_DELIVERED)
+	rec.flags = ((__u32)old | PKTMETA_F_DELIVERED | nat) & ~F_DELIVERING;
+	rec.peer_workload = ep ? ep->workload : 0;
+	rec.peer_ifindex = ifindex;
+	rec.delivered_ns = now;
+	__builtin_memcpy(&rec.peer_tuple, seen, sizeof(rec.peer_tuple));
+	if (bpf_map_update_elem(&pktmeta_conns, key, &rec, BPF_EXIST)) {
+		/* Closed in between. */
+		c->update_errors++;
 		return;
+	}
 	c->deliveries++;
 	if (nat)
 		c->nat_resolved++;
-	emit(c, PKTMETA_EV_DELIVERED, 0, rec, origin, seen, ifindex, now);
+	emit(c, PKTMETA_EV_DELIVERED, 0, &rec, key, seen, ifindex, now);
 }
 
 /* First packet at the destination with no record under the tuple it
@@ -464,36 +814,42 @@ static __always_inline void deliver_nat(struct __sk_buff *skb, struct packet *p,
 					struct pktmeta_counters *c)
 {
 	struct pktmeta_tuple rev, orig;
-	struct pktmeta_record *rec;
+	struct pktmeta_record rec;
 	struct pktmeta_alias alias;
+	long err;
 	int dir;
 
 	/* The packet is already translated; conntrack knows it as the reverse
 	 * of the entry's reply tuple. */
 	tuple_reverse(&rev, &p->t);
-	dir = ct_direction(skb, p, &rev, &orig);
+	dir = ct_direction(skb, &rev, &orig);
 	if (dir < 0) {
 		c->ct_unavailable++;
 		return;
 	}
-	if (dir != 1 || tuple_equal(&orig, &p->t)) {
+	if (dir != CT_REPLY || tuple_equal(&orig, &p->t)) {
 		c->misses++;
 		return;
 	}
-	rec = bpf_map_lookup_elem(&pktmeta_conns, &orig);
-	if (!rec) {
+	if (!snapshot(&orig, &rec)) {
 		c->misses++;
 		return;
 	}
+	if (rec.flags & PKTMETA_F_DELIVERED)
+		return;
 	__builtin_memset(&alias, 0, sizeof(alias));
 	alias.version = PKTMETA_RECORD_VERSION;
-	alias.conn_id = rec->conn_id;
+	alias.conn_id = rec.conn_id;
 	__builtin_memcpy(&alias.origin, &orig, sizeof(orig));
-	if (bpf_map_update_elem(&pktmeta_aliases, &p->t, &alias, BPF_ANY)) {
-		c->update_errors++;
+	err = bpf_map_update_elem(&pktmeta_aliases, &p->t, &alias, BPF_ANY);
+	if (err) {
+		if (err == -E2BIG)
+			c->aliases_full++;
+		else
+			c->update_errors++;
 		return;
 	}
-	mark_delivered(skb, rec, &orig, &p->t, PKTMETA_F_NAT, c);
+	mark_delivered(skb, &orig, &p->t, PKTMETA_F_NAT, c);
 }
 
 static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
@@ -505,15 +861,17 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
 	if (rec) {
-		if (!(rec->flags & PKTMETA_F_DELIVERED))
-			mark_delivered(skb, rec, &p->t, &p->t, 0, c);
+		if (!(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED))
+			mark_delivered(skb, &p->t, &p->t, 0, c);
 		return;
 	}
 	alias = bpf_map_lookup_elem(&pktmeta_aliases, &p->t);
 	if (alias) {
+		__u64 id = READ_ONCE(alias->conn_id);
+
 		rec = bpf_map_lookup_elem(&pktmeta_conns, &alias->origin);
 		/* Still the connection the alias was made for: nothing to do. */
-		if (rec && rec->conn_id == alias->conn_id)
+		if (rec && READ_ONCE(rec->conn_id) == id)
 			return;
 	}
 	/* A reply to a flow the receiving pod opened itself. */
@@ -521,6 +879,47 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 	if (bpf_map_lookup_elem(&pktmeta_conns, &rev))
 		return;
 	deliver_nat(skb, p, c);
+}
+
+/* The peer answered the SYN: the handshake completed (the sweep's bound on
+ * half-open connections no longer applies). Replies arrive un-NATed, so the
+ * reverse of what the pod receives is its own tuple. */
+static __always_inline void synack_to_pod(struct packet *p)
+{
+	struct pktmeta_record rec, *e;
+	struct pktmeta_tuple rev;
+
+	tuple_reverse(&rev, &p->t);
+	e = snapshot(&rev, &rec);
+	if (e && !(rec.flags & (PKTMETA_F_ESTABLISHED | PKTMETA_F_UDP)))
+		set_flags(e, rec.conn_id, PKTMETA_F_ESTABLISHED);
+}
+
+/* A FIN or RST on its way to a pod. One that a local pod sent was handled
+ * at that pod's own hook, where its source was checked. Anything else could
+ * be forged: it counts only once conntrack accepted it (conntrack checks the
+ * sequence window), and otherwise the connection is left to the sweep. */
+static __always_inline void close_to_pod(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c)
+{
+	struct close_target ct;
+	__u32 in = skb->ingress_ifindex;
+	int state;
+
+	if (in && bpf_map_lookup_elem(&pktmeta_eps, &in))
+		return;
+	if (!find_for_close(&p->t, &ct))
+		return;
+	state = ct_tcp_state(skb, &p->t);
+	if (p->tcp_flags & TCP_FLAG_RST) {
+		if (state != PKTMETA_CT_TCP_CLOSE) {
+			c->unverified_closes++;
+			return;
+		}
+	} else if (state < PKTMETA_CT_TCP_FIN_WAIT || state > PKTMETA_CT_TCP_CLOSE) {
+		c->unverified_closes++;
+		return;
+	}
+	apply_close(skb, p, c, &ct);
 }
 
 SEC("tc")
@@ -539,9 +938,9 @@ SEC("tc")
 int pktmeta_deliver(struct __sk_buff *skb)
 {
 	struct pktmeta_counters *c;
-	struct pktmeta_record *rec;
 	enum parse_result res;
 	struct packet p;
+	__u8 flags;
 
 	res = parse_packet(skb, &p, 0);
 	if (res == PARSE_TCP_PLAIN)
@@ -556,14 +955,22 @@ int pktmeta_deliver(struct __sk_buff *skb)
 	}
 
 	if (p.t.proto == IPPROTO_TCP) {
-		if ((p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
-			rec = bpf_map_lookup_elem(&pktmeta_conns, &p.t);
-			if (rec)
-				mark_delivered(skb, rec, &p.t, &p.t, 0, c);
-			else
-				deliver_nat(skb, &p, c);
-		} else if (p.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
-			close_tcp(skb, &p, c);
+		flags = p.tcp_flags;
+		if (flags & TCP_FLAG_SYN) {
+			if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+				return TCX_NEXT;
+			if (flags & TCP_FLAG_ACK) {
+				synack_to_pod(&p);
+			} else {
+				struct pktmeta_record *rec = bpf_map_lookup_elem(&pktmeta_conns, &p.t);
+
+				if (rec)
+					mark_delivered(skb, &p.t, &p.t, 0, c);
+				else
+					deliver_nat(skb, &p, c);
+			}
+		} else if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
+			close_to_pod(skb, &p, c);
 		}
 		return TCX_NEXT;
 	}
@@ -571,43 +978,121 @@ int pktmeta_deliver(struct __sk_buff *skb)
 	return TCX_NEXT;
 }
 
+/* ---- The sweep. ---- */
+
 struct sweep_state {
-	struct pktmeta_sweep args;
+	struct __sk_buff *skb;
+	struct pktmeta_sweep_args args;
 	__u64 now;
 };
 
-static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_record *rec,
+static __always_inline int no_delivery_hook(const struct pktmeta_record *r)
+{
+	struct pktmeta_endpoint *ep = origin_endpoint(r);
+
+	return ep && (ep->flags & PKTMETA_EP_NO_EGRESS);
+}
+
+static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_record *val,
 			 struct sweep_state *st)
 {
 	__u32 id = st->args.workload;
-	int gone = id && (rec->origin_workload == id || rec->peer_workload == id);
-	int idle = st->args.udp_idle_ns && (rec->flags & PKTMETA_F_UDP) &&
-		   (__s64)(st->now - rec->last_seen_ns) > (__s64)st->args.udp_idle_ns;
+	struct pktmeta_record r;
+	__u64 *removed = NULL;
+	__s64 age;
+	int state;
 
+	__builtin_memcpy(&r, val, sizeof(r));
 	st->args.visited++;
-	if (!gone && !idle)
+	age = st->now - r.first_seen_ns;
+	if (id && (r.origin_workload == id || r.peer_workload == id)) {
+		removed = &st->args.removed_workload;
+	} else if (r.flags & PKTMETA_F_UDP) {
+		if (st->args.udp_idle_ns && (__s64)(st->now - r.last_seen_ns) > (__s64)st->args.udp_idle_ns)
+			removed = &st->args.removed_udp_idle;
+	} else {
+		if ((st->args.flags & PKTMETA_SWEEP_CONNTRACK) && age >= (__s64)st->args.ct_min_age_ns &&
+		    !st->args.ct_unavailable) {
+			state = ct_tcp_state(st->skb, key);
+			if (state < 0) {
+				st->args.ct_unavailable = 1;
+			} else {
+				st->args.ct_checked++;
+				if (state > 0 && !(r.flags & PKTMETA_F_CT_SEEN))
+					set_flags(val, r.conn_id, PKTMETA_F_CT_SEEN);
+				/* Over: closed or timing out in conntrack, or gone from
+				 * it after a sweep saw it there. Without that sighting,
+				 * a missing entry proves nothing (conntrack may not
+				 * track this traffic at all). */
+				if (state == PKTMETA_CT_TCP_CLOSE || state == PKTMETA_CT_TCP_TIME_WAIT ||
+				    (state == 0 && (r.flags & PKTMETA_F_CT_SEEN)))
+					removed = &st->args.removed_tcp_over;
+			}
+		}
+		if (!removed && st->args.tcp_pending_ns && !(r.flags & PKTMETA_F_ESTABLISHED) &&
+		    age > (__s64)st->args.tcp_pending_ns && !no_delivery_hook(&r))
+			removed = &st->args.removed_tcp_pending;
+	}
+	if (!removed)
 		return 0;
-	if (rec->flags & PKTMETA_F_NAT)
-		bpf_map_delete_elem(&pktmeta_aliases, &rec->peer_tuple);
-	if (bpf_map_delete_elem(&pktmeta_conns, key) == 0)
-		st->args.removed++;
+	/* The tuple may have been reused since the copy; leave a newer one. */
+	if (READ_ONCE(val->conn_id) != r.conn_id)
+		return 0;
+	if (remove_record(key, &r))
+		(*removed)++;
 	return 0;
 }
 
-/* Removes the records of a deleted pod, and idle UDP records, in one pass
- * over the table in the kernel: CNI DEL runs it with BPF_PROG_RUN instead
- * of copying a table of up to millions of records out to userspace. */
-SEC("syscall")
-int pktmeta_gc(struct pktmeta_sweep *ctx)
+static long sweep_alias(void *map, struct pktmeta_tuple *key, struct pktmeta_alias *val,
+			struct sweep_state *st)
 {
+	struct pktmeta_record *r;
+	__u64 id = READ_ONCE(val->conn_id);
+
+	r = bpf_map_lookup_elem(&pktmeta_conns, &val->origin);
+	if (r && READ_ONCE(r->conn_id) == id)
+		return 0;
+	if (READ_ONCE(val->conn_id) != id)
+		return 0;
+	if (bpf_map_delete_elem(&pktmeta_aliases, key) == 0)
+		st->args.removed_aliases++;
+	return 0;
+}
+
+/* Removes the records of a deleted pod, idle UDP records, and TCP records
+ * whose connection is over, in one pass over the table in the kernel: CNI
+ * DEL, CNI GC and the agent run it with BPF_PROG_TEST_RUN instead of copying
+ * a table of up to millions of records out to userspace. It is a TC program
+ * (not a syscall one) because conntrack can only be asked with an skb. */
+SEC("tc")
+int pktmeta_sweep(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+	struct pktmeta_sweep_args *args = data + sizeof(struct ethhdr);
 	struct sweep_state st;
 
-	__builtin_memcpy(&st.args, ctx, sizeof(st.args));
-	st.args.visited = 0;
-	st.args.removed = 0;
+	if ((void *)(args + 1) > data_end || args->magic != PKTMETA_SWEEP_MAGIC)
+		return TCX_NEXT;
+	__builtin_memcpy(&st.args, args, sizeof(st.args));
+	st.skb = skb;
 	st.now = bpf_ktime_get_ns();
+	st.args.visited = 0;
+	st.args.removed_workload = 0;
+	st.args.removed_udp_idle = 0;
+	st.args.removed_tcp_pending = 0;
+	st.args.removed_tcp_over = 0;
+	st.args.removed_aliases = 0;
+	st.args.ct_checked = 0;
+	st.args.ct_unavailable = 0;
 	bpf_for_each_map_elem(&pktmeta_conns, sweep_record, &st, 0);
-	ctx->visited = st.args.visited;
-	ctx->removed = st.args.removed;
+	if (st.args.flags & PKTMETA_SWEEP_ALIASES)
+		bpf_for_each_map_elem(&pktmeta_aliases, sweep_alias, &st, 0);
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	args = data + sizeof(struct ethhdr);
+	if ((void *)(args + 1) > data_end)
+		return TCX_NEXT;
+	__builtin_memcpy(args, &st.args, sizeof(st.args));
 	return 0;
 }

@@ -31,7 +31,7 @@ func TestConfigLoadsInAgent(t *testing.T) {
 		t.Fatalf("pktmeta-agent refuses the ConfigMap: %v", err)
 	}
 	want := agentConfig(t, objs)
-	if cfg.MetricsAddr != want.MetricsAddr || cfg.Plugin.PinPath != want.Plugin.PinPath || cfg.CRISocket != want.CRISocket ||
+	if cfg.MetricsAddr != want.MetricsAddr || cfg.MetricsAuth != want.MetricsAuth || cfg.Plugin.PinPath != want.Plugin.PinPath || cfg.CRISocket != want.CRISocket ||
 		cfg.UninstallOnExit != want.UninstallOnExit || strings.Join(cfg.LabelTags, ",") != strings.Join(want.LabelTags, ",") ||
 		strings.Join(cfg.NetnsDirs, ",") != strings.Join(want.NetnsDirs, ",") || cfg.Plugin.MaxConnections != want.Plugin.MaxConnections {
 		t.Errorf("the agent read %+v\nfrom %+v", cfg, want)

@@ -36,7 +36,6 @@ var wantAgentArgs = []string{
 	"--pin-path=/sys/fs/bpf/pktmeta",
 	"--run-dir=/run/pktmeta",
 	"--state-dir=/var/lib/pktmeta",
-	"--metrics-addr=:9964",
 	"--config=/etc/pktmeta/config.yaml",
 	"--node-name=$(NODE_NAME)",
 	"--log-level=info",
@@ -219,7 +218,7 @@ func TestStrictDecodingCatchesTypos(t *testing.T) {
 	if err := StrictYAML([]byte("resource: [a.yaml]\n"), &k); err == nil {
 		t.Error("unknown kustomization key accepted")
 	}
-	const okConfig = "metricsAddr: \":1\"\nuninstallOnExit: auto\ncriSocket: /x\nplugin:\n  pinPath: /sys/fs/bpf/x\n"
+	const okConfig = "metricsAddr: \"127.0.0.1:1\"\nuninstallOnExit: auto\ncriSocket: /x\nplugin:\n  pinPath: /sys/fs/bpf/x\n"
 	if _, err := ParseAgentConfig([]byte(okConfig)); err != nil {
 		t.Errorf("minimal agent config: %v", err)
 	}
@@ -229,6 +228,9 @@ func TestStrictDecodingCatchesTypos(t *testing.T) {
 		"maxConnections the plugin refuses": okConfig + "  maxConnections: 5\n",
 		"tag the plugin refuses":            okConfig + "  tags: {\"-bad\": x}\n",
 		"label key that is no tag key":      okConfig + "labelTags: [\"a b\"]\n",
+		"unauthenticated metrics for all":   strings.Replace(okConfig, "127.0.0.1:1", ":1", 1),
+		"metricsAuth nobody knows":          okConfig + "metricsAuth: basic\n",
+		"certificate without HTTPS":         okConfig + "metricsCertFile: /a\nmetricsKeyFile: /b\n",
 	} {
 		if _, err := ParseAgentConfig([]byte(bad)); err == nil {
 			t.Errorf("agent config with a %s accepted", name)
@@ -443,26 +445,27 @@ func TestDaemonSet(t *testing.T) {
 		t.Errorf("--plugin-binary=%s, the image has it at %s", flags["plugin-binary"], pluginInImage)
 	}
 
-	// One metrics port everywhere: flag, container/host port, probes,
-	// Prometheus annotations, ConfigMap.
-	_, flagPort, err := net.SplitHostPort(flags["metrics-addr"])
-	if err != nil {
-		t.Fatalf("--metrics-addr: %v", err)
+	// One metrics port everywhere: ConfigMap, container/host port, probes.
+	// Unauthenticated, so on loopback, where the probes go.
+	if _, ok := flags["metrics-addr"]; ok {
+		t.Error("--metrics-addr: the metrics listener is the ConfigMap's alone (deploy/components/prometheus changes it there)")
 	}
 	if len(c.Ports) != 1 || c.Ports[0].Name != "metrics" || c.Ports[0].HostPort != c.Ports[0].ContainerPort || c.Ports[0].Protocol != corev1.ProtocolTCP {
 		t.Fatalf("ports %+v, want one TCP port named metrics with hostPort = containerPort", c.Ports)
 	}
 	port := c.Ports[0].ContainerPort
-	if flagPort != strconv.Itoa(int(port)) {
-		t.Errorf("--metrics-addr port %s, container port %d", flagPort, port)
-	}
-	ann := ds.Spec.Template.Annotations
-	if ann["prometheus.io/scrape"] != "true" || ann["prometheus.io/port"] != flagPort || ann["prometheus.io/path"] != "/metrics" {
-		t.Errorf("prometheus annotations %v, want scrape on port %s", ann, flagPort)
-	}
 	cfg := agentConfig(t, objs)
-	if _, cfgPort, _ := net.SplitHostPort(cfg.MetricsAddr); cfgPort != flagPort {
-		t.Errorf("ConfigMap metricsAddr %s, --metrics-addr %s", cfg.MetricsAddr, flags["metrics-addr"])
+	cfgHost, cfgPort, err := net.SplitHostPort(cfg.MetricsAddr)
+	if err != nil || cfgPort != strconv.Itoa(int(port)) {
+		t.Errorf("ConfigMap metricsAddr %s, container port %d", cfg.MetricsAddr, port)
+	}
+	if cfgHost != "127.0.0.1" || cfg.MetricsAuth != "none" {
+		t.Errorf("ConfigMap metricsAddr %s metricsAuth %q: want /metrics without authentication on loopback only", cfg.MetricsAddr, cfg.MetricsAuth)
+	}
+	for k := range ds.Spec.Template.Annotations {
+		if strings.HasPrefix(k, "prometheus.io/") {
+			t.Errorf("annotation %s: nothing outside the node can scrape the base's /metrics", k)
+		}
 	}
 	if cfg.Plugin.PinPath != flags["pin-path"] {
 		t.Errorf("ConfigMap plugin.pinPath %s, --pin-path %s", cfg.Plugin.PinPath, flags["pin-path"])
@@ -475,15 +478,7 @@ func TestDaemonSet(t *testing.T) {
 			t.Errorf("netnsDirs %s is not a mount", d)
 		}
 	}
-	for name, p := range map[string]*corev1.Probe{"startup": c.StartupProbe, "liveness": c.LivenessProbe, "readiness": c.ReadinessProbe} {
-		want := "/healthz"
-		if name == "readiness" {
-			want = "/readyz"
-		}
-		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != want || p.HTTPGet.Port != intstr.FromString("metrics") {
-			t.Errorf("%s probe %+v, want GET %s on the metrics port", name, p, want)
-		}
-	}
+	checkProbes(t, c, corev1.URISchemeHTTP)
 
 	r := c.Resources
 	if r.Requests.Cpu().IsZero() || r.Requests.Memory().IsZero() || r.Limits.Memory().IsZero() {
@@ -494,6 +489,23 @@ func TestDaemonSet(t *testing.T) {
 	}
 	if r.Limits.Memory().Cmp(*r.Requests.Memory()) < 0 {
 		t.Error("memory limit below the request")
+	}
+}
+
+// checkProbes: GET /healthz (startup, liveness) and /readyz (readiness)
+// on the metrics port, at the node's loopback (where the base's metrics
+// listen; the kubelet probes from the host), with scheme.
+func checkProbes(t *testing.T, c corev1.Container, scheme corev1.URIScheme) {
+	t.Helper()
+	for name, p := range map[string]*corev1.Probe{"startup": c.StartupProbe, "liveness": c.LivenessProbe, "readiness": c.ReadinessProbe} {
+		want := "/healthz"
+		if name == "readiness" {
+			want = "/readyz"
+		}
+		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != want || p.HTTPGet.Port != intstr.FromString("metrics") ||
+			p.HTTPGet.Host != "127.0.0.1" || p.HTTPGet.Scheme != scheme || len(p.HTTPGet.HTTPHeaders) != 0 {
+			t.Errorf("%s probe %+v, want GET %s %s on the metrics port at 127.0.0.1", name, p, scheme, want)
+		}
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -154,8 +155,8 @@ func contained(a, b any, path string) error {
 	}
 }
 
-// Kustomization is the part of kustomize's Kustomization that pktmeta's
-// kustomizations use; anything else in them is an error.
+// Kustomization is the part of kustomize's Kustomization (and Component)
+// that pktmeta's kustomizations use; anything else in them is an error.
 type Kustomization struct {
 	APIVersion string           `json:"apiVersion"`
 	Kind       string           `json:"kind"`
@@ -164,6 +165,7 @@ type Kustomization struct {
 	Resources  []string         `json:"resources"`
 	Images     []KustomizeImage `json:"images"`
 	Patches    []KustomizePatch `json:"patches"`
+	Components []string         `json:"components"`
 }
 
 // KustomizeLabel is an entry of Kustomization.Labels.
@@ -188,6 +190,16 @@ type KustomizePatch struct {
 
 // LoadKustomization reads dir/kustomization.yaml strictly.
 func LoadKustomization(dir string) (*Kustomization, error) {
+	return loadKustomization(dir, "kustomize.config.k8s.io/v1beta1", "Kustomization")
+}
+
+// LoadComponent reads dir/kustomization.yaml of a kustomize Component
+// (deploy/components/...) strictly.
+func LoadComponent(dir string) (*Kustomization, error) {
+	return loadKustomization(dir, "kustomize.config.k8s.io/v1alpha1", "Component")
+}
+
+func loadKustomization(dir, apiVersion, kind string) (*Kustomization, error) {
 	p := filepath.Join(dir, "kustomization.yaml")
 	b, err := os.ReadFile(p)
 	if err != nil {
@@ -197,7 +209,7 @@ func LoadKustomization(dir string) (*Kustomization, error) {
 	if err := StrictYAML(b, &k); err != nil {
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}
-	if k.APIVersion != "kustomize.config.k8s.io/v1beta1" || k.Kind != "Kustomization" {
+	if k.APIVersion != apiVersion || k.Kind != kind {
 		return nil, fmt.Errorf("%s: apiVersion/kind %s/%s", p, k.APIVersion, k.Kind)
 	}
 	return &k, nil
@@ -208,6 +220,9 @@ func LoadKustomization(dir string) (*Kustomization, error) {
 // deploy/configmap.yaml and pktmeta-agent's --config.
 type AgentConfig struct {
 	MetricsAddr     string         `json:"metricsAddr"`
+	MetricsAuth     string         `json:"metricsAuth"`
+	MetricsCertFile string         `json:"metricsCertFile"`
+	MetricsKeyFile  string         `json:"metricsKeyFile"`
 	LabelTags       []string       `json:"labelTags"`
 	UninstallOnExit string         `json:"uninstallOnExit"`
 	NetnsDirs       []string       `json:"netnsDirs"`
@@ -225,6 +240,10 @@ type PluginSettings struct {
 	AttachMode     string            `json:"attachMode"`
 	LogFile        string            `json:"logFile"`
 	LogLevel       string            `json:"logLevel"`
+	// Per-pod limits and which tag keys a pod may claim.
+	MaxConnectionsPerPod  uint32   `json:"maxConnectionsPerPod"`
+	EventsPerSecondPerPod int64    `json:"eventsPerSecondPerPod"`
+	AllowedPodTags        []string `json:"allowedPodTags"`
 }
 
 // ParseAgentConfig decodes and checks an agent configuration file: strict
@@ -240,8 +259,8 @@ func ParseAgentConfig(data []byte) (*AgentConfig, error) {
 	default:
 		return nil, fmt.Errorf("uninstallOnExit: want auto, never or always, got %q", c.UninstallOnExit)
 	}
-	if _, port, err := net.SplitHostPort(c.MetricsAddr); err != nil || port == "" {
-		return nil, fmt.Errorf("metricsAddr %q: want [host]:port (%v)", c.MetricsAddr, err)
+	if err := checkMetrics(&c); err != nil {
+		return nil, err
 	}
 	for _, p := range append([]string{c.CRISocket}, c.NetnsDirs...) {
 		if !filepath.IsAbs(p) {
@@ -259,6 +278,32 @@ func ParseAgentConfig(data []byte) (*AgentConfig, error) {
 		}
 	}
 	return &c, nil
+}
+
+// checkMetrics applies the agent's rules for its metrics listener:
+// without authentication ("none", the default) only on loopback.
+func checkMetrics(c *AgentConfig) error {
+	host, port, err := net.SplitHostPort(c.MetricsAddr)
+	if err != nil || port == "" {
+		return fmt.Errorf("metricsAddr %q: want [host]:port (%v)", c.MetricsAddr, err)
+	}
+	switch c.MetricsAuth {
+	case "", "none":
+		ip, err := netip.ParseAddr(host)
+		if host != "localhost" && (err != nil || !ip.Unmap().IsLoopback()) {
+			return fmt.Errorf("metricsAddr %q: unauthenticated metrics on a non-loopback address (metricsAuth %q)", c.MetricsAddr, c.MetricsAuth)
+		}
+	case "kubernetes", "insecure":
+	default:
+		return fmt.Errorf("metricsAuth: want none, kubernetes or insecure, got %q", c.MetricsAuth)
+	}
+	if (c.MetricsCertFile == "") != (c.MetricsKeyFile == "") {
+		return errors.New("metricsCertFile and metricsKeyFile: want both or neither")
+	}
+	if c.MetricsCertFile != "" && (c.MetricsAuth != "kubernetes" || !filepath.IsAbs(c.MetricsCertFile) || !filepath.IsAbs(c.MetricsKeyFile)) {
+		return errors.New("metricsCertFile and metricsKeyFile: absolute paths, with metricsAuth kubernetes")
+	}
+	return nil
 }
 
 // CheckPlugin runs the CNI plugin's own configuration parser on s, as an

@@ -258,7 +258,7 @@ func TestAgentOnANode(t *testing.T) {
 	out, code := ae.runCtl("--api-socket", filepath.Join(ae.runDir, "api.sock"), "lookup", "-o", "json",
 		"--proto", "tcp", "--src", origin.Src.String(), "--dst", origin.Dst.String())
 	var c view.Conn
-	if code != 0 || json.Unmarshal([]byte(out), &c) != nil || c.Origin.Pod != "web" || c.Tags["team"] != "storefront" {
+	if code != 0 || json.Unmarshal([]byte(out), &c) != nil || c.Origin.Pod != "web" || c.PodTags["team"] != "storefront" {
 		t.Fatalf("lookup through the agent API: exit %d\n%s", code, out)
 	}
 	// Events on stdout, metrics by workload.

@@ -121,7 +121,7 @@ func TestCLIConnsAndEvents(t *testing.T) {
 		t.Fatalf("conns does not list %s: %+v", origin, conns)
 	}
 	if found.Proto != "tcp" || found.Origin.Namespace != "shop" || found.Origin.Pod != "frontend" || found.Origin.UID == "" ||
-		found.Origin.ContainerID != tp.a.ContainerID || found.Tags["app"] != "web" || found.ConnID == 0 || !found.NAT ||
+		found.Origin.ContainerID != tp.a.ContainerID || found.PodTags["app"] != "web" || found.Tags["app"] != "" || found.ConnID == 0 || !found.NAT ||
 		found.Peer == nil || found.Peer.Pod != "db" || found.Seen == nil || found.Seen.Dst != netip.AddrPortFrom(tp.b.IPv4, tcpPort).String() {
 		t.Fatalf("conns entry %+v", *found)
 	}

@@ -151,12 +151,31 @@ func (e *env) addPod(ns, name string, annotations map[string]string) *testbed.Po
 
 func (e *env) open() *datapath.Datapath {
 	e.t.Helper()
-	d, err := datapath.Open(e.pin)
+	d, err := datapath.OpenReader(e.pin)
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { d.Close() })
 	return d
+}
+
+// rewriteConfig changes the pinned config slot, as another build of
+// pktmeta would have left it.
+func (e *env) rewriteConfig(change func(*datapath.Config)) {
+	e.t.Helper()
+	d, err := datapath.OpenExisting(e.pin, nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer d.Close()
+	cfg, err := d.ReadConfig()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	change(&cfg)
+	if err := d.WriteConfig(cfg); err != nil {
+		e.t.Fatal(err)
+	}
 }
 
 func (e *env) workloadOf(d *datapath.Datapath, p *testbed.Pod) datapath.Workload {

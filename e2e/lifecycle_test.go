@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -77,7 +75,7 @@ func TestSecondADDReusesPinnedPrograms(t *testing.T) {
 	d := e.open()
 	ids := []ebpf.ProgramID{progID(t, d.Origin), progID(t, d.Strict), progID(t, d.Deliver)}
 	b := e.addPod("default", "b", nil)
-	d2, err := datapath.Open(e.pin)
+	d2, err := datapath.OpenReader(e.pin)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -382,75 +380,6 @@ func TestBadInputErrors(t *testing.T) {
 	}
 }
 
-// TestConcurrentADDAndDEL: kubelet starts pods in parallel.
-func TestConcurrentADDAndDEL(t *testing.T) {
-	e := newEnv(t, envOptions{})
-	const n = 16
-	pods := make([]*testbed.Pod, n)
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			p, err := e.node.AddPod(e.ctx, testbed.PodSpec{Namespace: "par", Name: fmt.Sprintf("p%d", i)})
-			if err != nil {
-				errs <- err
-				return
-			}
-			pods[i] = p
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatalf("parallel ADD: %v", err)
-	}
-	d := e.open()
-	ws, _ := d.Workloads()
-	if len(ws) != n {
-		t.Fatalf("%d workloads, want %d", len(ws), n)
-	}
-	ids := map[uint32]bool{}
-	for _, w := range ws {
-		ids[w.ID] = true
-	}
-	if len(ids) != n {
-		t.Fatal("workload ids collide")
-	}
-	var st struct {
-		Attachments []struct{ Ingress, Egress string }
-	}
-	e.ctlJSON(&st, "status")
-	for _, a := range st.Attachments {
-		if a.Ingress != "ok" || a.Egress != "ok" {
-			t.Fatalf("attachment %+v", a)
-		}
-	}
-
-	errs = make(chan error, n)
-	for _, p := range pods {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := e.node.DelPod(context.Background(), p); err != nil {
-				errs <- err
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatalf("parallel DEL: %v", err)
-	}
-	if ws, _ := d.Workloads(); len(ws) != 0 {
-		t.Fatalf("%d workloads left", len(ws))
-	}
-	if pins := linkPins(t, e.pin); len(pins) != 0 {
-		t.Fatalf("pins left: %v", pins)
-	}
-}
-
 // TestUpgradeReplacesProgramsInPlace: pinned programs from another build
 // are replaced on every attached veth by a tcx link update; the links stay
 // the same objects and tagging continues.
@@ -465,18 +394,11 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 				oldLink = linkID(t, d, tp.workloadOf(d, tp.a))
 			}
 
-			// Pretend the pinned programs came from an older build.
-			cfg, err := d.ReadConfig()
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg.DatapathID = [32]byte{1}
-			if err := d.WriteConfig(cfg); err != nil {
-				t.Fatal(err)
-			}
+			// Pretend the pinned programs came from an older release.
+			tp.rewriteConfig(func(c *datapath.Config) { c.Release--; c.DatapathID = [32]byte{1} })
 			c := tp.addPod("shop", "new", nil)
 
-			d2, err := datapath.Open(tp.pin)
+			d2, err := datapath.OpenReader(tp.pin)
 			if err != nil {
 				t.Fatal(err)
 			}

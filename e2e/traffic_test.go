@@ -140,8 +140,9 @@ func TestConnectionsCarryOriginToDestination(t *testing.T) {
 			if *got.Origin != want {
 				t.Fatalf("origin %+v, want %+v", *got.Origin, want)
 			}
-			if got.Tags["cluster"] != "e2e" || got.Tags["app"] != "web" || len(got.Tags) != 2 {
-				t.Fatalf("tags %v, want cluster=e2e (config) and app=web (annotation)", got.Tags)
+			// The operator's tags and the ones the pod claimed are kept apart.
+			if got.Tags["cluster"] != "e2e" || len(got.Tags) != 1 || got.PodTags["app"] != "web" || len(got.PodTags) != 1 {
+				t.Fatalf("tags %v, pod tags %v: want cluster=e2e (config) and, claimed by the pod, app=web (annotation)", got.Tags, got.PodTags)
 			}
 			if got.Peer == nil || got.Peer.Pod != "db" || got.Seen == nil || got.Seen.Dst != backend.String() {
 				t.Fatalf("peer %+v seen %+v", got.Peer, got.Seen)

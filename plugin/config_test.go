@@ -42,12 +42,12 @@ func TestParseConfigAllKeys(t *testing.T) {
 	if c.PinPath != "/sys/fs/bpf/x" || !c.StrictSource || c.MaxConnections != 65536 || c.mode != attach.Legacy || c.logLevel != slog.LevelDebug {
 		t.Fatalf("parsed: %+v", c)
 	}
-	tags, err := c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	tags, podTags, err := c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(tags) != 3 || tags["app"] != "web" || tags["team"] != "payments" {
-		t.Fatalf("tags %v", tags)
+	if len(tags) != 2 || tags["team"] != "payments" || len(podTags) != 1 || podTags["app"] != "web" {
+		t.Fatalf("tags %v, pod tags %v", tags, podTags)
 	}
 }
 
@@ -57,12 +57,15 @@ func TestStaticTagsWinOverAnnotations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tags, err := c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	tags, podTags, err := c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if tags["team"] != "ops" {
 		t.Fatalf("annotation overrode a static tag: %v", tags)
+	}
+	if _, ok := podTags["team"]; ok {
+		t.Fatalf("a key the static tags hold is also a pod tag: %v", podTags)
 	}
 }
 
@@ -107,7 +110,7 @@ func TestBadAnnotationTag(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	_, _, err = c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	var e *types.Error
 	if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig || !strings.Contains(e.Details, "pktmeta.dev/a b") {
 		t.Fatalf("bad annotation: %v", err)
@@ -115,13 +118,13 @@ func TestBadAnnotationTag(t *testing.T) {
 }
 
 func TestParseCNIArgs(t *testing.T) {
-	id := parseCNIArgs("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1;X=y", "cid")
-	if id.Namespace != "shop" || id.Name != "web-0" || id.UID != "u-1" || id.ContainerID != "abc" || id.partial() {
-		t.Fatalf("%+v", id)
+	id, err := parseCNIArgs("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1;X=y", "cid")
+	if err != nil || id.Namespace != "shop" || id.Name != "web-0" || id.UID != "u-1" || id.ContainerID != "abc" || id.partial() {
+		t.Fatalf("%+v %v", id, err)
 	}
-	id = parseCNIArgs("", "cid")
-	if id.ContainerID != "cid" || !id.partial() {
-		t.Fatalf("%+v", id)
+	id, err = parseCNIArgs("", "cid")
+	if err != nil || id.ContainerID != "cid" || !id.partial() {
+		t.Fatalf("%+v %v", id, err)
 	}
 }
 

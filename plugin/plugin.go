@@ -9,10 +9,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -59,14 +57,9 @@ func withLogger(args *skel.CmdArgs, verb string, fn func(*Config, *slog.Logger) 
 
 func cmdAdd(args *skel.CmdArgs) error {
 	return withLogger(args, "ADD", func(conf *Config, log *slog.Logger) error {
-		if conf.PrevResult == nil {
-			return errNoPrevResult
-		}
-		prev, err := current.NewResultFromResult(conf.PrevResult)
-		if err != nil {
-			return fmt.Errorf("convert prevResult: %w", err)
-		}
-		tags, err := conf.podTags(log)
+		// Everything that can be checked before touching the system is:
+		// bad input fails here and leaves nothing behind.
+		in, err := parseAddInput(conf, args, log)
 		if err != nil {
 			return err
 		}
@@ -75,53 +68,40 @@ func cmdAdd(args *skel.CmdArgs) error {
 			return fmt.Errorf("open netns %q: %w", args.Netns, err)
 		}
 		defer netns.Close()
-		veth, err := hostVeth(netns, args.IfName, prev)
+		veth, err := hostVeth(netns, args.IfName, in.prev)
 		if err != nil {
 			return err
 		}
-
-		id := parseCNIArgs(args.Args, args.ContainerID)
 		hostNetns, err := datapath.CurrentNetns()
 		if err != nil {
 			return err
 		}
-		w := &datapath.Workload{
-			Namespace:   id.Namespace,
-			Pod:         id.Name,
-			UID:         id.UID,
-			ContainerID: args.ContainerID,
-			IfName:      args.IfName,
-			HostIfName:  veth.Attrs().Name,
-			HostIfindex: uint32(veth.Attrs().Index),
-			HostNetns:   hostNetns,
-			Netns:       args.Netns,
-			Tags:        tags,
-			Created:     time.Now(),
-			Partial:     id.partial(),
-		}
+		w, addrs := in.workload, in.addrs
+		w.HostIfName, w.HostIfindex, w.HostNetns = veth.Attrs().Name, uint32(veth.Attrs().Index), hostNetns
 		if err := datapath.ValidateWorkload(w); err != nil {
 			return configError("%v", err)
 		}
-		addrs := podAddrs(prev)
-		if conf.StrictSource && len(addrs) == 0 {
-			return configError("key \"strictSource\": prevResult has no IP addresses to allow")
-		}
 
-		d, res, err := datapath.Ensure(datapath.Options{PinPath: conf.PinPath, MaxConnections: conf.MaxConnections}, log)
+		// The handle holds the node lock shared until the ADD is done: no
+		// upgrade can replace the programs between opening and attaching.
+		d, res, err := datapath.Open(datapath.Options{PinPath: conf.PinPath, MaxConnections: conf.MaxConnections, Log: log})
 		if err != nil {
 			return datapathError(err)
 		}
 		defer d.Close()
 		if res.Loaded {
-			log.Info("datapath loaded", "created", res.Created, "upgraded", res.Upgraded)
+			log.Info("datapath loaded", "created", res.Created, "repaired", res.Repaired, "previous", res.Previous, "upgraded", res.Upgraded)
 		}
-
-		lock, err := datapath.LockPinPath(conf.PinPath, false)
-		if err != nil {
-			return datapathError(err)
+		if len(addrs) == 0 {
+			log.Warn("prevResult has no IP addresses: nothing this pod sends is tagged (only its own addresses may open connections)")
 		}
-		defer lock.Unlock()
-		err = d.AddAttachment(w, datapath.AttachOptions{Mode: conf.mode, Strict: conf.StrictSource, Addrs: addrs}, log)
+		err = d.Attach(w, datapath.AttachOptions{
+			Mode:            conf.mode,
+			Strict:          conf.StrictSource,
+			Addrs:           addrs,
+			MaxConnections:  conf.MaxConnectionsPerPod,
+			EventsPerSecond: conf.eventsPerSec,
+		})
 		if errors.Is(err, attach.ErrNoTCX) {
 			return configError("key \"attachMode\": %v", err)
 		}
@@ -157,43 +137,25 @@ func cmdDel(args *skel.CmdArgs) error {
 	return withLogger(args, "DEL", func(conf *Config, log *slog.Logger) error {
 		// DEL must succeed when anything is missing: no datapath, no
 		// workload, no netns, no prevResult, a second DEL.
-		d, unlock, err := openForRemoval(conf, log)
+		d, err := openExisting(conf, log)
 		if d == nil || err != nil {
 			return err
 		}
-		defer unlock()
-
-		key := datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName}
-		w, ok, err := d.FindAttachment(key)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			// Nothing registered; still drop stray pins a crashed ADD left.
-			return datapath.RemoveLinkDir(d.AttachmentLinkDir(key))
-		}
-		return d.RemoveAttachment(w, log)
+		defer d.Close()
+		_, err = d.Detach(datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName})
+		return err
 	})
 }
 
-// openForRemoval opens the pinned maps (removing state needs no programs)
-// and takes the shared lock. A nil datapath and nil error: nothing pinned,
-// so nothing to remove.
-func openForRemoval(conf *Config, log *slog.Logger) (*datapath.Datapath, func(), error) {
-	d, err := datapath.OpenMaps(conf.PinPath)
-	if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) || errors.Is(err, os.ErrNotExist) {
+// openExisting opens the committed datapath for removals. A nil datapath
+// and nil error: nothing is pinned, so there is nothing to remove.
+func openExisting(conf *Config, log *slog.Logger) (*datapath.Datapath, error) {
+	d, err := datapath.OpenExisting(conf.PinPath, log)
+	if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, datapath.ErrNotBPFFS) {
 		log.Debug("no datapath, nothing to remove", "err", err)
-		return nil, nil, nil
+		return nil, nil
 	}
-	if err != nil {
-		return nil, nil, err
-	}
-	lock, err := datapath.LockPinPath(conf.PinPath, false)
-	if err != nil {
-		d.Close()
-		return nil, nil, err
-	}
-	return d, func() { lock.Unlock(); d.Close() }, nil
+	return d, err
 }
 
 func cmdCheck(args *skel.CmdArgs) error {
@@ -205,19 +167,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 		if err != nil {
 			return fmt.Errorf("convert prevResult: %w", err)
 		}
-		d, err := datapath.Open(conf.PinPath)
+		d, err := datapath.OpenExisting(conf.PinPath, log)
 		if err != nil {
 			return fmt.Errorf("pktmeta datapath: %w", err)
 		}
 		defer d.Close()
-		key := datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName}
-		w, ok, err := d.FindAttachment(key)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return fmt.Errorf("no pktmeta attachment registered for container %s interface %s", args.ContainerID, args.IfName)
-		}
 		netns, err := ns.GetNS(args.Netns)
 		if err != nil {
 			return fmt.Errorf("open netns %q: %w", args.Netns, err)
@@ -227,86 +181,25 @@ func cmdCheck(args *skel.CmdArgs) error {
 		if err != nil {
 			return err
 		}
-		if uint32(veth.Attrs().Index) != w.HostIfindex {
-			return fmt.Errorf("pod's host veth is %s (ifindex %d), pktmeta attached to ifindex %d", veth.Attrs().Name, veth.Attrs().Index, w.HostIfindex)
-		}
-		return checkAttached(d, w)
+		return d.Check(datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName}, uint32(veth.Attrs().Index))
 	})
-}
-
-// checkAttached verifies our programs are on the veth's hooks right now.
-func checkAttached(d *datapath.Datapath, w datapath.Workload) error {
-	got, err := attach.Query(int(w.HostIfindex))
-	if err != nil {
-		return err
-	}
-	ingress := d.Origin
-	if w.Strict {
-		ingress = d.Strict
-	}
-	for _, h := range []struct {
-		hook attach.Hook
-		prog *ebpf.Program
-	}{{attach.Ingress, ingress}, {attach.Egress, d.Deliver}} {
-		if h.hook == attach.Egress && w.NoEgress {
-			continue
-		}
-		info, err := h.prog.Info()
-		if err != nil {
-			return fmt.Errorf("program info: %w", err)
-		}
-		id, _ := info.ID()
-		if !got.Has(h.hook, id) {
-			return fmt.Errorf("pktmeta program %s (id %d) is not attached to %s %s", info.Name, id, w.HostIfName, h.hook)
-		}
-	}
-	return nil
 }
 
 func cmdGC(args *skel.CmdArgs) error {
 	return withLogger(args, "GC", func(conf *Config, log *slog.Logger) error {
-		d, unlock, err := openForRemoval(conf, log)
+		d, err := openExisting(conf, log)
 		if d == nil || err != nil {
 			return err
 		}
-		defer unlock()
-
+		defer d.Close()
 		valid := map[datapath.AttachmentKey]bool{}
 		for _, a := range conf.ValidAttachments {
 			valid[datapath.AttachmentKey{ContainerID: a.ContainerID, IfName: a.IfName}] = true
 		}
-		all, err := d.Workloads()
-		if err != nil {
-			return err
-		}
-		var errs []error
-		removed := 0
-		for _, w := range all {
-			if valid[w.Key()] {
-				continue
-			}
-			if err := d.RemoveAttachment(w, log); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			removed++
-		}
-		if n, err := d.SweepRecords(nil); err != nil {
-			errs = append(errs, err)
-		} else {
-			log.Info("gc: idle UDP records removed", "records", n)
-		}
-		orphans, err := d.OrphanLinkDirs()
-		if err != nil {
-			errs = append(errs, err)
-		}
-		for _, dir := range orphans {
-			if err := datapath.RemoveLinkDir(dir); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		log.Info("gc", "removed", removed, "orphanLinkDirs", len(orphans))
-		return errors.Join(errs...)
+		res, err := d.CollectGarbage(func(w datapath.Workload) bool { return valid[w.Key()] })
+		log.Info("gc", "attachments", res.Attachments, "orphanLinks", res.OrphanLinks, "orphanEndpoints", res.OrphanEndpoints,
+			"records", res.Sweep.Removed(), "aliases", res.Sweep.Aliases)
+		return err
 	})
 }
 
@@ -315,7 +208,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 		if err := datapath.CheckBPFFS(conf.PinPath); err != nil {
 			return types.NewError(types.ErrPluginNotAvailable, "pktmeta: bpffs not usable", err.Error())
 		}
-		d, err := datapath.Open(conf.PinPath)
+		d, err := datapath.OpenReader(conf.PinPath)
 		if errors.Is(err, datapath.ErrNotLoaded) {
 			// The first ADD loads it.
 			return nil

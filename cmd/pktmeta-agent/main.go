@@ -3,8 +3,12 @@
 //	pktmeta-agent run          install into the CNI chain, keep it there, own the
 //	                           datapath, cover existing pods, export events/metrics/API
 //	pktmeta-agent install      one-shot: copy the plugin, insert the conflist entry
+//	                           (waits up to --wait-for-primary for a usable primary config)
 //	pktmeta-agent uninstall    one-shot: remove the entry and the plugin, detach, unpin
 //	pktmeta-agent mount-bpffs  mount bpffs at --bpffs unless mounted (init container)
+//
+// install and uninstall take the plugin binary from --plugin-binary, by
+// default the pktmeta file beside this executable (symlinks resolved).
 //
 // Events go to stdout as JSON lines; logs go to stderr.
 package main
@@ -35,13 +39,21 @@ func main() {
 	}
 	cmd, args := os.Args[1], os.Args[2:]
 	cfg := agent.Defaults()
+	oneShot := cmd == "install" || cmd == "uninstall"
+	// The one-shot commands install the plugin that was built or shipped
+	// with this agent. The config file, then an explicit flag, win.
+	var besideErr error
+	if oneShot {
+		cfg.PluginBinary, besideErr = agent.PluginBesideAgent()
+	}
 	fs := flag.NewFlagSet(cmd, flag.ExitOnError)
 	configFile := fs.String("config", "", "YAML config file (the DaemonSet's ConfigMap)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	bpffs := fs.String("bpffs", "/sys/fs/bpf", "mount-bpffs: where to mount bpffs")
 	fs.StringVar(&cfg.CNIConfDir, "cni-conf-dir", cfg.CNIConfDir, "the host's CNI config dir")
 	fs.StringVar(&cfg.CNIBinDir, "cni-bin-dir", cfg.CNIBinDir, "the host's CNI plugin dir")
-	fs.StringVar(&cfg.PluginBinary, "plugin-binary", cfg.PluginBinary, "the pktmeta plugin binary to install")
+	fs.StringVar(&cfg.PluginBinary, "plugin-binary", cfg.PluginBinary, "the pktmeta plugin binary to install (install, uninstall: the pktmeta beside this executable)")
+	waitForPrimary := fs.Duration("wait-for-primary", agent.DefaultWaitForPrimary, "install: how long to wait for a usable primary CNI config before failing (0: don't wait)")
 	fs.StringVar(&cfg.Plugin.PinPath, "pin-path", cfg.Plugin.PinPath, "bpffs directory of the pinned datapath")
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "where the CNI config backup is kept")
 	fs.StringVar(&cfg.RunDir, "run-dir", cfg.RunDir, "where the API socket is")
@@ -79,6 +91,10 @@ func main() {
 		cfg.LabelTags = strings.Split(*labelTags, ",")
 	}
 	cfg.PodName, cfg.PodNamespace = os.Getenv("POD_NAME"), os.Getenv("POD_NAMESPACE")
+	if *waitForPrimary < 0 {
+		fmt.Fprintln(os.Stderr, "pktmeta-agent: --wait-for-primary: want a duration >= 0, got", *waitForPrimary)
+		os.Exit(2)
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -94,9 +110,13 @@ func main() {
 	case "run":
 		err = agent.New(cfg, log, os.Stdout).Run(ctx)
 	case "install":
-		err = agent.Install(ctx, cfg, log)
+		if err = pluginBinaryGiven(cfg.PluginBinary, besideErr); err == nil {
+			err = agent.Install(ctx, cfg, *waitForPrimary, log)
+		}
 	case "uninstall":
-		err = agent.Uninstall(cfg, log)
+		if err = pluginBinaryGiven(cfg.PluginBinary, besideErr); err == nil {
+			err = agent.Uninstall(cfg, log)
+		}
 	case "mount-bpffs":
 		err = agent.EnsureBPFFS(*bpffs, log)
 	default:
@@ -107,4 +127,15 @@ func main() {
 		log.Error(cmd+" failed", "err", err)
 		os.Exit(1)
 	}
+}
+
+// pluginBinaryGiven checks the plugin binary of install and uninstall
+// before anything changes: uninstall needs it too, to tell whether the
+// binary in the CNI bin dir is ours. besideErr says why there is no
+// default.
+func pluginBinaryGiven(path string, besideErr error) error {
+	if path == "" && besideErr != nil {
+		return fmt.Errorf("no plugin binary: give --plugin-binary (no default: %w)", besideErr)
+	}
+	return agent.CheckPluginBinary(path)
 }

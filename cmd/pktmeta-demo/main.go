@@ -387,7 +387,7 @@ func (dm *demo) buildPods() error {
 	}
 	dm.frontend, dm.checkout, dm.db = dm.pods[0], dm.pods[1], dm.pods[2]
 
-	d, err := datapath.Open(dm.pin)
+	d, err := datapath.OpenReader(dm.pin)
 	if err != nil {
 		return fmt.Errorf("open the datapath the plugin pinned at %s: %w", dm.pin, err)
 	}

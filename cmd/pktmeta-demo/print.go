@@ -55,17 +55,17 @@ func (dm *demo) printBuilt() {
 	fmt.Fprintln(dm.out, "  pktmeta      pinPath above, tags {\"cluster\": \"demo\"}, pod annotations pktmeta.dev/* as tags")
 	fmt.Fprintln(dm.out)
 	fmt.Fprintln(dm.out, "  Pods (CNI ADD). IPs and host veths come from the CNI result; HOOK and TAGS are read back")
-	fmt.Fprintln(dm.out, "  from pktmeta's workload map.")
+	fmt.Fprintln(dm.out, "  from pktmeta's workload map. TAGS are the operator's; POD TAGS the pod claimed itself.")
 	fmt.Fprintln(dm.out)
 	tw := tabwriter.NewWriter(dm.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "  POD\tIPv4\tIPv6\tHOST VETH\tHOOK\tTAGS")
+	fmt.Fprintln(tw, "  POD\tIPv4\tIPv6\tHOST VETH\tHOOK\tTAGS\tPOD TAGS")
 	for _, p := range dm.pods {
 		w := dm.workloads[p]
 		hook := "tcx"
 		if w.Legacy {
 			hook = "tc"
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\n", podName(p), p.IPv4, p.IPv6, p.HostVeth, hook, tagString(w.Tags))
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", podName(p), p.IPv4, p.IPv6, p.HostVeth, hook, tagString(w.Tags), tagString(w.PodTags))
 	}
 	tw.Flush()
 	fmt.Fprintln(dm.out)
@@ -133,7 +133,7 @@ func (dm *demo) printRecord(res *view.Resolver, rec datapath.Record) {
 	} else {
 		fmt.Fprintln(dm.out, "      receiver saw  - (not delivered to a pod on this node)")
 	}
-	fmt.Fprintf(dm.out, "      origin        %s, tags %s\n", v.Origin.Name(), tagString(v.Tags))
+	fmt.Fprintf(dm.out, "      origin        %s, tags %s, pod tags %s\n", v.Origin.Name(), tagString(v.Tags), tagString(v.PodTags))
 	fmt.Fprintf(dm.out, "                    uid %s  container %s\n", orDash(v.Origin.UID), orDash(shortID(v.Origin.ContainerID)))
 	line := fmt.Sprintf("      conn id       %d   first seen %s", v.ConnID, rec.FirstSeen.UTC().Format("15:04:05.000000 UTC"))
 	if v.Seen != nil {

@@ -115,7 +115,7 @@ func parse(fs *flag.FlagSet, output *string, args []string) error {
 }
 
 func open(pinPath string) (*datapath.Datapath, error) {
-	d, err := datapath.OpenMaps(pinPath)
+	d, err := datapath.OpenReader(pinPath)
 	if err != nil {
 		return nil, &exitError{3, fmt.Sprintf("open pinned datapath: %v", err)}
 	}
@@ -147,9 +147,27 @@ func cmdConns(pinPath, socket string, args []string, out io.Writer) error {
 			peer = c.Peer.Name()
 			saw = c.Seen.Src + " -> " + c.Seen.Dst
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", c.Proto, c.Src, c.Dst, c.Origin.Name(), tagString(c.Tags), c.ConnID, c.FirstSeen, peer, saw)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", c.Proto, c.Src, c.Dst, c.Origin.Name(), allTags(c.Tags, c.PodTags), c.ConnID, c.FirstSeen, peer, saw)
 	}
 	return tw.Flush()
+}
+
+// allTags shows the operator's tags as key=value and the ones the pod
+// claimed itself as pod:key=value, so that nobody takes one for the other.
+func allTags(tags, podTags map[string]string) string {
+	var parts []string
+	if len(tags) > 0 {
+		parts = append(parts, tagString(tags))
+	}
+	if len(podTags) > 0 {
+		for _, kv := range strings.Split(tagString(podTags), ",") {
+			parts = append(parts, "pod:"+kv)
+		}
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ",")
 }
 
 func tagString(tags map[string]string) string {
@@ -208,6 +226,7 @@ func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
 		fmt.Fprintf(tw, "origin container\t%s\n", c.Origin.ContainerID)
 	}
 	fmt.Fprintf(tw, "tags\t%s\n", tagString(c.Tags))
+	fmt.Fprintf(tw, "pod tags\t%s (claimed by the pod itself)\n", tagString(c.PodTags))
 	if c.Seen != nil {
 		fmt.Fprintf(tw, "delivered to\t%s at %s\n", c.Peer.Name(), c.Delivered)
 		fmt.Fprintf(tw, "receiver saw\t%s -> %s (nat: %v)\n", c.Seen.Src, c.Seen.Dst, c.NAT)

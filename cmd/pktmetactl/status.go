@@ -8,7 +8,6 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/cilium/ebpf"
 	"github.com/pktmeta/pktmeta/internal/attach"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 )
@@ -34,11 +33,23 @@ type attachmentStatus struct {
 	Ingress     string            `json:"ingress"`
 	Egress      string            `json:"egress"`
 	Tags        map[string]string `json:"tags,omitempty"`
+	// PodTags are claimed by the pod itself (annotations, labels).
+	PodTags map[string]string `json:"podTags,omitempty"`
+	// What the datapath counts for this pod (see README, Trust).
+	Addresses      []string `json:"addresses"`
+	Live           int64    `json:"live"`
+	MaxConnections uint32   `json:"maxConnections"`
+	Spoofed        uint64   `json:"spoofed"`
+	OverBudget     uint64   `json:"overBudget"`
+	TableFull      uint64   `json:"tableFull"`
+	NotParty       uint64   `json:"notParty"`
+	EventsLimited  uint64   `json:"eventsLimited"`
 }
 
 type status struct {
 	PinPath       string             `json:"pinPath"`
 	LayoutVersion uint32             `json:"layoutVersion"`
+	Release       uint32             `json:"release"`
 	DatapathID    string             `json:"datapathID"`
 	Current       bool               `json:"current"`
 	UDPTimeout    string             `json:"udpTimeout"`
@@ -86,31 +97,32 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	st := &status{
 		PinPath:       d.PinPath,
 		LayoutVersion: cfg.LayoutVersion,
+		Release:       cfg.Release,
 		DatapathID:    hex.EncodeToString(cfg.DatapathID[:8]),
-		Current:       cfg.DatapathID == id,
+		Current:       cfg.DatapathID == id && cfg.Release == datapath.Release,
 		UDPTimeout:    cfg.UDPTimeout.String(),
 		Counters:      map[string]uint64{},
 	}
-	if !st.Current {
-		st.Problems = append(st.Problems, "pinned programs come from another build than this pktmetactl; the next CNI ADD upgrades them")
+	switch {
+	case cfg.Release > datapath.Release:
+		st.Problems = append(st.Problems, fmt.Sprintf("pinned datapath is release %d, newer than this pktmetactl (%d): use the pktmetactl of the installed release", cfg.Release, datapath.Release))
+	case !st.Current:
+		st.Problems = append(st.Problems, fmt.Sprintf("pinned programs are release %d, another build than this pktmetactl (release %d); the next CNI ADD, or the agent at start, upgrades an older one", cfg.Release, datapath.Release))
 	}
-	progIDs := map[string]ebpf.ProgramID{}
-	if err := d.OpenPrograms(); err != nil {
-		st.Problems = append(st.Problems, fmt.Sprintf("pinned programs: %v (the next CNI ADD loads them)", err))
-	}
-	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver} {
-		if d.Program(name) == nil {
+	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver, datapath.ProgSweep} {
+		p := d.Program(name)
+		if p == nil {
+			st.Problems = append(st.Problems, fmt.Sprintf("program %s is not pinned (the next CNI ADD, or the agent at start, completes the datapath)", name))
 			continue
 		}
-		info, err := d.Program(name).Info()
+		info, err := p.Info()
 		if err != nil {
 			return nil, fmt.Errorf("program %s: %w", name, err)
 		}
 		pid, _ := info.ID()
-		progIDs[name] = pid
 		ps := programStatus{Name: info.Name, ID: uint32(pid), Tag: info.Tag}
 		// Non-zero only while kernel.bpf_stats_enabled=1.
-		if s, err := d.Program(name).Stats(); err == nil && s.RunCount > 0 {
+		if s, err := p.Stats(); err == nil && s.RunCount > 0 {
 			ps.RunCount = s.RunCount
 			ps.RunTime = s.Runtime.String()
 		}
@@ -121,6 +133,10 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	if err != nil {
 		return nil, err
 	}
+	eps, err := d.ListEndpoints()
+	if err != nil {
+		return nil, err
+	}
 	ownNetns, err := datapath.CurrentNetns()
 	if err != nil {
 		return nil, err
@@ -128,37 +144,17 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	for _, w := range workloads {
 		as := attachmentStatus{
 			Workload: w.ID, Namespace: w.Namespace, Pod: w.Pod, ContainerID: w.ContainerID, IfName: w.IfName,
-			HostIfName: w.HostIfName, HostIfindex: w.HostIfindex, Mode: "tcx", Strict: w.Strict, Tags: w.Tags,
+			HostIfName: w.HostIfName, HostIfindex: w.HostIfindex, Mode: "tcx", Strict: w.Strict, Tags: w.Tags, PodTags: w.PodTags,
+			Ingress: "-", Egress: "-", Addresses: []string{},
 		}
 		if w.Legacy {
 			as.Mode = "legacy"
 		}
-		var got attach.Attached
-		if w.HostNetns != 0 && w.HostNetns != ownNetns {
-			err = fmt.Errorf("its veth is in network namespace %d and pktmetactl runs in %d: run it in the host's (nsenter --net=...)", w.HostNetns, ownNetns)
-		} else {
-			got, err = attach.Query(int(w.HostIfindex))
-		}
-		ingressWant := progIDs[datapath.ProgOrigin]
-		if w.Strict {
-			ingressWant = progIDs[datapath.ProgStrict]
-		}
-		hookState := func(h attach.Hook, want ebpf.ProgramID) string {
-			switch {
-			case err != nil:
-				return "unknown: " + err.Error()
-			case got.Has(h, want):
-				return "ok"
-			}
-			return "missing"
-		}
-		as.Ingress = hookState(attach.Ingress, ingressWant)
-		as.Egress = hookState(attach.Egress, progIDs[datapath.ProgDeliver])
-		if prios := got.ForeignBefore[attach.Ingress]; as.Ingress == "ok" && len(prios) > 0 {
-			as.Ingress = fmt.Sprintf("ok, after foreign filters at prio %v: packets they redirect are not seen", prios)
-		}
 		if w.NoEgress {
 			as.Egress = "unavailable (ingress qdisc present, no clsact)"
+		}
+		if err := hookStates(d, w, ownNetns, &as); err != nil {
+			as.Ingress, as.Egress = "unknown: "+err.Error(), "unknown: "+err.Error()
 		}
 		for _, h := range []struct {
 			name, state string
@@ -166,6 +162,16 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 			if !strings.HasPrefix(h.state, "ok") && !strings.HasPrefix(h.state, "unavailable") {
 				st.Problems = append(st.Problems, fmt.Sprintf("%s (%s): %s hook %s", podName(w), w.HostIfName, h.name, h.state))
 			}
+		}
+		if ep, ok := eps[w.HostIfindex]; ok && ep.Workload == w.ID {
+			for _, a := range ep.Addrs {
+				as.Addresses = append(as.Addresses, a.String())
+			}
+			as.Live, as.MaxConnections = ep.Live, ep.MaxConnections
+			as.Spoofed, as.OverBudget, as.TableFull, as.NotParty, as.EventsLimited = ep.Spoofed, ep.OverBudget, ep.TableFull, ep.NotParty, ep.EventsLimited
+			st.Problems = append(st.Problems, podProblems(w, ep)...)
+		} else {
+			st.Problems = append(st.Problems, fmt.Sprintf("%s (%s): registered, but no endpoint: its veth creates no records", podName(w), w.HostIfName))
 		}
 		st.Attachments = append(st.Attachments, as)
 	}
@@ -180,7 +186,72 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		st.Counters[f.Name] = f.Value
 		st.counterOrder = append(st.counterOrder, f.Name)
 	}
+	if stats.TableFull > 0 {
+		st.Problems = append(st.Problems, fmt.Sprintf("the connection table was full %d times: those connections were not tagged (raise maxConnections, or lower maxConnectionsPerPod)", stats.TableFull))
+	}
+	if stats.AliasesFull > 0 {
+		st.Problems = append(st.Problems, fmt.Sprintf("the alias table was full %d times: those connections behind Service NAT were not delivered", stats.AliasesFull))
+	}
+	if stats.EventsDropped > 0 {
+		st.Problems = append(st.Problems, fmt.Sprintf("%d events were dropped: the ring buffer was full (no reader, or a slow one; the agent is its reader)", stats.EventsDropped))
+	}
 	return st, nil
+}
+
+// hookStates fills the hook columns from the hook table, which says what
+// must be on each hook of the veth (the same table attach and CHECK use).
+func hookStates(d *datapath.Datapath, w datapath.Workload, ownNetns uint64, as *attachmentStatus) error {
+	if w.HostNetns != 0 && w.HostNetns != ownNetns {
+		return fmt.Errorf("its veth is in network namespace %d and pktmetactl runs in %d: run it in the host's (nsenter --net=...)", w.HostNetns, ownNetns)
+	}
+	hooks, err := d.HookStatus(w)
+	if err != nil {
+		return err
+	}
+	got, err := attach.Query(int(w.HostIfindex))
+	if err != nil {
+		return err
+	}
+	for _, h := range hooks {
+		state := "missing"
+		if h.OK {
+			state = "ok"
+			if prios := got.ForeignBefore[h.Hook]; len(prios) > 0 {
+				state = fmt.Sprintf("ok, after foreign filters at prio %v: packets they redirect are not seen", prios)
+			}
+		} else if h.ProgramID == 0 {
+			state = "missing: " + h.Problem
+		}
+		switch h.Hook {
+		case attach.Ingress:
+			as.Ingress = state
+		case attach.Egress:
+			as.Egress = state
+		}
+	}
+	return nil
+}
+
+// podProblems are what the datapath counted against one pod.
+func podProblems(w datapath.Workload, ep datapath.Endpoint) []string {
+	var out []string
+	name := fmt.Sprintf("%s (%s)", podName(w), w.HostIfName)
+	if len(ep.Addrs) == 0 {
+		out = append(out, name+": no addresses from the primary plugin: nothing it sends is tagged")
+	}
+	if ep.Spoofed > 0 {
+		out = append(out, fmt.Sprintf("%s: sent %d packets with a source address that is not its own (%v); none was tagged", name, ep.Spoofed, ep.Addrs))
+	}
+	if ep.OverBudget > 0 {
+		out = append(out, fmt.Sprintf("%s: %d connections went untagged over its budget of %d records (maxConnectionsPerPod)", name, ep.OverBudget, ep.MaxConnections))
+	}
+	if ep.TableFull > 0 {
+		out = append(out, fmt.Sprintf("%s: %d connections went untagged: the table was full", name, ep.TableFull))
+	}
+	if ep.NotParty > 0 {
+		out = append(out, fmt.Sprintf("%s: tried %d times to change a connection it is not a party to (another pod with its address?)", name, ep.NotParty))
+	}
+	return out
 }
 
 func podName(w datapath.Workload) string {
@@ -194,6 +265,7 @@ func printStatus(out io.Writer, st *status) {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "pin path\t%s\n", st.PinPath)
 	fmt.Fprintf(tw, "layout version\t%d\n", st.LayoutVersion)
+	fmt.Fprintf(tw, "release\t%d\n", st.Release)
 	fmt.Fprintf(tw, "datapath id\t%s (this build: %v)\n", st.DatapathID, st.Current)
 	fmt.Fprintf(tw, "udp timeout\t%s\n", st.UDPTimeout)
 	tw.Flush()
@@ -212,7 +284,7 @@ func printStatus(out io.Writer, st *status) {
 
 	fmt.Fprintln(out, "\nATTACHMENTS")
 	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tPOD\tCONTAINER\tIFNAME\tHOST-VETH\tMODE\tINGRESS\tEGRESS\tTAGS")
+	fmt.Fprintln(tw, "WORKLOAD\tPOD\tCONTAINER\tIFNAME\tHOST-VETH\tMODE\tINGRESS\tEGRESS\tLIVE/MAX\tSPOOFED\tOVER-BUDGET\tTAGS\tPOD-TAGS")
 	for _, a := range st.Attachments {
 		pod := a.Namespace + "/" + a.Pod
 		if a.Pod == "" {
@@ -222,7 +294,8 @@ func printStatus(out io.Writer, st *status) {
 		if a.Strict {
 			mode += ",strict"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%.12s\t%s\t%s(%d)\t%s\t%s\t%s\t%s\n", a.Workload, pod, a.ContainerID, a.IfName, a.HostIfName, a.HostIfindex, mode, a.Ingress, a.Egress, tagString(a.Tags))
+		fmt.Fprintf(tw, "%d\t%s\t%.12s\t%s\t%s(%d)\t%s\t%s\t%s\t%d/%d\t%d\t%d\t%s\t%s\n", a.Workload, pod, a.ContainerID, a.IfName, a.HostIfName, a.HostIfindex, mode,
+			a.Ingress, a.Egress, a.Live, a.MaxConnections, a.Spoofed, a.OverBudget, tagString(a.Tags), tagString(a.PodTags))
 	}
 	tw.Flush()
 

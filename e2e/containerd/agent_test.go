@@ -322,7 +322,7 @@ func TestAgentInContainerd(t *testing.T) {
 	// annotation tag), not the partial one of a bare netns.
 	var d *datapath.Datapath
 	eventually(t, 10*time.Second, "pinned datapath", func() error {
-		d, err = datapath.Open(pin)
+		d, err = datapath.OpenReader(pin)
 		return err
 	})
 	dOpen := true
@@ -520,7 +520,7 @@ func TestAgentInContainerd(t *testing.T) {
 	// Read the pins afresh: what the test held open proves nothing about
 	// what is still pinned.
 	d.Close()
-	if d, err = datapath.Open(pin); err != nil {
+	if d, err = datapath.OpenReader(pin); err != nil {
 		dOpen = false
 		t.Fatalf("pinned datapath after the agent was killed: %v", err)
 	}

@@ -29,19 +29,19 @@ type bpfPktmetaAlias struct {
 
 type bpfPktmetaRecord struct {
 	_              structs.HostLayout
+	Flags          uint32
+	ConnGen        uint32
+	ConnId         uint64
 	Version        uint8
 	Pad            [3]uint8
-	Flags          uint32
-	ConnId         uint64
-	FirstSeenNs    uint64
-	LastSeenNs     uint64
-	DeliveredNs    uint64
 	OriginWorkload uint32
 	OriginIfindex  uint32
 	PeerWorkload   uint32
 	PeerIfindex    uint32
 	SynSeq         uint32
-	Reserved       uint32
+	FirstSeenNs    uint64
+	LastSeenNs     uint64
+	DeliveredNs    uint64
 	PeerTuple      bpfPktmetaTuple
 }
 

@@ -9,12 +9,9 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -24,7 +21,6 @@ import (
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/metrics"
 	"github.com/pktmeta/pktmeta/internal/view"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/client-go/kubernetes"
 )
 
@@ -72,15 +68,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := EnsureBPFFS(filepath.Dir(a.cfg.Plugin.PinPath), a.log); err != nil {
 		return err
 	}
-	d, res, err := datapath.Ensure(datapath.Options{PinPath: a.cfg.Plugin.PinPath, MaxConnections: a.cfg.Plugin.MaxConnections}, a.log)
+	// Load or upgrade the datapath (completing whatever a killed process
+	// left), then let go of the lock: the agent's long-lived handle is a
+	// reader, and each reconcile pass takes the lock for itself, so the
+	// agent never holds up an ADD or an upgrade.
+	w, res, err := datapath.Open(datapath.Options{PinPath: a.cfg.Plugin.PinPath, MaxConnections: a.cfg.Plugin.MaxConnections, Log: a.log})
+	if err != nil {
+		return fmt.Errorf("datapath: %w", err)
+	}
+	w.Close()
+	if res.Loaded && !res.Created {
+		a.metrics.Action("upgrade")
+		a.log.Info("datapath upgraded", "attachments", res.Upgraded, "previous", res.Previous, "repaired", res.Repaired)
+	}
+	d, err := datapath.OpenReader(a.cfg.Plugin.PinPath)
 	if err != nil {
 		return fmt.Errorf("datapath: %w", err)
 	}
 	defer d.Close()
-	if res.Loaded && !res.Created {
-		a.metrics.Action("upgrade")
-		a.log.Info("datapath upgraded", "attachments", res.Upgraded)
-	}
 	a.mu.Lock()
 	a.d = d
 	a.mu.Unlock()
@@ -111,13 +116,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	}()
 	go func() {
 		defer wg.Done()
-		a.reconcileLoop(runCtx, d)
+		a.reconcileLoop(runCtx)
 	}()
 	if len(a.cfg.LabelTags) > 0 || a.cfg.UninstallOnExit == "auto" {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.kubeLoop(runCtx, d)
+			a.kubeLoop(runCtx)
 		}()
 	}
 
@@ -129,36 +134,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	stop()
 	wg.Wait()
 	return a.shutdown(d)
-}
-
-// serveMetrics serves /metrics, /healthz and /readyz. Ready means the
-// datapath is loaded and the plugin is in the CNI chain.
-func (a *Agent) serveMetrics(errc chan<- error) (*http.Server, error) {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics.Registry, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		switch {
-		case !a.datapathReady.Load():
-			http.Error(w, "datapath not loaded", http.StatusServiceUnavailable)
-		case !a.installed.Load():
-			http.Error(w, "pktmeta not in the CNI chain yet (waiting for the primary CNI's config?)", http.StatusServiceUnavailable)
-		default:
-			fmt.Fprintln(w, "ok")
-		}
-	})
-	l, err := net.Listen("tcp", a.cfg.MetricsAddr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics listener: %w", err)
-	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			errc <- fmt.Errorf("metrics: %w", err)
-		}
-	}()
-	a.log.Info("serving metrics", "addr", l.Addr().String())
-	return srv, nil
 }
 
 // followEvents is the ring buffer's one reader: it prints each event as a
@@ -178,11 +153,11 @@ func (a *Agent) followEvents(ctx context.Context, d *datapath.Datapath, apiSrv *
 
 // reconcileLoop covers pods without an attachment and removes attachments
 // whose pod is gone, at start and every GCInterval.
-func (a *Agent) reconcileLoop(ctx context.Context, d *datapath.Datapath) {
+func (a *Agent) reconcileLoop(ctx context.Context) {
 	t := time.NewTicker(a.cfg.GCInterval.Duration)
 	defer t.Stop()
 	for {
-		if err := a.reconcile(ctx, d); err != nil {
+		if err := a.reconcile(ctx, a.cfg.Plugin.PinPath); err != nil {
 			a.log.Warn("reconcile", "err", err)
 		}
 		select {

@@ -2,7 +2,10 @@ package agent
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -23,6 +26,27 @@ type PluginSettings struct {
 	AttachMode     string            `json:"attachMode,omitempty"`
 	LogFile        string            `json:"logFile,omitempty"`
 	LogLevel       string            `json:"logLevel,omitempty"`
+	// MaxConnectionsPerPod, EventsPerSecondPerPod and AllowedPodTags are
+	// the plugin keys of the same names (README, Configuration).
+	MaxConnectionsPerPod  uint32   `json:"maxConnectionsPerPod,omitempty"`
+	EventsPerSecondPerPod int64    `json:"eventsPerSecondPerPod,omitempty"`
+	AllowedPodTags        []string `json:"allowedPodTags"`
+}
+
+// parsed is the plugin's own reading of these settings, with its defaults
+// applied: the agent attaches existing pods exactly as the plugin would.
+func (p PluginSettings) parsed() (*plugin.Config, error) {
+	c := Config{Plugin: p}
+	e, err := c.PluginEntry()
+	if err != nil {
+		return nil, err
+	}
+	e["cniVersion"], e["name"] = "1.0.0", "probe"
+	js, err := json.Marshal(e)
+	if err != nil {
+		return nil, err
+	}
+	return plugin.ParseConfig(js)
 }
 
 // Config is the agent's configuration: a YAML file (the DaemonSet's
@@ -39,8 +63,26 @@ type Config struct {
 	// RunDir holds the API socket.
 	RunDir string `json:"runDir,omitempty"`
 
-	MetricsAddr string   `json:"metricsAddr,omitempty"`
-	GCInterval  Duration `json:"gcInterval,omitempty"`
+	// MetricsAddr serves /metrics, /healthz and /readyz. /metrics shows
+	// who talks to whom on the node, so MetricsAuth decides who may read
+	// it; the health endpoints say only "ok" or what readiness waits for
+	// and are never authenticated (the kubelet probes them).
+	MetricsAddr string `json:"metricsAddr,omitempty"`
+	// MetricsAuth is MetricsAuthNone (the default: plain HTTP, and
+	// MetricsAddr must be a loopback address), MetricsAuthKubernetes
+	// (HTTPS on any address; a bearer token reviewed by the API server,
+	// allowed "get" on the non-resource URL /metrics) or
+	// MetricsAuthInsecure (plain HTTP on any address: only where a
+	// firewall keeps out everyone who should not read it).
+	MetricsAuth string `json:"metricsAuth,omitempty"`
+	// MetricsCertFile and MetricsKeyFile are the PEM certificate and key
+	// of the HTTPS listener (MetricsAuthKubernetes), read again when they
+	// change. Without them the agent makes a self-signed certificate at
+	// every start.
+	MetricsCertFile string `json:"metricsCertFile,omitempty"`
+	MetricsKeyFile  string `json:"metricsKeyFile,omitempty"`
+
+	GCInterval Duration `json:"gcInterval,omitempty"`
 	// MaxSeries caps the label sets of per-workload metrics.
 	MaxSeries int `json:"maxSeries,omitempty"`
 
@@ -65,6 +107,16 @@ type Config struct {
 	PodName         string `json:"podName,omitempty"`
 	PodNamespace    string `json:"podNamespace,omitempty"`
 }
+
+// The values of Config.MetricsAuth.
+const (
+	MetricsAuthNone       = "none"
+	MetricsAuthKubernetes = "kubernetes"
+	MetricsAuthInsecure   = "insecure"
+)
+
+// DefaultMetricsAddr is reachable from the node itself only.
+const DefaultMetricsAddr = "127.0.0.1:9964"
 
 // Duration reads "30s" from YAML and JSON.
 type Duration struct{ time.Duration }
@@ -95,7 +147,8 @@ func Defaults() Config {
 		PluginBinary:    "/opt/pktmeta/bin/pktmeta",
 		StateDir:        "/var/lib/pktmeta",
 		RunDir:          "/run/pktmeta",
-		MetricsAddr:     ":9964",
+		MetricsAddr:     DefaultMetricsAddr,
+		MetricsAuth:     MetricsAuthNone,
 		GCInterval:      Duration{30 * time.Second},
 		NetnsDirs:       []string{"/var/run/netns"},
 		CRISocket:       "/run/containerd/containerd.sock",
@@ -129,6 +182,9 @@ func (c *Config) Validate() error {
 	default:
 		return fmt.Errorf("uninstallOnExit: want auto, never or always, got %q", c.UninstallOnExit)
 	}
+	if err := c.validateMetrics(); err != nil {
+		return err
+	}
 	if c.GCInterval.Duration < time.Second {
 		return fmt.Errorf("gcInterval: at least 1s, got %s", c.GCInterval)
 	}
@@ -138,6 +194,51 @@ func (c *Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// validateMetrics refuses a metrics listener that would show the node's
+// connections to whoever reaches it, unless asked for in so many words.
+func (c *Config) validateMetrics() error {
+	host, port, err := net.SplitHostPort(c.MetricsAddr)
+	if err != nil || port == "" {
+		return fmt.Errorf("metricsAddr %q: want host:port, e.g. %s", c.MetricsAddr, DefaultMetricsAddr)
+	}
+	switch c.MetricsAuth {
+	case MetricsAuthNone:
+		if !IsLoopbackHost(host) {
+			return fmt.Errorf("metricsAddr %q with metricsAuth %s would show who talks to whom on this node to anyone who reaches it: "+
+				"bind a loopback address (%s), set metricsAuth: %s (HTTPS, Kubernetes tokens and RBAC), "+
+				"or metricsAuth: %s if a firewall keeps everyone else out", c.MetricsAddr, MetricsAuthNone, DefaultMetricsAddr, MetricsAuthKubernetes, MetricsAuthInsecure)
+		}
+	case MetricsAuthKubernetes, MetricsAuthInsecure:
+	default:
+		return fmt.Errorf("metricsAuth: want %s, %s or %s, got %q", MetricsAuthNone, MetricsAuthKubernetes, MetricsAuthInsecure, c.MetricsAuth)
+	}
+	if (c.MetricsCertFile == "") != (c.MetricsKeyFile == "") {
+		return errors.New("metricsCertFile and metricsKeyFile: want both or neither")
+	}
+	if c.MetricsCertFile != "" {
+		if c.MetricsAuth != MetricsAuthKubernetes {
+			return fmt.Errorf("metricsCertFile: only metricsAuth %s serves HTTPS", MetricsAuthKubernetes)
+		}
+		for _, p := range []string{c.MetricsCertFile, c.MetricsKeyFile} {
+			if !filepath.IsAbs(p) {
+				return fmt.Errorf("%q: want an absolute path", p)
+			}
+		}
+	}
+	return nil
+}
+
+// IsLoopbackHost reports whether a listen address's host part binds the
+// loopback interface only: "localhost" or a loopback IP. An empty host,
+// 0.0.0.0 and :: bind every address.
+func IsLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }
 
 // PluginEntry renders the conflist entry, checked by the plugin's parser.
@@ -167,6 +268,15 @@ func (c *Config) PluginEntry() (map[string]any, error) {
 	}
 	if p.LogLevel != "" {
 		e["logLevel"] = p.LogLevel
+	}
+	if p.MaxConnectionsPerPod != 0 {
+		e["maxConnectionsPerPod"] = p.MaxConnectionsPerPod
+	}
+	if p.EventsPerSecondPerPod != 0 {
+		e["eventsPerSecondPerPod"] = p.EventsPerSecondPerPod
+	}
+	if p.AllowedPodTags != nil { // [] means "none", absent "any"
+		e["allowedPodTags"] = p.AllowedPodTags
 	}
 	probe := map[string]any{"cniVersion": "1.0.0", "name": "probe"}
 	for k, v := range e {

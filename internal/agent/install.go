@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/pktmeta/pktmeta/internal/cniconf"
@@ -36,7 +38,7 @@ func (a *Agent) installLoop(ctx context.Context) {
 		return
 	}
 	for {
-		changed, err := cniconf.InstallBinary(a.cfg.PluginBinary, a.cfg.CNIBinDir)
+		changed, err := cniconf.InstallBinary(a.cfg.PluginBinary, a.cfg.CNIBinDir, a.log)
 		if err == nil {
 			if changed {
 				a.log.Info("plugin installed", "dir", a.cfg.CNIBinDir)
@@ -64,7 +66,8 @@ func (a *Agent) installLoop(ctx context.Context) {
 			a.metrics.Action("backoff")
 			a.log.Warn("another writer keeps rewriting the CNI config; backing off", "file", ev.Path, "repairs", ev.Repairs, "next", ev.Backoff)
 		case cniconf.EventNoPrimary:
-			a.log.Info("waiting for the primary CNI's config", "dir", a.cfg.CNIConfDir)
+			// Watch has logged why, file by file, and does again whenever
+			// that changes; readiness says we wait.
 		case cniconf.EventError:
 			a.log.Warn("CNI config", "err", ev.Err)
 		}
@@ -74,21 +77,48 @@ func (a *Agent) installLoop(ctx context.Context) {
 	}
 }
 
-// Install is the one-shot install: plugin binary and conflist entry. It
-// waits for the primary CNI's config to appear.
-func Install(ctx context.Context, cfg Config, log *slog.Logger) error {
+// DefaultWaitForPrimary is how long the one-shot Install waits for a
+// usable primary CNI config by default.
+const DefaultWaitForPrimary = time.Minute
+
+// Install is the one-shot install: plugin binary and conflist entry. When
+// the config dir has no usable primary CNI config (empty, or only files
+// that are not valid or that pktmeta cannot join), it waits up to
+// waitForPrimary for one (0: not at all), then fails with an error naming
+// every file it skipped and why. Interrupted (ctx), it fails too: nothing
+// was installed into the chain.
+func Install(ctx context.Context, cfg Config, waitForPrimary time.Duration, log *slog.Logger) error {
+	if err := CheckPluginBinary(cfg.PluginBinary); err != nil {
+		return err
+	}
 	opts, err := cfg.cniconfOptions(log)
 	if err != nil {
 		return err
 	}
-	if _, err := cniconf.InstallBinary(cfg.PluginBinary, cfg.CNIBinDir); err != nil {
+	if _, err := cniconf.InstallBinary(cfg.PluginBinary, cfg.CNIBinDir, log); err != nil {
 		return err
 	}
+	waitCtx, cancel := context.WithTimeout(ctx, max(waitForPrimary, 0))
+	defer cancel()
+	logged := ""
 	for {
 		res, err := cniconf.Install(opts)
 		if errors.Is(err, cniconf.ErrNoPrimary) {
-			log.Info("waiting for the primary CNI's config", "dir", cfg.CNIConfDir)
-			if _, err := cniconf.WaitForPrimary(ctx, cfg.CNIConfDir); err != nil {
+			switch {
+			case ctx.Err() != nil:
+				return fmt.Errorf("interrupted while waiting for the primary CNI: %w", err)
+			case waitForPrimary <= 0:
+				return fmt.Errorf("%w (not waiting for one: --wait-for-primary is 0)", err)
+			case waitCtx.Err() != nil:
+				return fmt.Errorf("gave up after waiting %s (--wait-for-primary): %w", waitForPrimary, err)
+			}
+			if msg := err.Error(); msg != logged {
+				logged = msg
+				cniconf.LogNoPrimary(log, err, fmt.Sprintf("waiting up to %s for the primary CNI", waitForPrimary))
+			}
+			// At the deadline, once more round the loop: the error then
+			// says what the dir holds at that moment.
+			if _, err := cniconf.WaitForPrimary(waitCtx, cfg.CNIConfDir); err != nil && waitCtx.Err() == nil {
 				return err
 			}
 			continue
@@ -99,6 +129,39 @@ func Install(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Info("installed", "file", res.Path, "changed", res.Changed)
 		return nil
 	}
+}
+
+// CheckPluginBinary makes sure that path, the plugin binary to install (or,
+// for uninstall, the one to recognise), is there. Its errors name the path.
+func CheckPluginBinary(path string) error {
+	if path == "" {
+		return errors.New("no plugin binary given (--plugin-binary)")
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("plugin binary %s does not exist (give the pktmeta CNI plugin's path with --plugin-binary)", path)
+	case err != nil:
+		return fmt.Errorf("plugin binary %s: %w", path, err)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("plugin binary %s is not a regular file", path)
+	}
+	return nil
+}
+
+// PluginBesideAgent is the plugin binary that the one-shot install and
+// uninstall use by default: the file named pktmeta in the directory of the
+// agent's own executable, symlinks resolved (a link to bin/pktmeta-agent
+// finds bin/pktmeta). `make build` puts the two side by side.
+func PluginBesideAgent() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("the agent's own executable: %w", err)
+	}
+	if real, err := filepath.EvalSymlinks(exe); err == nil {
+		exe = real
+	}
+	return filepath.Join(filepath.Dir(exe), cniconf.PluginType), nil
 }
 
 // Uninstall removes pktmeta from the node: its conflist entry (the file
@@ -125,35 +188,14 @@ func Uninstall(cfg Config, log *slog.Logger) error {
 
 // removeDatapath detaches every attachment and removes the pins.
 func removeDatapath(pinPath string, log *slog.Logger) error {
-	d, err := datapath.OpenMaps(pinPath)
-	if errors.Is(err, datapath.ErrNotLoaded) || errors.Is(err, os.ErrNotExist) || errors.Is(err, datapath.ErrNotBPFFS) {
+	err := datapath.Destroy(pinPath, log)
+	if errors.Is(err, datapath.ErrNotBPFFS) {
 		return nil
 	}
-	if err != nil {
-		return err
+	if err == nil {
+		log.Info("datapath removed", "pinPath", pinPath)
 	}
-	lock, err := datapath.LockPinPath(pinPath, true)
-	if err != nil {
-		d.Close()
-		return err
-	}
-	defer lock.Unlock()
-	all, err := d.Workloads()
-	var errs []error
-	if err != nil {
-		errs = append(errs, err)
-	}
-	for _, w := range all {
-		if err := d.RemoveAttachment(w, log); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	d.Close()
-	if err := datapath.Destroy(pinPath); err != nil {
-		errs = append(errs, err)
-	}
-	log.Info("datapath removed", "pinPath", pinPath, "attachments", len(all))
-	return errors.Join(errs...)
+	return err
 }
 
 // shutdown runs after ctx ended: uninstall only when the DaemonSet is

@@ -48,7 +48,7 @@ func (a *Agent) kubeClient() kubernetes.Interface {
 
 // kubeLoop watches the pods of this node and copies the configured labels
 // into their workloads' tags.
-func (a *Agent) kubeLoop(ctx context.Context, d *datapath.Datapath) {
+func (a *Agent) kubeLoop(ctx context.Context) {
 	cs := a.kubeClient()
 	a.mu.Lock()
 	a.kube = cs
@@ -67,8 +67,8 @@ func (a *Agent) kubeLoop(ctx context.Context, d *datapath.Datapath) {
 		ObjectType:    &corev1.Pod{},
 		ResyncPeriod:  5 * time.Minute,
 		Handler: cache.ResourceEventHandlerFuncs{
-			AddFunc:    func(obj any) { a.applyLabels(d, obj) },
-			UpdateFunc: func(_, obj any) { a.applyLabels(d, obj) },
+			AddFunc:    func(obj any) { a.applyLabels(a.cfg.Plugin.PinPath, obj) },
+			UpdateFunc: func(_, obj any) { a.applyLabels(a.cfg.Plugin.PinPath, obj) },
 		},
 	})
 	ctrl.RunWithContext(ctx)
@@ -77,17 +77,17 @@ func (a *Agent) kubeLoop(ctx context.Context, d *datapath.Datapath) {
 // applyLabels adds the pod's configured labels to its workloads' tags.
 // Static tags and pktmeta.dev/ annotations come first; labels only add
 // keys not set yet.
-func (a *Agent) applyLabels(d *datapath.Datapath, obj any) {
+func (a *Agent) applyLabels(pinPath string, obj any) {
 	pod, ok := obj.(*corev1.Pod)
 	if !ok || pod.Spec.HostNetwork {
 		return
 	}
-	lock, err := datapath.LockPinPath(d.PinPath, false)
+	d, err := datapath.OpenExisting(pinPath, a.log)
 	if err != nil {
 		a.log.Warn("label tags", "err", err)
 		return
 	}
-	defer lock.Unlock()
+	defer d.Close()
 	all, err := d.Workloads()
 	if err != nil {
 		a.log.Warn("label tags", "err", err)
@@ -97,35 +97,39 @@ func (a *Agent) applyLabels(d *datapath.Datapath, obj any) {
 		if w.Namespace != pod.Namespace || w.Pod != pod.Name || (w.UID != "" && w.UID != string(pod.UID)) {
 			continue
 		}
-		tags, err := plugin.MergeTags(a.cfg.Plugin.Tags, pod.Annotations, a.log)
+		tags, podTags, err := plugin.MergeTags(a.cfg.Plugin.Tags, pod.Annotations, a.cfg.Plugin.AllowedPodTags, a.log)
 		if err != nil {
 			a.log.Warn("label tags", "pod", pod.Namespace+"/"+pod.Name, "err", err)
 			continue
 		}
-		for k, v := range w.Tags {
-			if _, ok := tags[k]; !ok {
-				tags[k] = v
-			}
-		}
+		// Labels are set by whoever writes the pod, like annotations: the
+		// pod's claims, not the operator's.
 		for _, key := range a.cfg.LabelTags {
 			v, ok := pod.Labels[key]
-			if _, set := tags[key]; !ok || set {
+			if !ok {
 				continue
 			}
-			if err := plugin.ValidateTag(key, v); err != nil || len(tags) >= datapath.MaxTags {
+			if _, set := tags[key]; set {
+				continue
+			}
+			if _, set := podTags[key]; set {
+				continue
+			}
+			if err := plugin.ValidateTag(key, v); err != nil || len(tags)+len(podTags) >= datapath.MaxTags {
 				a.log.Warn("pod label does not fit as a tag", "pod", pod.Namespace+"/"+pod.Name, "label", key, "err", err)
 				continue
 			}
-			tags[key] = v
+			podTags[key] = v
 		}
-		if w.UID == "" {
-			w.UID = string(pod.UID)
-		}
-		if sameTags(tags, w.Tags) && w.UID == string(pod.UID) {
-			continue
-		}
-		w.Tags = tags
-		if err := d.UpdateWorkload(&w); err != nil {
+		uid := string(pod.UID)
+		err = d.ModifyWorkload(w.Key(), func(cur *datapath.Workload) bool {
+			if cur.ID != w.ID || (sameTags(tags, cur.Tags) && sameTags(podTags, cur.PodTags) && cur.UID == uid) {
+				return false
+			}
+			cur.Tags, cur.PodTags, cur.UID = tags, podTags, uid
+			return true
+		})
+		if err != nil {
 			a.log.Warn("label tags", "workload", w.ID, "err", err)
 		}
 	}

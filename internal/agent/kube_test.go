@@ -7,8 +7,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pktmeta/pktmeta/internal/attach"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/testutil"
+	"github.com/vishvananda/netlink"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -71,40 +73,59 @@ func TestDaemonSetGoing(t *testing.T) {
 	}
 }
 
-// Pod labels named in labelTags become tags; static tags and annotations
-// win over a label of the same key.
+// Pod labels named in labelTags become pod tags (claimed by whoever writes
+// the pod, like annotations); static tags and annotations win over a label
+// of the same key.
 func TestApplyLabels(t *testing.T) {
-	pin := testutil.PinPath(t)
-	d, _, err := datapath.Ensure(datapath.Options{PinPath: pin, MaxConnections: 4096}, quietLog())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	w := &datapath.Workload{Namespace: "shop", Pod: "web-0", UID: "u1", ContainerID: "c1", IfName: "eth0",
-		Tags: map[string]string{"cluster": "prod", "team": "from-annotation"}}
-	if _, err := d.RegisterWorkload(w); err != nil {
-		t.Fatal(err)
-	}
-	a := New(Defaults(), quietLog(), io.Discard)
-	a.cfg.Plugin.Tags = map[string]string{"cluster": "prod"}
-	a.cfg.LabelTags = []string{"app", "team", "tier"}
-	a.applyLabels(d, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web-0", UID: "u1",
-			Labels:      map[string]string{"app": "web", "team": "from-label", "unlisted": "x"},
-			Annotations: map[string]string{"pktmeta.dev/team": "from-annotation"}},
+	testutil.InNewNetns(t, func() {
+		pin := testutil.PinPath(t)
+		d, _, err := datapath.Open(datapath.Options{PinPath: pin, MaxConnections: 4096, Log: quietLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "host0"}, PeerName: "pod0"}
+		if err := netlink.LinkAdd(veth); err != nil {
+			t.Fatal(err)
+		}
+		l, err := netlink.LinkByName("host0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := &datapath.Workload{Namespace: "shop", Pod: "web-0", UID: "u1", ContainerID: "c1", IfName: "eth0",
+			HostIfName: "host0", HostIfindex: uint32(l.Attrs().Index),
+			Tags: map[string]string{"cluster": "prod"}, PodTags: map[string]string{"team": "from-annotation"}}
+		if err := d.Attach(w, datapath.AttachOptions{Mode: attach.Auto}); err != nil {
+			t.Fatal(err)
+		}
+		d.Close() // applyLabels opens its own handle
+		a := New(Defaults(), quietLog(), io.Discard)
+		a.cfg.Plugin.Tags = map[string]string{"cluster": "prod"}
+		a.cfg.LabelTags = []string{"app", "team", "tier"}
+		a.applyLabels(pin, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web-0", UID: "u1",
+				Labels:      map[string]string{"app": "web", "team": "from-label", "unlisted": "x"},
+				Annotations: map[string]string{"pktmeta.dev/team": "from-annotation"}},
+		})
+		r, err := datapath.OpenReader(pin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		got, _, err := r.Workload(w.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := map[string]string{"cluster": "prod"}; !sameTags(got.Tags, want) {
+			t.Fatalf("operator tags %v, want %v", got.Tags, want)
+		}
+		if want := map[string]string{"team": "from-annotation", "app": "web"}; !sameTags(got.PodTags, want) {
+			t.Fatalf("pod tags %v, want %v", got.PodTags, want)
+		}
+		// Another pod of the same name (recreated, new UID) is not this workload.
+		a.applyLabels(pin, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web-0", UID: "u2", Labels: map[string]string{"tier": "x"}}})
+		got, _, _ = r.Workload(w.ID)
+		if _, ok := got.PodTags["tier"]; ok {
+			t.Fatal("labels of another pod with the same name applied")
+		}
 	})
-	got, _, err := d.Workload(w.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := map[string]string{"cluster": "prod", "team": "from-annotation", "app": "web"}
-	if !sameTags(got.Tags, want) {
-		t.Fatalf("tags %v, want %v", got.Tags, want)
-	}
-	// Another pod of the same name (recreated, new UID) is not this workload.
-	a.applyLabels(d, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web-0", UID: "u2", Labels: map[string]string{"tier": "x"}}})
-	got, _, _ = d.Workload(w.ID)
-	if _, ok := got.Tags["tier"]; ok {
-		t.Fatal("labels of another pod with the same name applied")
-	}
 }

@@ -20,61 +20,46 @@ import (
 // another writer had dropped pktmeta from the CNI config), removes
 // attachments whose veth is gone (a DEL that never came), sweeps idle UDP
 // records and orphaned link pins.
-func (a *Agent) reconcile(ctx context.Context, d *datapath.Datapath) error {
-	lock, err := datapath.LockPinPath(d.PinPath, false)
+func (a *Agent) reconcile(ctx context.Context, pinPath string) error {
+	d, err := datapath.OpenExisting(pinPath, a.log)
 	if err != nil {
 		return err
 	}
-	defer lock.Unlock()
-
-	var errs []error
-	if err := a.gc(d); err != nil {
-		errs = append(errs, err)
-	}
-	if err := a.coverExisting(ctx, d); err != nil {
-		errs = append(errs, err)
-	}
-	if _, err := d.SweepRecords(nil); err != nil {
-		errs = append(errs, err)
-	}
-	orphans, err := d.OrphanLinkDirs()
-	if err != nil {
-		errs = append(errs, err)
-	}
-	for _, dir := range orphans {
-		if err := datapath.RemoveLinkDir(dir); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// gc removes attachments whose host veth no longer exists in this netns.
-func (a *Agent) gc(d *datapath.Datapath) error {
+	defer d.Close()
 	own, err := datapath.CurrentNetns()
 	if err != nil {
 		return err
 	}
-	all, err := d.Workloads()
-	if err != nil {
-		return err
-	}
 	var errs []error
-	for _, w := range all {
-		if w.HostNetns != own {
-			continue // not ours to judge: another netns (a test node)
-		}
-		if l, err := netlink.LinkByIndex(int(w.HostIfindex)); err == nil && l.Attrs().Name == w.HostIfName {
-			continue
-		}
-		a.log.Info("pod veth gone without a CNI DEL; removing its attachment", "workload", w.ID, "pod", w.Namespace+"/"+w.Pod, "hostIfname", w.HostIfName)
-		if err := d.RemoveAttachment(w, a.log); err != nil {
-			errs = append(errs, err)
-			continue
-		}
+	res, err := d.CollectGarbage(func(w datapath.Workload) bool { return a.vethAlive(w, own) })
+	errs = append(errs, err)
+	for range res.Attachments {
 		a.metrics.Action("gc")
 	}
+	if res.Attachments+res.OrphanLinks+res.OrphanEndpoints+res.Sweep.Removed() > 0 {
+		a.log.Info("reconcile removed", "attachments", res.Attachments, "orphanLinks", res.OrphanLinks,
+			"orphanEndpoints", res.OrphanEndpoints, "records", res.Sweep.Removed(), "aliases", res.Sweep.Aliases)
+	}
+	if res.Sweep.CTUnavailable {
+		a.log.Debug("no conntrack kfuncs: TCP records are swept by age and handshake only")
+	}
+	if err := a.coverExisting(ctx, d); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
+}
+
+// vethAlive reports whether w's host veth still exists. Workloads of
+// another network namespace (a test node) are not ours to judge.
+func (a *Agent) vethAlive(w datapath.Workload, own uint64) bool {
+	if w.HostNetns != own {
+		return true
+	}
+	if l, err := netlink.LinkByIndex(int(w.HostIfindex)); err == nil && l.Attrs().Name == w.HostIfName {
+		return true
+	}
+	a.log.Info("pod veth gone without a CNI DEL; removing its attachment", "workload", w.ID, "pod", w.Namespace+"/"+w.Pod, "hostIfname", w.HostIfName)
+	return false
 }
 
 // coverExisting attaches to pod veths that have no attachment.
@@ -121,6 +106,10 @@ func (a *Agent) coverExisting(ctx context.Context, d *datapath.Datapath) error {
 		return err
 	}
 	mode, _ := attach.ParseMode(a.cfg.Plugin.AttachMode)
+	pc, err := a.cfg.Plugin.parsed()
+	if err != nil {
+		return err
+	}
 	var errs []error
 	for _, p := range pods {
 		w, err := a.workloadFor(p, sandboxes, own)
@@ -129,8 +118,14 @@ func (a *Agent) coverExisting(ctx context.Context, d *datapath.Datapath) error {
 			errs = append(errs, err)
 			continue
 		}
-		opts := datapath.AttachOptions{Mode: mode, Strict: a.cfg.Plugin.StrictSource, Addrs: p.Addrs}
-		if err := d.AddAttachment(w, opts, a.log); err != nil {
+		opts := datapath.AttachOptions{
+			Mode:            mode,
+			Strict:          pc.StrictSource,
+			Addrs:           p.Addrs,
+			MaxConnections:  pc.MaxConnectionsPerPod,
+			EventsPerSecond: pc.EventsPerSecond(),
+		}
+		if err := d.Attach(w, opts); err != nil {
 			a.metrics.AttachError()
 			errs = append(errs, fmt.Errorf("attach existing pod veth %s: %w", p.HostIfName, err))
 			continue
@@ -174,11 +169,11 @@ func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbo
 				"netns", p.NetnsPath, "hostIfname", p.HostIfName)
 		}
 	}
-	tags, err := plugin.MergeTags(a.cfg.Plugin.Tags, annotations, a.log)
+	tags, podTags, err := plugin.MergeTags(a.cfg.Plugin.Tags, annotations, a.cfg.Plugin.AllowedPodTags, a.log)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s/%s: %w", w.Namespace, w.Pod, err)
 	}
-	w.Tags = tags
+	w.Tags, w.PodTags = tags, podTags
 	if err := datapath.ValidateWorkload(w); err != nil {
 		return nil, err
 	}

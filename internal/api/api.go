@@ -1,6 +1,7 @@
 // Package api is the agent's read-only lookup API: HTTP over a unix socket
-// in the agent's run dir, so only local root can reach it and no port is
-// opened. pktmetactl uses it when it is there, and reads the pins when not.
+// in the agent's run dir, of mode 0600 from the moment it exists, so only
+// local root can reach it and no port is opened. pktmetactl uses it when
+// it is there, and reads the pins when not.
 //
 //	GET /v1/conns                                 []view.Conn
 //	GET /v1/lookup?proto=tcp&src=IP:PORT&dst=IP:PORT   view.Conn, 404 when unknown
@@ -16,11 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -61,31 +59,31 @@ func (s *Server) Publish(ev view.Event) {
 	}
 }
 
-// Serve listens on socket until ctx ends. A stale socket file is replaced.
+// Serve listens on socket until ctx ends. The socket has SocketMode from
+// the moment it exists at its path (see listenUnix); a stale one left by
+// a crash is replaced, a live one is not.
 func (s *Server) Serve(ctx context.Context, socket string) error {
-	if err := os.MkdirAll(filepath.Dir(socket), 0o755); err != nil {
-		return fmt.Errorf("create run dir: %w", err)
-	}
-	os.Remove(socket)
-	l, err := net.Listen("unix", socket)
+	l, err := listenUnix(socket)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w", socket, err)
-	}
-	if err := os.Chmod(socket, 0o600); err != nil {
-		l.Close()
-		return fmt.Errorf("chmod %s: %w", socket, err)
+		return err
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/conns", s.conns)
 	mux.HandleFunc("GET /v1/lookup", s.lookup)
 	mux.HandleFunc("GET /v1/events", s.events)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	defer close(done)
 	go func() {
-		<-ctx.Done()
-		srv.Close()
-		os.Remove(socket)
+		select {
+		case <-ctx.Done():
+			srv.Close()
+		case <-done:
+		}
 	}()
-	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	err = srv.Serve(l) // closes l
+	l.remove()
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil

@@ -17,23 +17,25 @@ const binaryPerm fs.FileMode = 0o755
 // the CNI type requires) atomically: a temporary file in binDir, fsynced,
 // chmod 0755, renamed into place. It writes nothing when the installed
 // binary already has src's content (sha256) and mode, and reports whether
-// it wrote.
-func InstallBinary(src, binDir string) (bool, error) {
+// it wrote. It first removes the temporary files an interrupted install
+// left in binDir. log may be nil.
+func InstallBinary(src, binDir string, log *slog.Logger) (bool, error) {
 	dst := filepath.Join(binDir, PluginType)
-	changed, err := installBinary(src, dst)
+	changed, err := installBinary(src, dst, orDiscard(log))
 	if err != nil {
 		return false, fmt.Errorf("install %s as %s: %w", src, dst, err)
 	}
 	return changed, nil
 }
 
-func installBinary(src, dst string) (bool, error) {
+func installBinary(src, dst string, log *slog.Logger) (bool, error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return false, err
 	}
 	defer in.Close()
-	if fi, err := in.Stat(); err != nil {
+	fi, err := in.Stat()
+	if err != nil {
 		return false, err
 	} else if !fi.Mode().IsRegular() {
 		return false, errors.New("not a regular file")
@@ -42,7 +44,7 @@ func installBinary(src, dst string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	removeStaleTemps(filepath.Dir(dst), orDiscard(nil))
+	removeTemps(filepath.Dir(dst), log)
 
 	if fi, err := os.Lstat(dst); err == nil && fi.Mode().IsRegular() {
 		if have, err := sha256File(dst); err == nil && have == want {
@@ -56,7 +58,11 @@ func installBinary(src, dst string) (bool, error) {
 		}
 	}
 
-	err = replaceAtomic(dst, fileMeta{perm: binaryPerm, uid: -1, gid: -1}, nil, nil, func(f *os.File) error {
+	err = replaceAtomic(dst, fileMeta{perm: binaryPerm, uid: -1, gid: -1}, nil, log, func(f *os.File) error {
+		if _, err := io.CopyN(f, in, fi.Size()/2); err != nil && err != io.EOF {
+			return err
+		}
+		pauseAt(dst, "copy")
 		_, err := io.Copy(f, in)
 		return err
 	})

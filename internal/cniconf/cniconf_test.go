@@ -759,20 +759,6 @@ func TestExternalPluginsRefused(t *testing.T) {
 	}
 }
 
-func TestStaleTemps(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
-	e.write("10-kindnet.conflist", fixture(t, "10-kindnet.conflist"), 0o644)
-	e.write(tempPrefix+"old", []byte("x"), 0o600)
-	e.write(tempPrefix+"young", []byte("x"), 0o600)
-	old := time.Now().Add(-time.Hour)
-	os.Chtimes(e.path(tempPrefix+"old"), old, old)
-	e.install()
-	if n := e.names(); slices.Contains(n, tempPrefix+"old") || !slices.Contains(n, tempPrefix+"young") {
-		t.Errorf("files %v", n)
-	}
-}
-
 func TestInstallBinary(t *testing.T) {
 	t.Parallel()
 	src := filepath.Join(t.TempDir(), "pktmeta-build")
@@ -783,7 +769,7 @@ func TestInstallBinary(t *testing.T) {
 	}
 	check := func(wantChanged bool) {
 		t.Helper()
-		changed, err := InstallBinary(src, bin)
+		changed, err := InstallBinary(src, bin, nil)
 		if err != nil || changed != wantChanged {
 			t.Fatalf("InstallBinary = %v, %v; want %v", changed, err, wantChanged)
 		}

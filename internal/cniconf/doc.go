@@ -14,7 +14,15 @@
 // networking whatever this package does. Unlike ocicni, FindPrimary does
 // not require the plugin binaries to be installed: the primary's may not be
 // yet. Names without those extensions, such as our own temporary files
-// (".pktmeta-tmp-*") and kindnet's ("*.temp"), are never configs.
+// (".pktmeta-tmp-*") and kindnet's ("*.temp"), are never configs. When the
+// runtimes' choice has a cniVersion the plugin does not speak, there is no
+// usable primary either: the files after it are shadowed by it.
+//
+// Without a usable primary, the error is a [*NoPrimaryError]: it names
+// every entry of the directory and why it is not used (not JSON, no
+// plugins, unsupported cniVersion, shadowed by a higher-priority file, our
+// own temporary file, not a config name, ...), for the caller to log or
+// to fail with ([LogNoPrimary] logs it the way Watch does).
 //
 // # Install
 //
@@ -45,6 +53,15 @@
 // rename is not clobbered: the write is abandoned and retried with the new
 // content. A symlinked config is replaced by a regular file (Uninstall
 // restores the link).
+//
+// A process killed between create and rename leaves its temporary file
+// behind (up to a whole plugin binary). Install, Uninstall and
+// InstallBinary remove those leftovers from ConfDir, StateDir/cni-backup
+// and BinDir first, whatever their age. Writers hold a shared flock on the
+// directory while their temporary file exists, and the cleaner removes
+// files only while it holds the exclusive one, so an installer running at
+// the same moment, in any process or container, never loses its file
+// (files.go says why this design).
 //
 // # Backups and uninstall
 //

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
-	"github.com/pktmeta/pktmeta/plugin"
 )
 
 // Options say where things are and what to install. Install needs
@@ -79,6 +78,16 @@ func (o *Options) check(needEntry bool) error {
 	return nil
 }
 
+// removeTemps removes the temporary files interrupted writes left in the
+// dirs we write in (see files.go for why that is safe).
+func (o *Options) removeTemps(log *slog.Logger) {
+	removeTemps(o.ConfDir, log)
+	removeTemps(backupDir(o.StateDir), log)
+	if o.BinDir != "" {
+		removeTemps(o.BinDir, log)
+	}
+}
+
 // Result says what Install or Uninstall did.
 type Result struct {
 	// Primary is the highest-priority config file Install found.
@@ -135,7 +144,10 @@ const maxRaces = 3
 // Install puts opts.Entry into the highest-priority CNI config, as the last
 // plugin, converting a .conf into a .conflist, and saves a backup first. It
 // writes nothing when the entry is already there (Changed is false then).
-// With no config in the directory, the error wraps ErrNoPrimary.
+// With no usable config in the directory, the error is a *NoPrimaryError
+// (errors.Is ErrNoPrimary) that names every file and why it is not used.
+// Install first removes the temporary files that interrupted writes left in
+// ConfDir, StateDir and BinDir.
 func Install(opts Options) (Result, error) {
 	if err := opts.check(true); err != nil {
 		return Result{}, fmt.Errorf("install: %w", err)
@@ -152,7 +164,7 @@ func Install(opts Options) (Result, error) {
 	defer unlock()
 
 	log := opts.logger()
-	removeStaleTemps(opts.ConfDir, log)
+	opts.removeTemps(log)
 	for race := 0; ; race++ {
 		p, err := findPrimary(opts.ConfDir, log)
 		if err != nil {
@@ -263,8 +275,8 @@ func checkOutput(out []byte) error {
 	if n := len(list.Plugins); n == 0 || list.Plugins[n-1].Network.Type != PluginType {
 		return errors.New("refusing to write a config where pktmeta is not the last plugin")
 	}
-	if vs := plugin.Versions().SupportedVersions(); !slices.Contains(vs, list.CNIVersion) {
-		return fmt.Errorf("network has cniVersion %q; pktmeta speaks %s", list.CNIVersion, strings.Join(vs, ", "))
+	if err := checkVersion(list.CNIVersion); err != nil {
+		return fmt.Errorf("refusing to write a network with %w", err)
 	}
 	return nil
 }
@@ -329,7 +341,8 @@ func newRecord(confDir string, p *primary, target string, old *record) (*record,
 // wrote, and otherwise loses our entry only; any other pktmeta entry in the
 // directory is removed too. Then BinDir/pktmeta is removed when it is ours
 // (the same content as BinarySource). A second Uninstall changes nothing.
-// Stop Watch first, or it puts the entry back.
+// Like Install, it first removes leftover temporary files. Stop Watch
+// first, or it puts the entry back.
 func Uninstall(opts Options) (Result, error) {
 	if err := opts.check(false); err != nil {
 		return Result{}, fmt.Errorf("uninstall: %w", err)
@@ -341,7 +354,7 @@ func Uninstall(opts Options) (Result, error) {
 	}
 	defer unlock()
 	log := opts.logger()
-	removeStaleTemps(opts.ConfDir, log)
+	opts.removeTemps(log)
 
 	var res Result
 	var errs []error

@@ -44,8 +44,10 @@ const (
 	// a repair, or our entry now lives in another file); repairs are
 	// prompt again.
 	EventCalm
-	// EventNoPrimary: the dir has no valid network config yet; Watch waits
-	// for one. Reported once until there is one.
+	// EventNoPrimary: the dir has no usable network config yet; Watch waits
+	// for one. Reported once until there is one; Err is the
+	// *NoPrimaryError that says why for every file (Watch logs it again
+	// whenever that changes).
 	EventNoPrimary
 	// EventError: Install failed, or events were lost; Err says why. Watch
 	// retries with a growing delay.
@@ -119,8 +121,9 @@ type watcher struct {
 	maxBack  time.Duration
 	resync   time.Duration
 
-	installed bool // EventInstalled was reported; later writes are repairs
-	noPrimary bool // EventNoPrimary was reported
+	installed bool   // EventInstalled was reported; later writes are repairs
+	noPrimary bool   // EventNoPrimary was reported
+	whyNone   string // the last no-primary error logged
 	errDelay  time.Duration
 	// The fight detector: recent writes to path, and the current delay.
 	path      string
@@ -282,10 +285,13 @@ func (w *watcher) run(now time.Time) time.Duration {
 	switch {
 	case errors.Is(err, ErrNoPrimary):
 		w.errDelay = 0
+		if msg := err.Error(); !w.noPrimary || msg != w.whyNone {
+			w.whyNone = msg
+			LogNoPrimary(w.log, err, "waiting for the primary CNI")
+		}
 		if !w.noPrimary {
 			w.noPrimary = true
-			w.log.Info("no CNI network config yet; waiting for the primary CNI", "dir", w.dir)
-			w.emit(Event{Kind: EventNoPrimary})
+			w.emit(Event{Kind: EventNoPrimary, Err: err})
 		}
 		return 0
 	case err != nil:
@@ -355,6 +361,25 @@ func (w *watcher) run(now time.Time) time.Duration {
 	w.notBefore = now.Add(w.backoff)
 	w.emit(Event{Kind: EventBackoff, Path: res.Path, Repairs: n, Backoff: w.backoff})
 	return 0
+}
+
+// LogNoPrimary logs err, an error of [Install] or [FindPrimary] that wraps
+// ErrNoPrimary, the way Watch does: every skipped file with its reason, as
+// a warning, or at info level when the dir is just empty or missing (a node
+// whose primary CNI has not started yet). what says what the caller does
+// about it ("waiting for the primary CNI"). log may be nil.
+func LogNoPrimary(log *slog.Logger, err error, what string) {
+	log = orDiscard(log)
+	msg := "no usable CNI network config; " + what
+	var np *NoPrimaryError
+	switch {
+	case !errors.As(err, &np):
+		log.Info(msg, "err", err)
+	case len(np.Skipped) == 0:
+		log.Info(msg, "dir", np.Dir, "missing", np.Missing)
+	default:
+		log.Warn(msg, "dir", np.Dir, "skipped", np.Files())
+	}
 }
 
 // calm resets the fight detector.

@@ -111,7 +111,7 @@ func TestCRIChain(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	d, err := datapath.Open(pin)
+	d, err := datapath.OpenReader(pin)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,36 +27,59 @@ type bpfPktmetaConfig struct {
 	Flags         uint32
 	UdpTimeoutNs  uint64
 	DatapathId    [32]uint8
+	Release       uint32
+	Pad           uint32
 }
 
 type bpfPktmetaCounters struct {
-	_              structs.HostLayout
-	OriginPackets  uint64
-	DeliverPackets uint64
-	NotParsed      uint64
-	Tagged         uint64
-	SynRetransmits uint64
-	Unregistered   uint64
-	UpdateErrors   uint64
-	Deliveries     uint64
-	NatResolved    uint64
-	Misses         uint64
-	UdpReplies     uint64
-	Closed         uint64
-	StrictDrops    uint64
-	EventsDropped  uint64
-	CtUnavailable  uint64
-	ConnSeq        uint64
+	_                 structs.HostLayout
+	OriginPackets     uint64
+	DeliverPackets    uint64
+	NotParsed         uint64
+	Tagged            uint64
+	SynRetransmits    uint64
+	Unregistered      uint64
+	UpdateErrors      uint64
+	Deliveries        uint64
+	NatResolved       uint64
+	Misses            uint64
+	UdpReplies        uint64
+	Closed            uint64
+	StrictDrops       uint64
+	EventsDropped     uint64
+	CtUnavailable     uint64
+	Spoofed           uint64
+	LinkLocal         uint64
+	OverBudget        uint64
+	TableFull         uint64
+	AliasesFull       uint64
+	NotParty          uint64
+	SimultaneousOpens uint64
+	UnverifiedCloses  uint64
+	EventsLimited     uint64
+	UdpPreexisting    uint64
+	ConnSeq           uint64
 }
 
 type bpfPktmetaEndpoint struct {
-	_        structs.HostLayout
-	Version  uint8
-	Flags    uint8
-	N_addrs  uint8
-	Pad      uint8
-	Workload uint32
-	Addrs    [8][16]uint8
+	_             structs.HostLayout
+	Version       uint8
+	Flags         uint8
+	N_addrs       uint8
+	Pad           uint8
+	Workload      uint32
+	MaxConns      uint32
+	EventsPerSec  uint32
+	Addrs         [16][16]uint8
+	Live          int64
+	Spoofed       uint64
+	OverBudget    uint64
+	TableFull     uint64
+	NotParty      uint64
+	EventsLimited uint64
+	EvWindowNs    uint64
+	EvCount       uint32
+	Pad2          uint32
 }
 
 type bpfPktmetaEvent struct {
@@ -78,29 +101,38 @@ type bpfPktmetaEvent struct {
 
 type bpfPktmetaRecord struct {
 	_              structs.HostLayout
+	Flags          uint32
+	ConnGen        uint32
+	ConnId         uint64
 	Version        uint8
 	Pad            [3]uint8
-	Flags          uint32
-	ConnId         uint64
-	FirstSeenNs    uint64
-	LastSeenNs     uint64
-	DeliveredNs    uint64
 	OriginWorkload uint32
 	OriginIfindex  uint32
 	PeerWorkload   uint32
 	PeerIfindex    uint32
 	SynSeq         uint32
-	Reserved       uint32
+	FirstSeenNs    uint64
+	LastSeenNs     uint64
+	DeliveredNs    uint64
 	PeerTuple      bpfPktmetaTuple
 }
 
-type bpfPktmetaSweep struct {
-	_         structs.HostLayout
-	Workload  uint32
-	Pad       uint32
-	UdpIdleNs uint64
-	Visited   uint64
-	Removed   uint64
+type bpfPktmetaSweepArgs struct {
+	_                 structs.HostLayout
+	Magic             uint64
+	Workload          uint32
+	Flags             uint32
+	UdpIdleNs         uint64
+	TcpPendingNs      uint64
+	CtMinAgeNs        uint64
+	Visited           uint64
+	RemovedWorkload   uint64
+	RemovedUdpIdle    uint64
+	RemovedTcpPending uint64
+	RemovedTcpOver    uint64
+	RemovedAliases    uint64
+	CtChecked         uint64
+	CtUnavailable     uint64
 }
 
 type bpfPktmetaTag struct {
@@ -124,7 +156,7 @@ type bpfPktmetaWorkload struct {
 	Version       uint8
 	Flags         uint8
 	N_tags        uint8
-	Pad           uint8
+	PodTags       uint8
 	HostIfindex   uint32
 	CreatedUnixNs uint64
 	HostNetnsIno  uint64
@@ -150,10 +182,11 @@ const (
 	bpfMapPktmetaStats    = "pktmeta_stats"
 	bpfMapPktmetaWloads   = "pktmeta_wloads"
 	bpfProgPktmetaDeliver = "pktmeta_deliver"
-	bpfProgPktmetaGc      = "pktmeta_gc"
 	bpfProgPktmetaOrigin  = "pktmeta_origin"
 	bpfProgPktmetaStrict  = "pktmeta_strict"
+	bpfProgPktmetaSweep   = "pktmeta_sweep"
 	bpfVarUnusedEvent     = "unused_event"
+	bpfVarUnusedSweep     = "unused_sweep"
 )
 
 // loadBpf returns the embedded CollectionSpec for bpf.
@@ -199,9 +232,9 @@ type bpfSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
 	PktmetaDeliver *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
-	PktmetaGc      *ebpf.ProgramSpec `ebpf:"pktmeta_gc"`
 	PktmetaOrigin  *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
 	PktmetaStrict  *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
+	PktmetaSweep   *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
@@ -222,6 +255,7 @@ type bpfMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfVariableSpecs struct {
 	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedSweep *ebpf.VariableSpec `ebpf:"unused_sweep"`
 }
 
 // bpfObjects contains all objects after they have been loaded into the kernel.
@@ -270,6 +304,7 @@ func (m *bpfMaps) Close() error {
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfVariables struct {
 	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	UnusedSweep *ebpf.Variable `ebpf:"unused_sweep"`
 }
 
 // bpfPrograms contains all programs after they have been loaded into the kernel.
@@ -277,17 +312,17 @@ type bpfVariables struct {
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
 	PktmetaDeliver *ebpf.Program `ebpf:"pktmeta_deliver"`
-	PktmetaGc      *ebpf.Program `ebpf:"pktmeta_gc"`
 	PktmetaOrigin  *ebpf.Program `ebpf:"pktmeta_origin"`
 	PktmetaStrict  *ebpf.Program `ebpf:"pktmeta_strict"`
+	PktmetaSweep   *ebpf.Program `ebpf:"pktmeta_sweep"`
 }
 
 func (p *bpfPrograms) Close() error {
 	return _BpfClose(
 		p.PktmetaDeliver,
-		p.PktmetaGc,
 		p.PktmetaOrigin,
 		p.PktmetaStrict,
+		p.PktmetaSweep,
 	)
 }
 

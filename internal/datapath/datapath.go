@@ -1,16 +1,23 @@
-// Package datapath owns pktmeta's pinned BPF state: it loads the programs
-// and maps once per node, pins them under a bpffs directory, reuses them on
-// every later call, and upgrades the programs in place when a newer build
-// brings different ones.
+// Package datapath owns pktmeta's pinned BPF state, and is the only code
+// that knows how it is laid out, locked, created, completed and upgraded.
 //
 // Layout under the pin path (default /sys/fs/bpf/pktmeta):
 //
-//	maps/<name>                      the maps, pinned by name (see bpf/)
-//	progs/{origin,strict,deliver,gc} the programs
+//	maps/<name>                          the maps, pinned by name (see bpf/)
+//	progs/{origin,strict,deliver,sweep}  the programs
 //	links/<containerID>/<ifname>/{ingress,egress}   tcx links of one attachment
+//	locks/<containerID>/                 per-container lock (a directory: bpffs holds no files)
 //
-// The pin directory itself is the lock (flock) that serialises loading and
-// upgrades against everything else.
+// The pin directory itself is the node lock (flock). A handle from Open or
+// OpenExisting holds it shared for its whole life, so no upgrade can change
+// the programs under it; loading and upgrading hold it exclusively.
+// ADD, DEL and the agent's reconcile of one container are serialised by
+// that container's lock, taken inside Attach and Detach. OpenReader gives a
+// lock-free read-only view for the CLI, metrics and event readers.
+//
+// A committed datapath is one whose config slot carries a layout version:
+// that is written last when the maps are first made, so whatever a killed
+// process left before it is thrown away and made again.
 package datapath
 
 import (
@@ -18,6 +25,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -31,21 +39,30 @@ import (
 const DefaultPinPath = "/sys/fs/bpf/pktmeta"
 
 // LayoutVersion is PKTMETA_LAYOUT_VERSION of the bundled BPF object.
-const LayoutVersion = 1
+const LayoutVersion = 2
 
 // RecordVersion is PKTMETA_RECORD_VERSION of the bundled BPF object.
-const RecordVersion = 1
+const RecordVersion = 2
 
 // Limits of the fixed-size layouts (bpf/datapath.h).
 const (
-	MaxAddrs = 8
+	MaxAddrs = 16
 	MaxTags  = 8
 )
 
-// Defaults for Options.
+// Defaults for Options and AttachOptions.
 const (
 	DefaultMaxConnections = 131072
 	DefaultUDPTimeout     = 120 * time.Second
+	// DefaultTCPHandshakeTimeout bounds how long a TCP record may wait for
+	// the peer's SYN-ACK before a sweep removes it: Linux gives up a
+	// connect() after 127 s (tcp_syn_retries 6).
+	DefaultTCPHandshakeTimeout = 150 * time.Second
+	// PodShareOfTable: by default a pod may hold 1/16 of the table.
+	PodShareOfTable = 16
+	// DefaultEventsPerSecond is how many connections a second a pod may
+	// open with events (its records are made either way).
+	DefaultEventsPerSecond = 1000
 )
 
 // Program names, as pinned under progs/.
@@ -53,23 +70,30 @@ const (
 	ProgOrigin  = "origin"
 	ProgStrict  = "strict"
 	ProgDeliver = "deliver"
-	// ProgGC sweeps the connection table in the kernel (BPF_PROG_RUN).
-	ProgGC = "gc"
+	// ProgSweep sweeps the connection table in the kernel (BPF_PROG_TEST_RUN).
+	ProgSweep = "sweep"
 )
 
 var (
-	// ErrNotLoaded means no pinned datapath exists at the pin path yet.
+	// ErrNotLoaded means no committed datapath is pinned at the pin path.
 	ErrNotLoaded = errors.New("no pinned datapath")
 	// ErrNotBPFFS means the pin path is not on a bpf filesystem.
 	ErrNotBPFFS = errors.New("not on a bpf filesystem")
+	// ErrNewer means the pinned datapath comes from a newer (or another)
+	// pktmeta than this one, which refuses to replace it.
+	ErrNewer = errors.New("pinned datapath is newer than this pktmeta")
+	// ErrReadOnly is returned by changes through an OpenReader handle.
+	ErrReadOnly = errors.New("datapath opened read-only")
 )
 
-// Options configure how a datapath is created. They matter only when the
-// maps do not exist yet; a pinned datapath keeps the sizes it was made with.
+// Options say where the datapath is pinned and how to create it. The sizes
+// matter only when the maps are made; a pinned datapath keeps its own.
 type Options struct {
 	PinPath        string
 	MaxConnections uint32
 	UDPTimeout     time.Duration
+	// Log receives what loading and upgrading did; nil discards it.
+	Log *slog.Logger
 }
 
 func (o *Options) withDefaults() Options {
@@ -82,6 +106,9 @@ func (o *Options) withDefaults() Options {
 	}
 	if out.UDPTimeout == 0 {
 		out.UDPTimeout = DefaultUDPTimeout
+	}
+	if out.Log == nil {
+		out.Log = slog.New(slog.DiscardHandler)
 	}
 	return out
 }
@@ -101,11 +128,14 @@ type Datapath struct {
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
 	Deliver *ebpf.Program
-	GC      *ebpf.Program
+	Sweeper *ebpf.Program
+
+	log  *slog.Logger
+	lock *nodeLock // nil for a reader
 }
 
 // ID identifies the BPF object bundled in this binary: the sha256 of its
-// bytes. Pinned programs from another object are upgraded.
+// bytes.
 func ID() [32]byte { return bundledID() }
 
 // Hashed once: every ADD compares it.
@@ -113,43 +143,48 @@ var bundledID = sync.OnceValue(func() [32]byte { return sha256.Sum256(_BpfBytes)
 
 func (d *Datapath) mapsDir() string  { return filepath.Join(d.PinPath, "maps") }
 func (d *Datapath) progsDir() string { return filepath.Join(d.PinPath, "progs") }
+func (d *Datapath) locksDir() string { return filepath.Join(d.PinPath, "locks") }
 
 // LinksDir is where the tcx links of attachments are pinned.
 func (d *Datapath) LinksDir() string { return filepath.Join(d.PinPath, "links") }
 
-// Close releases the handles. Pinned state stays.
+// ReadOnly reports whether the handle came from OpenReader.
+func (d *Datapath) ReadOnly() bool { return d.lock == nil }
+
+func (d *Datapath) writable() error {
+	if d.lock == nil {
+		return ErrReadOnly
+	}
+	return nil
+}
+
+// Close releases the handles and, for a writable handle, the node lock.
+// Pinned state stays.
 func (d *Datapath) Close() error {
 	var errs []error
-	for _, c := range []interface{ Close() error }{d.ConnsMap, d.AliasesMap, d.EndpointsMap, d.WorkloadsMap, d.StatsMap, d.ConfigMap, d.EventsMap, d.Origin, d.Strict, d.Deliver, d.GC} {
-		if c == nil || isNilHandle(c) {
-			continue
+	for _, m := range d.mapSlots() {
+		if *m != nil {
+			errs = append(errs, (*m).Close())
+			*m = nil
 		}
-		errs = append(errs, c.Close())
+	}
+	for _, p := range d.progSlots() {
+		if *p != nil {
+			errs = append(errs, (*p).Close())
+			*p = nil
+		}
+	}
+	if d.lock != nil {
+		errs = append(errs, d.lock.unlock())
+		d.lock = nil
 	}
 	return errors.Join(errs...)
 }
 
-func isNilHandle(c interface{ Close() error }) bool {
-	switch v := c.(type) {
-	case *ebpf.Map:
-		return v == nil
-	case *ebpf.Program:
-		return v == nil
-	}
-	return false
-}
-
 // Program returns the program for a pinned name (ProgOrigin, ...).
 func (d *Datapath) Program(name string) *ebpf.Program {
-	switch name {
-	case ProgOrigin:
-		return d.Origin
-	case ProgStrict:
-		return d.Strict
-	case ProgDeliver:
-		return d.Deliver
-	case ProgGC:
-		return d.GC
+	if p, ok := d.progSlots()[name]; ok {
+		return *p
 	}
 	return nil
 }
@@ -172,55 +207,6 @@ func CheckBPFFS(dir string) error {
 	}
 }
 
-// Open opens the pinned maps and programs without loading anything. It
-// fails with ErrNotLoaded when nothing (or not all of it) is pinned yet, and
-// when the pinned layout is not the one this build understands.
-func Open(pinPath string) (*Datapath, error) {
-	d, err := OpenMaps(pinPath)
-	if err != nil {
-		return nil, err
-	}
-	if err := d.OpenPrograms(); err != nil {
-		d.Close()
-		return nil, err
-	}
-	return d, nil
-}
-
-// OpenMaps opens only the pinned maps: enough to read and remove state,
-// even when the programs are missing.
-func OpenMaps(pinPath string) (*Datapath, error) {
-	if pinPath == "" {
-		pinPath = DefaultPinPath
-	}
-	d := &Datapath{PinPath: pinPath}
-	if err := CheckBPFFS(pinPath); err != nil {
-		return nil, err
-	}
-	if _, err := os.Stat(filepath.Join(d.mapsDir(), mapConfig)); errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
-	}
-	if err := d.openMaps(); err != nil {
-		d.Close()
-		return nil, err
-	}
-	cfg, err := d.ReadConfig()
-	if err != nil {
-		d.Close()
-		return nil, err
-	}
-	switch cfg.LayoutVersion {
-	case LayoutVersion:
-		return d, nil
-	case 0:
-		// Maps created by a load that did not finish; the next ADD completes it.
-		d.Close()
-		return nil, fmt.Errorf("%s: maps without a layout version (an interrupted first load): %w", pinPath, ErrNotLoaded)
-	}
-	d.Close()
-	return nil, fmt.Errorf("pinned datapath at %s has layout version %d, this build needs %d", pinPath, cfg.LayoutVersion, LayoutVersion)
-}
-
 // Map names, as in bpf/pktmeta.c.
 const (
 	mapConns     = "pktmeta_conns"
@@ -232,30 +218,15 @@ const (
 	mapEvents    = "pktmeta_events"
 )
 
-func (d *Datapath) openMaps() error {
-	for name, dst := range d.mapSlots() {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
-		if err != nil {
-			return fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		*dst = m
-	}
-	return nil
-}
+// mapNames lists every map; the config comes last, as the commit point.
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapConfig}
 
-// OpenPrograms opens the pinned programs of a datapath opened with OpenMaps.
-func (d *Datapath) OpenPrograms() error {
-	for name, dst := range d.progSlots() {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.progsDir(), name), nil)
-		if err != nil {
-			if errors.Is(err, os.ErrNotExist) {
-				return fmt.Errorf("program %s not pinned: %w", name, ErrNotLoaded)
-			}
-			return fmt.Errorf("open pinned program %s: %w", name, err)
-		}
-		*dst = p
-	}
-	return nil
+// progNames lists every program with its name in the object.
+var progNames = map[string]string{
+	ProgOrigin:  bpfProgPktmetaOrigin,
+	ProgStrict:  bpfProgPktmetaStrict,
+	ProgDeliver: bpfProgPktmetaDeliver,
+	ProgSweep:   bpfProgPktmetaSweep,
 }
 
 func (d *Datapath) mapSlots() map[string]**ebpf.Map {
@@ -275,13 +246,14 @@ func (d *Datapath) progSlots() map[string]**ebpf.Program {
 		ProgOrigin:  &d.Origin,
 		ProgStrict:  &d.Strict,
 		ProgDeliver: &d.Deliver,
-		ProgGC:      &d.GC,
+		ProgSweep:   &d.Sweeper,
 	}
 }
 
 // Config is the decoded pktmeta_cfg slot.
 type Config struct {
 	LayoutVersion uint32
+	Release       uint32
 	EventsOff     bool
 	UDPTimeout    time.Duration
 	DatapathID    [32]byte
@@ -289,12 +261,17 @@ type Config struct {
 
 // ReadConfig reads the config slot.
 func (d *Datapath) ReadConfig() (Config, error) {
+	return readConfig(d.ConfigMap)
+}
+
+func readConfig(m *ebpf.Map) (Config, error) {
 	var raw bpfPktmetaConfig
-	if err := d.ConfigMap.Lookup(uint32(0), &raw); err != nil {
+	if err := m.Lookup(uint32(0), &raw); err != nil {
 		return Config{}, fmt.Errorf("read %s: %w", mapConfig, err)
 	}
 	return Config{
 		LayoutVersion: raw.LayoutVersion,
+		Release:       raw.Release,
 		EventsOff:     raw.Flags&cfgNoEvents != 0,
 		UDPTimeout:    time.Duration(raw.UdpTimeoutNs),
 		DatapathID:    raw.DatapathId,
@@ -303,17 +280,26 @@ func (d *Datapath) ReadConfig() (Config, error) {
 
 const cfgNoEvents = 1 << 0
 
-// WriteConfig replaces the config slot.
+// WriteConfig replaces the config slot. Tests use it to play an older or
+// newer datapath; everything else goes through Open.
 func (d *Datapath) WriteConfig(c Config) error {
+	if err := d.writable(); err != nil {
+		return err
+	}
+	return writeConfig(d.ConfigMap, c)
+}
+
+func writeConfig(m *ebpf.Map, c Config) error {
 	raw := bpfPktmetaConfig{
 		LayoutVersion: c.LayoutVersion,
+		Release:       c.Release,
 		UdpTimeoutNs:  uint64(c.UDPTimeout),
 		DatapathId:    c.DatapathID,
 	}
 	if c.EventsOff {
 		raw.Flags |= cfgNoEvents
 	}
-	if err := d.ConfigMap.Update(uint32(0), &raw, ebpf.UpdateAny); err != nil {
+	if err := m.Update(uint32(0), &raw, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write %s: %w", mapConfig, err)
 	}
 	return nil
@@ -326,5 +312,5 @@ func (d *Datapath) Current() (bool, error) {
 		return false, err
 	}
 	id := ID()
-	return bytes.Equal(cfg.DatapathID[:], id[:]), nil
+	return cfg.Release == Release && bytes.Equal(cfg.DatapathID[:], id[:]), nil
 }

@@ -1,12 +1,17 @@
 package datapath
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -17,83 +22,264 @@ func testLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
-func TestEnsureLoadsOnceAndReuses(t *testing.T) {
-	pin := testutil.PinPath(t)
-	d, res, err := Ensure(Options{PinPath: pin, MaxConnections: 4096}, testLogger())
+// mustOpen opens (creating) the datapath at pin and closes it at cleanup.
+func mustOpen(tb testing.TB, pin string, maxConns uint32) (*Datapath, OpenResult) {
+	tb.Helper()
+	d, res, err := Open(Options{PinPath: pin, MaxConnections: maxConns, Log: testLogger()})
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatalf("open %s: %v", pin, err)
 	}
-	defer d.Close()
-	if !res.Loaded || !res.Created {
-		t.Fatalf("first Ensure: %+v, want loaded and created", res)
-	}
-	info, _ := d.Origin.Info()
-	id1, _ := info.ID()
+	tb.Cleanup(func() { d.Close() })
+	return d, res
+}
 
-	d2, res2, err := Ensure(Options{PinPath: pin, MaxConnections: 9999}, testLogger())
+// withConfig rewrites the pinned config slot, as another build would have
+// left it, without holding any handle.
+func withConfig(tb testing.TB, pin string, change func(*Config)) {
+	tb.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pin, "maps", mapConfig), nil)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	defer d2.Close()
+	defer m.Close()
+	cfg, err := readConfig(m)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	change(&cfg)
+	if err := writeConfig(m, cfg); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func progID(tb testing.TB, p *ebpf.Program) ebpf.ProgramID {
+	tb.Helper()
+	info, err := p.Info()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	id, _ := info.ID()
+	return id
+}
+
+// Every change to the BPF object needs a new Release (see release.go).
+func TestReleaseNamesTheObject(t *testing.T) {
+	sum := sha256.Sum256(_BpfBytes)
+	if got := hex.EncodeToString(sum[:]); got != releaseObject {
+		t.Fatalf("the BPF object changed (sha256 %s) but release.go still names %q for release %d: bump Release and set releaseObject = %q",
+			got, releaseObject, Release, got)
+	}
+}
+
+func TestOpenLoadsOnceAndReuses(t *testing.T) {
+	pin := testutil.PinPath(t)
+	d, res := mustOpen(t, pin, 4096)
+	if !res.Loaded || !res.Created {
+		t.Fatalf("first Open: %+v, want loaded and created", res)
+	}
+	id1 := progID(t, d.Origin)
+	d.Close()
+
+	d2, res2 := mustOpen(t, pin, 9999)
 	if res2.Loaded || res2.Created {
-		t.Fatalf("second Ensure: %+v, want neither loaded nor created", res2)
+		t.Fatalf("second Open: %+v, want neither loaded nor created", res2)
 	}
-	info2, _ := d2.Origin.Info()
-	id2, _ := info2.ID()
-	if id1 != id2 {
-		t.Fatalf("second Ensure reloaded the program: id %d then %d", id1, id2)
+	if id2 := progID(t, d2.Origin); id1 != id2 {
+		t.Fatalf("second Open reloaded the program: id %d then %d", id1, id2)
 	}
 	if got := d2.ConnsMap.MaxEntries(); got != 4096 {
 		t.Fatalf("conns max entries %d, want the pinned 4096", got)
 	}
+	if cur, _ := d2.Current(); !cur {
+		t.Fatal("not current after Open")
+	}
 }
 
-// A plugin killed between creating the maps and writing the config must
-// not leave a node where no pod can be added or deleted.
-func TestInterruptedFirstLoadRecovers(t *testing.T) {
+// A handle holds the node lock shared for its whole life: an upgrade (which
+// needs it exclusively) waits for it, so a caller never attaches superseded
+// programs.
+func TestHandleHoldsTheLockForItsLife(t *testing.T) {
 	pin := testutil.PinPath(t)
-	// What the dead plugin left: the maps, pinned, with a zero config.
+	d, _ := mustOpen(t, pin, 4096)
+	withConfig(t, pin, func(c *Config) { c.Release = Release - 1 })
+
+	done := make(chan OpenResult)
+	go func() {
+		d2, res, err := Open(Options{PinPath: pin, Log: testLogger()})
+		if err != nil {
+			t.Error(err)
+		} else {
+			d2.Close()
+		}
+		done <- res
+	}()
+	select {
+	case res := <-done:
+		t.Fatalf("the upgrade ran while a handle was open: %+v", res)
+	case <-time.After(300 * time.Millisecond):
+	}
+	d.Close()
+	if res := <-done; !res.Loaded {
+		t.Fatalf("upgrade after the handle closed: %+v, want loaded", res)
+	}
+}
+
+// Every state a pin path can be in, and what Open, OpenExisting and
+// OpenReader make of it.
+func TestPinnedStates(t *testing.T) {
+	type want struct {
+		openErr  error // nil: Open succeeds
+		loaded   bool
+		repaired bool
+		existing error // OpenExisting's error
+		// existingAsIs: OpenExisting opens it without changing it (a
+		// newer release with this build's maps: DEL works, nothing loads).
+		existingAsIs bool
+	}
+	for _, c := range []struct {
+		name  string
+		setup func(t *testing.T, pin string)
+		want  want
+	}{
+		{"empty", func(*testing.T, string) {}, want{loaded: true, existing: ErrNotLoaded}},
+		{"current", func(t *testing.T, pin string) { createAt(t, pin) }, want{existing: nil}},
+		{"uncommitted maps", func(t *testing.T, pin string) { pinMapsOnly(t, pin, mapNames) }, want{loaded: true, repaired: true, existing: ErrNotLoaded}},
+		{"some maps of a killed first load", func(t *testing.T, pin string) {
+			pinMapsOnly(t, pin, []string{mapConfig, mapEvents, mapStats})
+		}, want{loaded: true, repaired: true, existing: ErrNotLoaded}},
+		{"a program pin missing", func(t *testing.T, pin string) {
+			createAt(t, pin)
+			os.Remove(filepath.Join(pin, "progs", ProgDeliver))
+		}, want{loaded: true, repaired: true}},
+		{"a map pin missing", func(t *testing.T, pin string) {
+			createAt(t, pin)
+			os.Remove(filepath.Join(pin, "maps", mapEvents))
+		}, want{loaded: true, repaired: true}},
+		{"older release", func(t *testing.T, pin string) {
+			createAt(t, pin)
+			withConfig(t, pin, func(c *Config) { c.Release--; c.DatapathID = [32]byte{1} })
+		}, want{loaded: true}},
+		{"newer release", func(t *testing.T, pin string) {
+			createAt(t, pin)
+			withConfig(t, pin, func(c *Config) { c.Release++ })
+		}, want{openErr: ErrNewer, existingAsIs: true}},
+		{"another build of this release", func(t *testing.T, pin string) {
+			createAt(t, pin)
+			withConfig(t, pin, func(c *Config) { c.DatapathID = [32]byte{2} })
+		}, want{openErr: ErrNewer, existingAsIs: true}},
+		{"newer layout", func(t *testing.T, pin string) {
+			createAt(t, pin)
+			withConfig(t, pin, func(c *Config) { c.LayoutVersion++ })
+		}, want{openErr: ErrNewer, existing: ErrNewer}},
+	} {
+		t.Run(c.name+"/Open", func(t *testing.T) {
+			pin := testutil.PinPath(t)
+			c.setup(t, pin)
+			d, res, err := Open(Options{PinPath: pin, MaxConnections: 4096, Log: testLogger()})
+			if c.want.openErr != nil {
+				if !errors.Is(err, c.want.openErr) {
+					t.Fatalf("Open: %v, want %v", err, c.want.openErr)
+				}
+				if !strings.Contains(err.Error(), "refusing") {
+					t.Fatalf("error does not say what it refuses: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			defer d.Close()
+			if res.Loaded != c.want.loaded || res.Repaired != c.want.repaired {
+				t.Fatalf("Open: %+v, want loaded=%v repaired=%v", res, c.want.loaded, c.want.repaired)
+			}
+			requireCurrent(t, pin)
+		})
+		t.Run(c.name+"/OpenExisting", func(t *testing.T) {
+			pin := testutil.PinPath(t)
+			c.setup(t, pin)
+			d, err := OpenExisting(pin, testLogger())
+			if c.want.existing != nil {
+				if !errors.Is(err, c.want.existing) {
+					t.Fatalf("OpenExisting: %v, want %v", err, c.want.existing)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("OpenExisting: %v", err)
+			}
+			d.Close()
+			if c.want.existingAsIs {
+				if st, _ := inspect(pin); st.kind != stateNewer {
+					t.Fatalf("OpenExisting changed a newer datapath: now %v", st.kind)
+				}
+				return
+			}
+			// It completes what it finds, as DEL must work on it.
+			requireCurrent(t, pin)
+		})
+	}
+}
+
+// requireCurrent checks that pin holds this build's complete datapath and
+// that a reader can open it.
+func requireCurrent(t *testing.T, pin string) {
+	t.Helper()
+	st, err := inspect(pin)
+	if err != nil || st.kind != stateCurrent {
+		t.Fatalf("pinned state %v (%v), missing %v", st.kind, err, st.missing)
+	}
+	r, err := OpenReader(pin)
+	if err != nil {
+		t.Fatalf("OpenReader: %v", err)
+	}
+	if cur, _ := r.Current(); !cur {
+		t.Fatal("not current")
+	}
+	r.Close()
+}
+
+// createAt makes a current datapath at pin and closes the handle.
+func createAt(t *testing.T, pin string) {
+	t.Helper()
+	d, _, err := Open(Options{PinPath: pin, MaxConnections: 4096, Log: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+}
+
+// pinMapsOnly pins some of the maps, with a zero (uncommitted) config: what
+// a process killed during its first load leaves.
+func pinMapsOnly(t *testing.T, pin string, names []string) {
+	t.Helper()
 	spec, err := loadBpf()
 	if err != nil {
 		t.Fatal(err)
 	}
-	delete(spec.Maps, ".bss")
-	delete(spec.Variables, bpfVarUnusedEvent)
-	d0 := &Datapath{PinPath: pin}
-	if err := os.MkdirAll(d0.mapsDir(), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(pin, "maps"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d0.mapsDir()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	coll.Close()
-
-	if _, err := OpenMaps(pin); !errors.Is(err, ErrNotLoaded) {
-		t.Fatalf("OpenMaps of a half-made datapath: %v, want ErrNotLoaded", err)
-	}
-	d, res, err := Ensure(Options{PinPath: pin}, testLogger())
-	if err != nil {
-		t.Fatalf("Ensure after an interrupted load: %v", err)
-	}
-	defer d.Close()
-	if !res.Loaded || res.Created {
-		t.Fatalf("%+v: want loaded into the existing maps", res)
-	}
-	if cur, _ := d.Current(); !cur {
-		t.Fatal("config not completed")
+	for _, name := range names {
+		ms := spec.Maps[name].Copy()
+		ms.Pinning = ebpf.PinNone
+		if ms.MaxEntries == 1 {
+			ms.MaxEntries = 1024
+		}
+		m, err := ebpf.NewMap(ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Pin(filepath.Join(pin, "maps", name)); err != nil {
+			t.Fatal(err)
+		}
+		m.Close()
 	}
 }
 
 // Workload IDs start at the attachment key's hash; taken IDs are skipped
 // and finding the workload again probes, it does not scan.
 func TestWorkloadIDsProbeFromTheKeyHash(t *testing.T) {
-	pin := testutil.PinPath(t)
-	d, _, err := Ensure(Options{PinPath: pin, MaxConnections: 4096}, testLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, _ := mustOpen(t, testutil.PinPath(t), 4096)
 	key := AttachmentKey{ContainerID: "abc", IfName: "eth0"}
 	base := idSlot(key)
 	// Others already hold the first four IDs.
@@ -105,7 +291,7 @@ func TestWorkloadIDsProbeFromTheKeyHash(t *testing.T) {
 		}
 	}
 	w := &Workload{ContainerID: "abc", IfName: "eth0", Pod: "p"}
-	id, err := d.RegisterWorkload(w)
+	id, err := d.registerWorkload(w)
 	if err != nil || id != base+4 {
 		t.Fatalf("registered as %d (%v), want %d", id, err, base+4)
 	}
@@ -120,18 +306,13 @@ func TestWorkloadIDsProbeFromTheKeyHash(t *testing.T) {
 
 // Records reads the table in batches; more than one batch must all come back.
 func TestRecordsAcrossBatches(t *testing.T) {
-	pin := testutil.PinPath(t)
-	d, _, err := Ensure(Options{PinPath: pin, MaxConnections: 16384}, testLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, _ := mustOpen(t, testutil.PinPath(t), 16384)
 	const n = 10000
 	keys := make([]bpfPktmetaTuple, n)
 	vals := make([]bpfPktmetaRecord, n)
 	for i := range keys {
 		keys[i] = Tuple{Proto: ProtoTCP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(i+1)), Dst: netip.MustParseAddrPort("10.0.0.2:80")}.key()
-		vals[i] = bpfPktmetaRecord{Version: RecordVersion, ConnId: uint64(i + 1)}
+		vals[i] = bpfPktmetaRecord{Version: RecordVersion, ConnId: uint64(i + 1), ConnGen: uint32(i + 1)}
 	}
 	if _, err := d.ConnsMap.BatchUpdate(keys, vals, nil); err != nil {
 		t.Fatal(err)
@@ -151,5 +332,46 @@ func TestRecordsAcrossBatches(t *testing.T) {
 		if f.Name == mapConns && (f.Entries != n || f.Max != 16384) {
 			t.Fatalf("map fill %+v, want %d of 16384", f, n)
 		}
+	}
+}
+
+// A reader handle changes nothing and takes no lock.
+func TestReaderIsReadOnly(t *testing.T) {
+	pin := testutil.PinPath(t)
+	mustOpen(t, pin, 4096) // holds the shared lock: a reader must not wait for it either
+	r, err := OpenReader(pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := r.Attach(&Workload{ContainerID: "c", IfName: "eth0"}, AttachOptions{}); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("Attach through a reader: %v", err)
+	}
+	if _, err := r.Detach(AttachmentKey{ContainerID: "c", IfName: "eth0"}); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("Detach through a reader: %v", err)
+	}
+	if _, err := r.Sweep(SweepOptions{Hygiene: true}); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("Sweep through a reader: %v", err)
+	}
+}
+
+// Destroy removes every pin and the directory; an interrupted Destroy
+// (config gone first) leaves a state the next Open starts over from.
+func TestDestroy(t *testing.T) {
+	pin := testutil.PinPath(t)
+	d, _ := mustOpen(t, pin, 4096)
+	d.Close()
+	// Interrupted right after its first step.
+	os.Remove(filepath.Join(pin, "maps", mapConfig))
+	d2, res := mustOpen(t, pin, 4096)
+	if !res.Repaired || !res.Created {
+		t.Fatalf("Open after an interrupted destroy: %+v", res)
+	}
+	d2.Close()
+	if err := Destroy(pin, testLogger()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pin path still there: %v", err)
 	}
 }

@@ -21,7 +21,9 @@ func TestLayoutSizes(t *testing.T) {
 		{"pktmeta_record", unsafe.Sizeof(bpfPktmetaRecord{}), 104},
 		{"pktmeta_alias", unsafe.Sizeof(bpfPktmetaAlias{}), 56},
 		{"pktmeta_event", unsafe.Sizeof(bpfPktmetaEvent{}), 120},
-		{"pktmeta_endpoint", unsafe.Sizeof(bpfPktmetaEndpoint{}), 136},
+		{"pktmeta_endpoint", unsafe.Sizeof(bpfPktmetaEndpoint{}), 336},
+		{"pktmeta_sweep_args", unsafe.Sizeof(bpfPktmetaSweepArgs{}), 104},
+		{"pktmeta_config", unsafe.Sizeof(bpfPktmetaConfig{}), 56},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s: %d bytes, want %d", c.name, c.got, c.want)
@@ -58,6 +60,7 @@ func TestWorkloadEncoding(t *testing.T) {
 	w := Workload{
 		Namespace: "shop", Pod: "web-0", UID: "0a1b", ContainerID: strings.Repeat("c", 64), IfName: "eth0",
 		HostIfName: "veth1234", HostIfindex: 7, Netns: "/var/run/netns/x", Tags: map[string]string{"b": "2", "a": "1"},
+		PodTags: map[string]string{"team": "payments", "c": ""},
 		Created: time.Unix(1700000000, 5), Legacy: true, Strict: true,
 	}
 	raw, err := w.encode()
@@ -68,13 +71,17 @@ func TestWorkloadEncoding(t *testing.T) {
 	w.ID = 9
 	if got.Namespace != w.Namespace || got.Pod != w.Pod || got.ContainerID != w.ContainerID || got.HostIfindex != 7 ||
 		!got.Created.Equal(w.Created) || !got.Legacy || !got.Strict || got.NoEgress || got.Partial ||
-		len(got.Tags) != 2 || got.Tags["a"] != "1" || got.Tags["b"] != "2" {
+		len(got.Tags) != 2 || got.Tags["a"] != "1" || got.Tags["b"] != "2" ||
+		len(got.PodTags) != 2 || got.PodTags["team"] != "payments" || got.PodTags["c"] != "" {
 		t.Fatalf("round trip: %+v", got)
 	}
 	for _, bad := range []Workload{
 		{Namespace: strings.Repeat("n", 64)},
 		{Tags: map[string]string{"k": strings.Repeat("v", 128)}},
 		{Tags: map[string]string{"1": "", "2": "", "3": "", "4": "", "5": "", "6": "", "7": "", "8": "", "9": ""}},
+		// The limit counts both kinds, and a key is one kind or the other.
+		{Tags: map[string]string{"1": "", "2": "", "3": "", "4": "", "5": ""}, PodTags: map[string]string{"6": "", "7": "", "8": "", "9": ""}},
+		{Tags: map[string]string{"team": "a"}, PodTags: map[string]string{"team": "b"}},
 	} {
 		if err := ValidateWorkload(&bad); err == nil {
 			t.Errorf("accepted %+v", bad)

@@ -3,6 +3,7 @@ package datapath
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -11,31 +12,79 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/pktmeta/pktmeta/internal/testutil"
+	"github.com/vishvananda/netlink"
 )
 
 // These tests run the programs on crafted packets with BPF_PROG_TEST_RUN,
-// inside a private netns (the test run's skb->dev is its loopback, ifindex
-// 1) and against a private bpffs.
+// inside a private netns and against a private bpffs. Each "pod" is a dummy
+// interface there: a test run on its ifindex is a packet on that pod's
+// host veth.
 
 const (
 	retNext = 0xffffffff // TCX_NEXT / TC_ACT_UNSPEC (-1)
 	retDrop = 2
-	loIndex = 1
 )
 
 type progEnv struct {
 	t *testing.T
 	d *Datapath
+	n int
+}
+
+// testPod is one registered endpoint.
+type testPod struct {
+	ifindex uint32
+	id      uint32
+	strict  bool
 }
 
 func newProgEnv(t *testing.T) *progEnv {
-	pin := testutil.PinPath(t)
-	d, _, err := Ensure(Options{PinPath: pin, MaxConnections: 4096}, testLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
+	return newProgEnvSized(t, 4096)
+}
+
+// newProgEnvSized hands out the package's shared datapath of that table
+// size, emptied: loading one costs the verifier about a second, so the
+// tests share a few instead of loading one each.
+func newProgEnvSized(t *testing.T, maxConns uint32) *progEnv {
+	t.Helper()
+	d := sharedDatapath(t, maxConns)
+	resetDatapath(t, d)
 	return &progEnv{t: t, d: d}
+}
+
+// podOpts change how addPod registers a pod.
+type podOpts struct {
+	strict    bool
+	maxConns  uint32 // 0: no practical limit
+	eventRate uint32
+}
+
+// addPod makes a dummy interface and registers it as workload id with the
+// given own addresses.
+func (e *progEnv) addPod(id uint32, o podOpts, addrs ...netip.AddrPort) *testPod {
+	e.t.Helper()
+	e.n++
+	// A veth pair stands for a pod's: the test runs on one end.
+	l := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: fmt.Sprintf("pod%d", e.n)}, PeerName: fmt.Sprintf("peer%d", e.n)}
+	if err := netlink.LinkAdd(l); err != nil {
+		e.t.Fatal(err)
+	}
+	got, err := netlink.LinkByName(l.Name)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	p := &testPod{ifindex: uint32(got.Attrs().Index), id: id, strict: o.strict}
+	var own []netip.Addr
+	for _, a := range addrs {
+		own = append(own, a.Addr())
+	}
+	if o.maxConns == 0 {
+		o.maxConns = 1 << 30
+	}
+	if err := e.d.PutEndpoint(p.ifindex, Endpoint{Workload: id, Strict: o.strict, Addrs: own, MaxConnections: o.maxConns, EventsPerSecond: o.eventRate}); err != nil {
+		e.t.Fatal(err)
+	}
+	return p
 }
 
 // skbCtx is the start of struct __sk_buff with ifindex set; test runs
@@ -46,20 +95,29 @@ func skbCtx(ifindex uint32) []byte {
 	return ctx
 }
 
-func (e *progEnv) run(p *ebpf.Program, pkt []byte) uint32 {
+func (e *progEnv) runOn(prog *ebpf.Program, ifindex uint32, pkt []byte) uint32 {
 	e.t.Helper()
-	ret, err := p.Run(&ebpf.RunOptions{Data: pkt, Context: skbCtx(loIndex)})
+	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, Context: skbCtx(ifindex)})
 	if err != nil {
 		e.t.Fatalf("test run (%d bytes): %v", len(pkt), err)
 	}
 	return ret
 }
 
-func (e *progEnv) register(id uint32, strict bool, addrs ...netip.Addr) {
+// from runs a packet through the pod's origin hook (what it sends).
+func (e *progEnv) from(p *testPod, pkt testutil.Packet) uint32 {
 	e.t.Helper()
-	if err := e.d.PutEndpoint(loIndex, Endpoint{Workload: id, Strict: strict, Addrs: addrs}); err != nil {
-		e.t.Fatal(err)
+	prog := e.d.Origin
+	if p.strict {
+		prog = e.d.Strict
 	}
+	return e.runOn(prog, p.ifindex, pkt.Bytes())
+}
+
+// to runs a packet through the pod's delivery hook (what it receives).
+func (e *progEnv) to(p *testPod, pkt testutil.Packet) uint32 {
+	e.t.Helper()
+	return e.runOn(e.d.Deliver, p.ifindex, pkt.Bytes())
 }
 
 func (e *progEnv) stats() Stats {
@@ -69,6 +127,15 @@ func (e *progEnv) stats() Stats {
 		e.t.Fatal(err)
 	}
 	return s
+}
+
+func (e *progEnv) endpoint(p *testPod) Endpoint {
+	e.t.Helper()
+	ep, ok, err := e.d.Endpoint(p.ifindex)
+	if err != nil || !ok {
+		e.t.Fatalf("endpoint %d: %v %v", p.ifindex, ok, err)
+	}
+	return ep
 }
 
 func (e *progEnv) records() []Record {
@@ -92,15 +159,35 @@ func (e *progEnv) lookup(t Tuple) (Record, bool) {
 	return r, true
 }
 
+// mustRecord returns the record of t, which must exist.
+func (e *progEnv) mustRecord(t Tuple) Record {
+	e.t.Helper()
+	r, ok := e.lookup(t)
+	if !ok {
+		e.t.Fatalf("no record for %s", t)
+	}
+	return r
+}
+
 var (
 	podA  = netip.MustParseAddrPort("10.244.1.2:40000")
 	podB  = netip.MustParseAddrPort("10.244.1.3:8080")
+	podC  = netip.MustParseAddrPort("10.244.1.4:6666")
 	podA6 = netip.MustParseAddrPort("[fd00:10:244:1::2]:40000")
 	podB6 = netip.MustParseAddrPort("[fd00:10:244:1::3]:8080")
+	podC6 = netip.MustParseAddrPort("[fd00:10:244:1::4]:6666")
 )
 
 func syn(src, dst netip.AddrPort, seq uint32) testutil.Packet {
 	return testutil.Packet{Src: src, Dst: dst, Proto: 6, TCPFlags: testutil.SYN, Seq: seq}
+}
+
+func tcpFlags(src, dst netip.AddrPort, flags uint8, seq uint32) testutil.Packet {
+	return testutil.Packet{Src: src, Dst: dst, Proto: 6, TCPFlags: flags, Seq: seq}
+}
+
+func udp(src, dst netip.AddrPort) testutil.Packet {
+	return testutil.Packet{Src: src, Dst: dst, Proto: 17, Payload: []byte("hello")}
 }
 
 func tcpTuple(src, dst netip.AddrPort) Tuple { return Tuple{Proto: ProtoTCP, Src: src, Dst: dst} }
@@ -109,17 +196,14 @@ func udpTuple(src, dst netip.AddrPort) Tuple { return Tuple{Proto: ProtoUDP, Src
 func TestOriginTagsTCPSynOnce(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(42, false)
+		a := e.addPod(42, podOpts{}, podA)
 		start := time.Now()
 
-		if ret := e.run(e.d.Origin, syn(podA, podB, 1000).Bytes()); ret != retNext {
+		if ret := e.from(a, syn(podA, podB, 1000)); ret != retNext {
 			t.Fatalf("SYN returned %#x, want TCX_NEXT", ret)
 		}
-		r, ok := e.lookup(tcpTuple(podA, podB))
-		if !ok {
-			t.Fatal("SYN did not create a record")
-		}
-		if r.OriginWorkload != 42 || r.OriginIfindex != loIndex || r.ConnID == 0 || r.SynSeq != 1000 || r.Version != RecordVersion {
+		r := e.mustRecord(tcpTuple(podA, podB))
+		if r.OriginWorkload != 42 || r.OriginIfindex != a.ifindex || r.ConnID == 0 || r.SynSeq != 1000 || r.Version != RecordVersion {
 			t.Fatalf("record %+v", r)
 		}
 		if r.FirstSeen.Before(start.Add(-time.Second)) || r.FirstSeen.After(time.Now().Add(time.Second)) {
@@ -127,15 +211,13 @@ func TestOriginTagsTCPSynOnce(t *testing.T) {
 		}
 
 		// A retransmitted SYN keeps the record and its connection id.
-		e.run(e.d.Origin, syn(podA, podB, 1000).Bytes())
-		r2, _ := e.lookup(tcpTuple(podA, podB))
-		if r2.ConnID != r.ConnID {
+		e.from(a, syn(podA, podB, 1000))
+		if r2 := e.mustRecord(tcpTuple(podA, podB)); r2.ConnID != r.ConnID {
 			t.Fatalf("retransmit changed conn id %d -> %d", r.ConnID, r2.ConnID)
 		}
 		// Every other packet of the connection leaves the table alone.
 		for _, flags := range []uint8{testutil.ACK, testutil.ACK | testutil.PSH, testutil.SYN | testutil.ACK} {
-			pkt := testutil.Packet{Src: podA, Dst: podB, Proto: 6, TCPFlags: flags, Seq: 1001}
-			e.run(e.d.Origin, pkt.Bytes())
+			e.from(a, tcpFlags(podA, podB, flags, 1001))
 		}
 		// Plain segments (ACK, PSH|ACK) are not even counted: only the two
 		// SYNs and the SYN-ACK are examined.
@@ -146,12 +228,18 @@ func TestOriginTagsTCPSynOnce(t *testing.T) {
 		if n := len(e.records()); n != 1 {
 			t.Fatalf("%d records, want 1", n)
 		}
+		if ep := e.endpoint(a); ep.Live != 1 {
+			t.Fatalf("live records %d, want 1", ep.Live)
+		}
 
 		// A new SYN on the same tuple (new ISN) is a new connection.
-		e.run(e.d.Origin, syn(podA, podB, 9000).Bytes())
-		r3, _ := e.lookup(tcpTuple(podA, podB))
+		e.from(a, syn(podA, podB, 9000))
+		r3 := e.mustRecord(tcpTuple(podA, podB))
 		if r3.ConnID == r.ConnID || r3.SynSeq != 9000 {
 			t.Fatalf("reused tuple: record %+v, old conn id %d", r3, r.ConnID)
+		}
+		if ep := e.endpoint(a); ep.Live != 1 {
+			t.Fatalf("live records %d after reuse, want 1", ep.Live)
 		}
 	})
 }
@@ -159,15 +247,12 @@ func TestOriginTagsTCPSynOnce(t *testing.T) {
 func TestOriginDistinctConnIDs(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(7, false)
+		a := e.addPod(7, podOpts{}, podA)
 		seen := map[uint64]bool{}
 		for i := range 200 {
 			src := netip.AddrPortFrom(podA.Addr(), uint16(20000+i))
-			e.run(e.d.Origin, syn(src, podB, uint32(i)).Bytes())
-			r, ok := e.lookup(tcpTuple(src, podB))
-			if !ok {
-				t.Fatalf("connection %d not tagged", i)
-			}
+			e.from(a, syn(src, podB, uint32(i)))
+			r := e.mustRecord(tcpTuple(src, podB))
 			if seen[r.ConnID] {
 				t.Fatalf("conn id %d reused", r.ConnID)
 			}
@@ -179,18 +264,16 @@ func TestOriginDistinctConnIDs(t *testing.T) {
 func TestOriginUDPFirstPacketOnly(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(9, false)
-		pkt := testutil.Packet{Src: podA, Dst: podB, Proto: 17, Payload: []byte("hello")}
-		e.run(e.d.Origin, pkt.Bytes())
-		r, ok := e.lookup(udpTuple(podA, podB))
-		if !ok || r.Flags&FlagUDP == 0 {
-			t.Fatalf("UDP first packet: record %+v found=%v", r, ok)
+		a := e.addPod(9, podOpts{}, podA)
+		e.from(a, udp(podA, podB))
+		r := e.mustRecord(udpTuple(podA, podB))
+		if r.Flags&FlagUDP == 0 {
+			t.Fatalf("UDP first packet: record %+v", r)
 		}
 		for range 10 {
-			e.run(e.d.Origin, pkt.Bytes())
+			e.from(a, udp(podA, podB))
 		}
-		r2, _ := e.lookup(udpTuple(podA, podB))
-		if r2.ConnID != r.ConnID {
+		if r2 := e.mustRecord(udpTuple(podA, podB)); r2.ConnID != r.ConnID {
 			t.Fatal("later UDP packets re-tagged the flow")
 		}
 		if s := e.stats(); s.Tagged != 1 {
@@ -202,12 +285,12 @@ func TestOriginUDPFirstPacketOnly(t *testing.T) {
 func TestParseIPv4OptionsAndIPv6ExtensionHeaders(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(5, false)
+		a := e.addPod(5, podOpts{}, podA, podA6)
 
 		// IPv4 with 12 bytes of options (router alert + NOPs + timestamp-ish).
 		p := syn(podA, podB, 1)
 		p.IPv4Options = []byte{0x94, 0x04, 0, 0, 0x01, 0x01, 0x01, 0x01, 0x44, 0x04, 0x05, 0x00}
-		e.run(e.d.Origin, p.Bytes())
+		e.from(a, p)
 		if _, ok := e.lookup(tcpTuple(podA, podB)); !ok {
 			t.Error("IPv4 SYN with options not tagged")
 		}
@@ -216,29 +299,29 @@ func TestParseIPv4OptionsAndIPv6ExtensionHeaders(t *testing.T) {
 		p6 := syn(podA6, podB6, 2)
 		p6.IPv6Ext = []uint8{0, 43, 60}
 		p6.MoreFragments = true
-		e.run(e.d.Origin, p6.Bytes())
+		e.from(a, p6)
 		if _, ok := e.lookup(tcpTuple(podA6, podB6)); !ok {
 			t.Error("IPv6 SYN behind extension headers not tagged")
 		}
 
 		// UDP over IPv6 with a destination options header.
 		u6 := testutil.Packet{Src: podA6, Dst: podB6, Proto: 17, IPv6Ext: []uint8{60}}
-		e.run(e.d.Origin, u6.Bytes())
+		e.from(a, u6)
 		if _, ok := e.lookup(udpTuple(podA6, podB6)); !ok {
 			t.Error("IPv6 UDP behind a destination options header not tagged")
 		}
 
 		before := e.stats().Tagged
 		// Non-first fragments carry no L4 header: never tagged.
-		f4 := syn(netip.MustParseAddrPort("10.244.1.2:1"), podB, 3)
+		f4 := syn(netip.AddrPortFrom(podA.Addr(), 1), podB, 3)
 		f4.FragOffset = 100
-		f6 := syn(netip.MustParseAddrPort("[fd00:10:244:1::2]:1"), podB6, 3)
+		f6 := syn(netip.AddrPortFrom(podA6.Addr(), 1), podB6, 3)
 		f6.FragOffset = 100
 		// Longer extension chains than the datapath walks: left alone.
-		long6 := syn(netip.MustParseAddrPort("[fd00:10:244:1::2]:2"), podB6, 3)
+		long6 := syn(netip.AddrPortFrom(podA6.Addr(), 2), podB6, 3)
 		long6.IPv6Ext = []uint8{0, 60, 60, 60, 60, 60, 60, 60, 60, 60}
 		for _, pkt := range []testutil.Packet{f4, f6, long6} {
-			if ret := e.run(e.d.Origin, pkt.Bytes()); ret != retNext {
+			if ret := e.from(a, pkt); ret != retNext {
 				t.Errorf("returned %#x, want TCX_NEXT", ret)
 			}
 		}
@@ -248,12 +331,17 @@ func TestParseIPv4OptionsAndIPv6ExtensionHeaders(t *testing.T) {
 	})
 }
 
+// TestTruncatedAndGarbagePacketsPassUntouched is a differential fuzz: the
+// datapath must tag exactly what an independent Go reading of the packet
+// says it should, for truncated, malformed and mutated packets.
 func TestTruncatedAndGarbagePacketsPassUntouched(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(5, false)
+		a := e.addPod(5, podOpts{}, podA, podA6)
+		own := map[netip.Addr]bool{podA.Addr(): true, podA6.Addr(): true}
 		full := syn(podA, podB, 1).Bytes()
 		full6 := syn(podA6, podB6, 1).Bytes()
+		fullUDP := udp(podA, podB).Bytes()
 		// Every truncation of a valid SYN passes and is not tagged. The
 		// kernel refuses test runs whose IP header is cut short, so that
 		// case is covered by header lengths that overrun the packet.
@@ -263,10 +351,10 @@ func TestTruncatedAndGarbagePacketsPassUntouched(t *testing.T) {
 				l3 = 54
 			}
 			for n := l3; n < len(pkt); n++ {
-				if ret := e.run(e.d.Origin, pkt[:n]); ret != retNext {
+				if ret := e.runOn(e.d.Origin, a.ifindex, pkt[:n]); ret != retNext {
 					t.Fatalf("truncated to %d: returned %#x", n, ret)
 				}
-				if ret := e.run(e.d.Deliver, pkt[:n]); ret != retNext {
+				if ret := e.runOn(e.d.Deliver, a.ifindex, pkt[:n]); ret != retNext {
 					t.Fatalf("deliver, truncated to %d: returned %#x", n, ret)
 				}
 			}
@@ -279,19 +367,43 @@ func TestTruncatedAndGarbagePacketsPassUntouched(t *testing.T) {
 		hbh.IPv6Ext = []uint8{0}
 		overrun6 := hbh.Bytes()
 		overrun6[55] = 0xff
-		for _, pkt := range [][]byte{overrun, overrun6} {
-			if ret := e.run(e.d.Origin, pkt); ret != retNext {
-				t.Fatalf("overrun header: returned %#x", ret)
+		// IP lengths shorter than the headers that follow: what is beyond
+		// them is padding, not a TCP/UDP header.
+		short4 := append([]byte(nil), full...)
+		binary.BigEndian.PutUint16(short4[16:], 20+19)
+		short6 := append([]byte(nil), full6...)
+		binary.BigEndian.PutUint16(short6[18:], 19)
+		shortUDP := append([]byte(nil), fullUDP...)
+		binary.BigEndian.PutUint16(shortUDP[16:], 20+7)
+		// IPv6 carrying IPv4-mapped addresses would pose as IPv4 tuples.
+		mapped := syn(netip.MustParseAddrPort("[::ffff:10.244.1.2]:40000"), netip.MustParseAddrPort("[::ffff:10.244.1.3]:8080"), 1).Bytes()
+		mappedDst := syn(podA6, netip.MustParseAddrPort("[::ffff:10.244.1.3]:8080"), 1).Bytes()
+		// SYN|FIN and SYN|RST are not openings.
+		synfin := tcpFlags(podA, podB, testutil.SYN|testutil.FIN, 1).Bytes()
+		synrst := tcpFlags(podA, podB, testutil.SYN|testutil.RST, 1).Bytes()
+		for _, pkt := range [][]byte{overrun, overrun6, short4, short6, shortUDP, mapped, mappedDst, synfin, synrst} {
+			if ret := e.runOn(e.d.Origin, a.ifindex, pkt); ret != retNext {
+				t.Fatalf("malformed packet: returned %#x", ret)
+			}
+			if _, first := referenceParse(pkt, own); first {
+				t.Fatalf("the reference parser tags a malformed packet: % x", pkt)
 			}
 		}
-		if n := len(e.records()); n != 0 {
-			t.Fatalf("%d records from truncated packets", n)
+		if recs := e.records(); len(recs) != 0 {
+			t.Fatalf("%d records from truncated or malformed packets: %+v", len(recs), recs)
+		}
+		// The bases themselves are first packets for both.
+		for _, pkt := range [][]byte{full, full6, fullUDP} {
+			if _, first := referenceParse(pkt, own); !first {
+				t.Fatalf("reference parser misses a first packet: % x", pkt)
+			}
 		}
 
 		// Random bytes, and valid headers with random mutations: whatever the
 		// datapath tags must be exactly what a reference parser reads there.
-		rng := rand.New(rand.NewPCG(1, 2))
-		for i := range 3000 {
+		rng := newRand(1, 2)
+		bases := [][]byte{full, full6, fullUDP, short4, mapped, synfin}
+		for i := range 4000 {
 			var pkt []byte
 			if i%2 == 0 {
 				pkt = make([]byte, 60+rng.IntN(80))
@@ -305,38 +417,46 @@ func TestTruncatedAndGarbagePacketsPassUntouched(t *testing.T) {
 					pkt[12], pkt[13] = 0x86, 0xdd
 				}
 			} else {
-				base := full
-				if i%4 == 3 {
-					base = full6
-				}
-				pkt = append([]byte(nil), base...)
+				pkt = append([]byte(nil), bases[rng.IntN(len(bases))]...)
 				for range 1 + rng.IntN(3) {
-					pkt[14+rng.IntN(len(pkt)-14)] = byte(rng.Uint32())
+					// Mostly the fields that matter: lengths, flags, ports.
+					pos := 14 + rng.IntN(len(pkt)-14)
+					if rng.IntN(2) == 0 {
+						pos = []int{16, 17, 18, 19, 20, 47, 14, 34, 35, 36, 37, 67}[rng.IntN(12)] % len(pkt)
+					}
+					pkt[pos] = byte(rng.Uint32())
 				}
 			}
-			if ret := e.run(e.d.Origin, pkt); ret != retNext {
+			if ret := e.runOn(e.d.Origin, a.ifindex, pkt); ret != retNext {
 				t.Fatalf("packet %d returned %#x: % x", i, ret, pkt)
 			}
 			recs := e.records()
-			want, isSyn := referenceParse(pkt)
+			want, first := referenceParse(pkt, own)
 			switch {
-			case isSyn && len(recs) != 1:
+			case first && len(recs) != 1:
 				t.Fatalf("packet %d: reference parser sees a first packet %s, datapath made %d records: % x", i, want, len(recs), pkt)
-			case !isSyn && len(recs) != 0:
+			case !first && len(recs) != 0:
 				t.Fatalf("packet %d: datapath tagged %s, reference parser sees no first packet: % x", i, recs[0].Tuple, pkt)
-			case isSyn && recs[0].Tuple != want:
+			case first && recs[0].Tuple != want:
 				t.Fatalf("packet %d: datapath tagged %s, reference parser reads %s", i, recs[0].Tuple, want)
 			}
-			for _, r := range recs {
-				e.d.DeleteRecord(r)
+			if len(recs) > 0 {
+				if _, err := e.d.Sweep(SweepOptions{Workload: a.id}); err != nil {
+					t.Fatal(err)
+				}
 			}
+		}
+		if ep := e.endpoint(a); ep.Live != 0 {
+			t.Fatalf("live count %d after every record was swept, want 0", ep.Live)
 		}
 	})
 }
 
 // referenceParse is an independent reading of a packet: the tuple, and
-// whether the origin program should tag it (TCP SYN without ACK, or UDP).
-func referenceParse(pkt []byte) (Tuple, bool) {
+// whether the origin program should tag it: a TCP SYN without ACK, FIN or
+// RST, or UDP, from one of the pod's own addresses (not link-local), with
+// IP lengths that cover the headers, and no IPv4-mapped IPv6 address.
+func referenceParse(pkt []byte, own map[netip.Addr]bool) (Tuple, bool) {
 	if len(pkt) < 14 {
 		return Tuple{}, false
 	}
@@ -346,6 +466,7 @@ func referenceParse(pkt []byte) (Tuple, bool) {
 		src, dst netip.Addr
 		proto    uint8
 		l4       []byte
+		l4Len    = -1 // what the IP header says follows; -1 unknown
 	)
 	switch et {
 	case 0x0800:
@@ -353,8 +474,12 @@ func referenceParse(pkt []byte) (Tuple, bool) {
 			return Tuple{}, false
 		}
 		ihl := int(b[0]&0xf) * 4
-		if int(binary.BigEndian.Uint16(b[2:])) < ihl || binary.BigEndian.Uint16(b[6:])&0x1fff != 0 || len(b) < ihl {
+		tot := int(binary.BigEndian.Uint16(b[2:]))
+		if tot != 0 && tot < ihl || binary.BigEndian.Uint16(b[6:])&0x1fff != 0 || len(b) < ihl {
 			return Tuple{}, false
+		}
+		if tot != 0 {
+			l4Len = tot - ihl
 		}
 		src, dst = netip.AddrFrom4([4]byte(b[12:16])), netip.AddrFrom4([4]byte(b[16:20]))
 		proto, l4 = b[9], b[ihl:]
@@ -363,7 +488,12 @@ func referenceParse(pkt []byte) (Tuple, bool) {
 			return Tuple{}, false
 		}
 		src, dst = netip.AddrFrom16([16]byte(b[8:24])), netip.AddrFrom16([16]byte(b[24:40]))
+		if src.Is4In6() || dst.Is4In6() {
+			return Tuple{}, false
+		}
+		payload := int(binary.BigEndian.Uint16(b[4:]))
 		proto, l4 = b[6], b[40:]
+		ext := 0
 		for i := 0; ; i++ {
 			isExt := proto == 0 || proto == 43 || proto == 44 || proto == 60 || proto == 51
 			if !isExt {
@@ -391,42 +521,53 @@ func referenceParse(pkt []byte) (Tuple, bool) {
 			} else {
 				l4 = l4[n:]
 			}
+			ext += n
 			proto = next
+		}
+		if payload != 0 {
+			if payload < ext {
+				return Tuple{}, false
+			}
+			l4Len = payload - ext
 		}
 	default:
 		return Tuple{}, false
 	}
+	var t Tuple
+	first := false
 	switch proto {
 	case 6:
-		if len(l4) < 20 || l4[12]>>4 < 5 {
+		if len(l4) < 20 || l4[12]>>4 < 5 || l4Len >= 0 && l4Len < int(l4[12]>>4)*4 {
 			return Tuple{}, false
 		}
-		t := Tuple{Proto: 6, Src: netip.AddrPortFrom(src, binary.BigEndian.Uint16(l4)), Dst: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:]))}
-		return t, l4[13]&(testutil.SYN|testutil.ACK) == testutil.SYN
+		t = Tuple{Proto: 6, Src: netip.AddrPortFrom(src, binary.BigEndian.Uint16(l4)), Dst: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:]))}
+		first = l4[13]&(testutil.SYN|testutil.ACK|testutil.FIN|testutil.RST) == testutil.SYN
 	case 17:
-		if len(l4) < 8 {
+		if len(l4) < 8 || l4Len >= 0 && l4Len < 8 {
 			return Tuple{}, false
 		}
-		t := Tuple{Proto: 17, Src: netip.AddrPortFrom(src, binary.BigEndian.Uint16(l4)), Dst: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:]))}
-		return t, true
+		t = Tuple{Proto: 17, Src: netip.AddrPortFrom(src, binary.BigEndian.Uint16(l4)), Dst: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:]))}
+		first = true
+	default:
+		return Tuple{}, false
 	}
-	return Tuple{}, false
+	if src.Is6() && (src.IsLinkLocalUnicast() || src.IsUnspecified()) || !own[src] {
+		return t, false
+	}
+	return t, first
 }
 
 func TestDeliverMarksOnceAndCloseRemoves(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(1, false)
-		e.run(e.d.Origin, syn(podA, podB, 77).Bytes())
-
-		// The same SYN reaching the receiver's veth (here the same ifindex,
-		// re-registered as the receiving workload).
-		e.register(2, false)
+		a := e.addPod(1, podOpts{}, podA, podA6)
+		b := e.addPod(2, podOpts{}, podB, podB6)
+		e.from(a, syn(podA, podB, 77))
 		for range 3 {
-			e.run(e.d.Deliver, syn(podA, podB, 77).Bytes())
+			e.to(b, syn(podA, podB, 77))
 		}
-		r, _ := e.lookup(tcpTuple(podA, podB))
-		if !r.IsDelivered() || r.PeerWorkload != 2 || r.PeerTuple != tcpTuple(podA, podB) || r.Flags&FlagNAT != 0 {
+		r := e.mustRecord(tcpTuple(podA, podB))
+		if !r.IsDelivered() || r.PeerWorkload != 2 || r.PeerIfindex != b.ifindex || r.PeerTuple != tcpTuple(podA, podB) || r.Flags&FlagNAT != 0 {
 			t.Fatalf("after delivery: %+v", r)
 		}
 		if s := e.stats(); s.Deliveries != 1 {
@@ -436,29 +577,337 @@ func TestDeliverMarksOnceAndCloseRemoves(t *testing.T) {
 		if r2, ok := e.lookup(tcpTuple(podB, podA)); !ok || r2.ConnID != r.ConnID {
 			t.Fatal("lookup by reply tuple failed")
 		}
+		// The SYN-ACK reaching the origin completes the handshake.
+		e.from(b, tcpFlags(podB, podA, testutil.SYN|testutil.ACK, 5))
+		e.to(a, tcpFlags(podB, podA, testutil.SYN|testutil.ACK, 5))
+		if r := e.mustRecord(tcpTuple(podA, podB)); r.Flags&FlagEstablished == 0 {
+			t.Fatalf("SYN-ACK did not mark the record established: %+v", r)
+		}
 
 		// FIN from the origin alone does not close; the peer's FIN does.
-		fin := testutil.Packet{Src: podA, Dst: podB, Proto: 6, TCPFlags: testutil.FIN | testutil.ACK}
-		e.run(e.d.Origin, fin.Bytes())
-		e.run(e.d.Deliver, fin.Bytes()) // the same FIN on the receiver's veth
+		fin := tcpFlags(podA, podB, testutil.FIN|testutil.ACK, 78)
+		e.from(a, fin)
+		e.to(b, fin) // the same FIN on the receiver's veth
 		if _, ok := e.lookup(tcpTuple(podA, podB)); !ok {
 			t.Fatal("one FIN closed the record")
 		}
-		finBack := testutil.Packet{Src: podB, Dst: podA, Proto: 6, TCPFlags: testutil.FIN | testutil.ACK}
-		e.run(e.d.Origin, finBack.Bytes())
+		e.from(b, tcpFlags(podB, podA, testutil.FIN|testutil.ACK, 6))
 		if _, ok := e.lookup(tcpTuple(podA, podB)); ok {
 			t.Fatal("record survived both FINs")
 		}
 
-		// RST closes at once, from either side.
-		e.run(e.d.Origin, syn(podA6, podB6, 5).Bytes())
-		rst := testutil.Packet{Src: podB6, Dst: podA6, Proto: 6, TCPFlags: testutil.RST | testutil.ACK}
-		e.run(e.d.Deliver, rst.Bytes())
+		// RST from a party closes at once.
+		e.from(a, syn(podA6, podB6, 5))
+		e.from(b, tcpFlags(podB6, podA6, testutil.RST|testutil.ACK, 0))
 		if _, ok := e.lookup(tcpTuple(podA6, podB6)); ok {
-			t.Fatal("record survived RST")
+			t.Fatal("record survived the peer's RST")
 		}
 		if s := e.stats(); s.Closed != 2 {
 			t.Fatalf("closed %d, want 2", s.Closed)
+		}
+		for _, p := range []*testPod{a, b} {
+			if ep := e.endpoint(p); ep.Live != 0 {
+				t.Fatalf("pod %d: live %d after every connection closed", p.id, ep.Live)
+			}
+		}
+	})
+}
+
+// The forgeries a pod can send with raw sockets, each against a live
+// connection of two other pods (A -> B), in default and strict mode. The
+// victim's record must stay exactly what it was.
+func TestForgeriesChangeNoRecord(t *testing.T) {
+	type forgery struct {
+		name string
+		// send sends the forged packets; c is the attacker, a the victim
+		// and b its peer.
+		send func(e *progEnv, a, b, c *testPod)
+		// strictDrops: how many of its packets strict mode drops.
+		strictDrops int
+	}
+	forgeries := []forgery{
+		{"SYN with a new ISN on the live tuple", func(e *progEnv, a, b, c *testPod) {
+			e.from(c, syn(podA, podB, 999999))
+		}, 1},
+		{"RST as the origin", func(e *progEnv, a, b, c *testPod) {
+			e.from(c, tcpFlags(podA, podB, testutil.RST, 0))
+		}, 1},
+		{"RST as the peer", func(e *progEnv, a, b, c *testPod) {
+			e.from(c, tcpFlags(podB, podA, testutil.RST|testutil.ACK, 0))
+		}, 1},
+		{"FIN pair", func(e *progEnv, a, b, c *testPod) {
+			e.from(c, tcpFlags(podA, podB, testutil.FIN|testutil.ACK, 0))
+			e.from(c, tcpFlags(podB, podA, testutil.FIN|testutil.ACK, 0))
+		}, 2},
+		{"RST and FIN pair at the delivery hooks", func(e *progEnv, a, b, c *testPod) {
+			// What passed the attacker's hook untouched (default mode)
+			// arrives at the parties' delivery hooks; conntrack knows
+			// nothing of it.
+			e.to(a, tcpFlags(podB, podA, testutil.RST|testutil.ACK, 12345))
+			e.to(b, tcpFlags(podA, podB, testutil.RST, 12345))
+			e.to(b, tcpFlags(podA, podB, testutil.FIN|testutil.ACK, 0))
+			e.to(a, tcpFlags(podB, podA, testutil.FIN|testutil.ACK, 0))
+		}, 0},
+		{"the attacker's own SYN on the reverse tuple", func(e *progEnv, a, b, c *testPod) {
+			// Not spoofed, not a party: a different tuple, its own record.
+			e.from(c, syn(podC, podA, 1))
+		}, 0},
+		{"IPv4-mapped IPv6 posing as the origin", func(e *progEnv, a, b, c *testPod) {
+			e.from(c, tcpFlags(netip.MustParseAddrPort("[::ffff:10.244.1.2]:40000"), netip.MustParseAddrPort("[::ffff:10.244.1.3]:8080"), testutil.RST, 0))
+			e.from(c, syn(netip.MustParseAddrPort("[::ffff:10.244.1.2]:40000"), netip.MustParseAddrPort("[::ffff:10.244.1.3]:8080"), 5))
+		}, 2},
+	}
+	for _, strict := range []bool{false, true} {
+		for _, f := range forgeries {
+			mode := "default"
+			if strict {
+				mode = "strict"
+			}
+			t.Run(mode+"/"+f.name, func(t *testing.T) {
+				testutil.InNewNetns(t, func() {
+					e := newProgEnv(t)
+					a := e.addPod(1, podOpts{}, podA, podA6)
+					b := e.addPod(2, podOpts{}, podB, podB6)
+					c := e.addPod(3, podOpts{strict: strict}, podC, podC6)
+					e.from(a, syn(podA, podB, 100))
+					e.to(b, syn(podA, podB, 100))
+					before := e.mustRecord(tcpTuple(podA, podB))
+
+					f.send(e, a, b, c)
+
+					after, ok := e.lookup(tcpTuple(podA, podB))
+					if !ok {
+						t.Fatal("the forgery removed the victim's record")
+					}
+					if after.ConnID != before.ConnID || after.OriginWorkload != 1 || after.PeerWorkload != 2 || after.Flags != before.Flags || after.SynSeq != 100 {
+						t.Fatalf("the forgery changed the victim's record:\n before %+v\n after  %+v", before, after)
+					}
+					s := e.stats()
+					if strict && s.StrictDrops != uint64(f.strictDrops) {
+						t.Errorf("strict drops %d, want %d", s.StrictDrops, f.strictDrops)
+					}
+					if !strict && f.strictDrops > 0 && s.Spoofed == 0 {
+						t.Error("spoofed packets were not counted")
+					}
+					if n := len(e.records()); n > 2 {
+						t.Errorf("%d records: the forgery created records", n)
+					}
+				})
+			})
+		}
+	}
+}
+
+// A pod cannot plant a record for a tuple another pod will use, nor make
+// that pod's flow look like a reply.
+func TestPrePlantedFlowsAreNotClaimed(t *testing.T) {
+	for _, strict := range []bool{false, true} {
+		t.Run(fmt.Sprint("strict=", strict), func(t *testing.T) {
+			testutil.InNewNetns(t, func() {
+				e := newProgEnv(t)
+				a := e.addPod(1, podOpts{}, podA, podA6)
+				c := e.addPod(3, podOpts{strict: strict}, podC, podC6)
+				future := netip.AddrPortFrom(podA.Addr(), 45000)
+				e.from(c, syn(future, podB, 7))
+				e.from(c, udp(future, podB))
+				e.from(c, udp(podB, future)) // posing as B opening a flow to A
+				// Spoofed link-local sources never create records either.
+				e.from(c, udp(netip.MustParseAddrPort("[fe80::1]:5353"), netip.MustParseAddrPort("[ff02::fb]:5353")))
+				e.from(c, syn(netip.MustParseAddrPort("[fe80::1]:1"), podB6, 1))
+				if recs := e.records(); len(recs) != 0 {
+					t.Fatalf("the attacker planted records: %+v", recs)
+				}
+				e.from(a, syn(future, podB, 8))
+				e.from(a, udp(future, podB))
+				for _, tu := range []Tuple{tcpTuple(future, podB), udpTuple(future, podB)} {
+					if r := e.mustRecord(tu); r.OriginWorkload != 1 {
+						t.Fatalf("%s: origin %d, want the victim (1)", tu, r.OriginWorkload)
+					}
+				}
+				if s := e.stats(); s.UDPReplies != 0 {
+					t.Fatalf("the victim's flow was taken for a reply: %+v", s)
+				}
+			})
+		})
+	}
+}
+
+// Two pods that share an address (a misconfiguration, or an address
+// reused while the old pod still exists): only the record's own origin may
+// replace or close it.
+func TestOnlyThePartiesChangeARecord(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		twin := e.addPod(4, podOpts{}, podA) // same address, another pod
+		e.from(a, syn(podA, podB, 1))
+		before := e.mustRecord(tcpTuple(podA, podB))
+		e.from(twin, syn(podA, podB, 2))
+		e.from(twin, tcpFlags(podA, podB, testutil.RST, 0))
+		after := e.mustRecord(tcpTuple(podA, podB))
+		if after.ConnID != before.ConnID || after.OriginWorkload != 1 {
+			t.Fatalf("another pod changed the record: %+v -> %+v", before, after)
+		}
+		if s := e.stats(); s.NotParty != 2 {
+			t.Fatalf("not-party refusals %d, want 2", s.NotParty)
+		}
+		if ep := e.endpoint(twin); ep.NotParty != 2 {
+			t.Fatalf("per-pod not-party %d, want 2", ep.NotParty)
+		}
+	})
+}
+
+func TestSimultaneousOpenYieldsOneRecord(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		b := e.addPod(2, podOpts{}, podB)
+		e.from(a, syn(podA, podB, 1))
+		e.from(b, syn(podB, podA, 2))
+		e.to(b, syn(podA, podB, 1))
+		e.to(a, syn(podB, podA, 2))
+		recs := e.records()
+		if len(recs) != 1 || recs[0].OriginWorkload != 1 {
+			t.Fatalf("records %+v, want one, opened by the first SYN", recs)
+		}
+		if s := e.stats(); s.SimultaneousOpens != 1 {
+			t.Fatalf("simultaneous opens %d, want 1", s.SimultaneousOpens)
+		}
+		// Both FINs find the one record.
+		e.from(a, tcpFlags(podA, podB, testutil.FIN|testutil.ACK, 3))
+		e.from(b, tcpFlags(podB, podA, testutil.FIN|testutil.ACK, 4))
+		if recs := e.records(); len(recs) != 0 {
+			t.Fatalf("records left after both FINs: %+v", recs)
+		}
+	})
+}
+
+// The same first UDP datagram on two CPUs at once makes one flow with one
+// connection id.
+func TestConcurrentFirstUDPPacketsYieldOneID(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		rd, err := e.d.NewEventReader()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rd.Close()
+		const flows = 300
+		errs := make(chan error, 2)
+		for range 2 {
+			go func() {
+				for i := range flows {
+					pkt := udp(podA, netip.AddrPortFrom(podB.Addr(), uint16(1000+i))).Bytes()
+					if _, err := e.d.Origin.Run(&ebpf.RunOptions{Data: pkt, Context: skbCtx(a.ifindex)}); err != nil {
+						errs <- err
+						return
+					}
+				}
+				errs <- nil
+			}()
+		}
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		s := e.stats()
+		if s.Tagged != flows || len(e.records()) != flows {
+			t.Fatalf("%d tagged, %d records, want %d of each", s.Tagged, len(e.records()), flows)
+		}
+		opened := 0
+		for {
+			rd.SetDeadline(time.Now().Add(500 * time.Millisecond))
+			if _, err := rd.Read(); err != nil {
+				break
+			}
+			opened++
+		}
+		if opened != flows {
+			t.Fatalf("%d opened events, want %d", opened, flows)
+		}
+		if ep := e.endpoint(a); ep.Live != flows {
+			t.Fatalf("live %d, want %d", ep.Live, flows)
+		}
+	})
+}
+
+// A pod at its budget gets no more records (counted), and cannot push out
+// anyone else's: the table is never LRU.
+func TestPodBudgetAndFullTable(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnvSized(t, 1024)
+		victim := e.addPod(1, podOpts{}, podA)
+		flood := e.addPod(2, podOpts{maxConns: 100}, podC)
+		e.from(victim, syn(podA, podB, 1))
+		for i := range 300 {
+			e.from(flood, udp(podC, netip.AddrPortFrom(podB.Addr(), uint16(2000+i))))
+		}
+		ep := e.endpoint(flood)
+		if ep.Live != 100 || ep.OverBudget != 200 {
+			t.Fatalf("flooding pod: live %d over budget %d, want 100 and 200", ep.Live, ep.OverBudget)
+		}
+		if s := e.stats(); s.OverBudget != 200 {
+			t.Fatalf("over budget %d, want 200", s.OverBudget)
+		}
+		if _, ok := e.lookup(tcpTuple(podA, podB)); !ok {
+			t.Fatal("the victim's record is gone")
+		}
+
+		// Without a budget a pod fills the table; new records are refused
+		// and counted, and nothing live is evicted for them.
+		big := e.addPod(3, podOpts{}, podB)
+		for i := range 1200 {
+			e.from(big, udp(podB, netip.AddrPortFrom(podC.Addr(), uint16(3000+i))))
+		}
+		epBig := e.endpoint(big)
+		if epBig.TableFull == 0 || epBig.Live+100+1 != 1024 {
+			t.Fatalf("unbudgeted pod: live %d, table full %d; want the table full (1024) and refusals counted", epBig.Live, epBig.TableFull)
+		}
+		if _, ok := e.lookup(tcpTuple(podA, podB)); !ok {
+			t.Fatal("a full table evicted the victim's record")
+		}
+		if s := e.stats(); s.TableFull != epBig.TableFull {
+			t.Fatalf("table full %d, per pod %d", s.TableFull, epBig.TableFull)
+		}
+	})
+}
+
+// Over its event rate a pod's connections are still recorded, without
+// events, and the pod is counted.
+func TestEventRatePerPod(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{eventRate: 5}, podA)
+		b := e.addPod(2, podOpts{}, podB)
+		rd, err := e.d.NewEventReader()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rd.Close()
+		for i := range 20 {
+			src := netip.AddrPortFrom(podA.Addr(), uint16(100+i))
+			e.from(a, syn(src, podB, 1))
+			e.to(b, syn(src, podB, 1))
+		}
+		if n := len(e.records()); n != 20 {
+			t.Fatalf("%d records, want 20", n)
+		}
+		types := map[uint8]int{}
+		for {
+			rd.SetDeadline(time.Now().Add(500 * time.Millisecond))
+			ev, err := rd.Read()
+			if err != nil {
+				break
+			}
+			types[ev.Type]++
+		}
+		if types[EventOpened] != 5 || types[EventDelivered] != 5 {
+			t.Fatalf("events %v, want 5 opened and 5 delivered", types)
+		}
+		if ep := e.endpoint(a); ep.EventsLimited != 15 {
+			t.Fatalf("events limited %d, want 15", ep.EventsLimited)
 		}
 	})
 }
@@ -466,7 +915,7 @@ func TestDeliverMarksOnceAndCloseRemoves(t *testing.T) {
 func TestStrictSourceDropsSpoofedSources(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(3, true, podA.Addr(), podA6.Addr())
+		a := e.addPod(3, podOpts{strict: true}, podA, podA6)
 		for _, c := range []struct {
 			pkt  testutil.Packet
 			want uint32
@@ -479,15 +928,41 @@ func TestStrictSourceDropsSpoofedSources(t *testing.T) {
 			// Link-local IPv6 (neighbour discovery) stays on the link: allowed.
 			{syn(netip.MustParseAddrPort("[fe80::1]:1"), netip.MustParseAddrPort("[fe80::2]:2"), 1), retNext},
 		} {
-			if got := e.run(e.d.Strict, c.pkt.Bytes()); got != c.want {
+			if got := e.from(a, c.pkt); got != c.want {
 				t.Errorf("%s -> %s: returned %#x, want %#x", c.pkt.Src, c.pkt.Dst, got, c.want)
 			}
 		}
 		if s := e.stats(); s.StrictDrops != 3 {
 			t.Fatalf("strict drops %d, want 3", s.StrictDrops)
 		}
-		if _, ok := e.lookup(tcpTuple(netip.MustParseAddrPort("10.244.1.99:1"), podB)); ok {
-			t.Fatal("a spoofed SYN was tagged")
+		if ep := e.endpoint(a); ep.Spoofed != 3 {
+			t.Fatalf("per-pod spoofed %d, want 3", ep.Spoofed)
+		}
+		if recs := e.records(); len(recs) != 2 {
+			t.Fatalf("records %+v, want only the pod's two own connections", recs)
+		}
+	})
+}
+
+// Without strictSource a spoofed packet passes but creates nothing, and is
+// counted for the pod that sent it.
+func TestDefaultModeCountsSpoofedSources(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(3, podOpts{}, podA)
+		for _, pkt := range []testutil.Packet{
+			syn(netip.MustParseAddrPort("10.244.1.99:1"), podB, 1),
+			udp(netip.MustParseAddrPort("10.244.1.99:53"), podB),
+		} {
+			if got := e.from(a, pkt); got != retNext {
+				t.Fatalf("returned %#x, want TCX_NEXT", got)
+			}
+		}
+		if len(e.records()) != 0 {
+			t.Fatal("a spoofed packet created a record")
+		}
+		if s, ep := e.stats(), e.endpoint(a); s.Spoofed != 2 || ep.Spoofed != 2 {
+			t.Fatalf("spoofed %d (pod %d), want 2", s.Spoofed, ep.Spoofed)
 		}
 	})
 }
@@ -495,7 +970,7 @@ func TestStrictSourceDropsSpoofedSources(t *testing.T) {
 func TestUnregisteredVethIsNotTagged(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.run(e.d.Origin, syn(podA, podB, 1).Bytes())
+		e.runOn(e.d.Origin, 1, syn(podA, podB, 1).Bytes())
 		if s := e.stats(); s.Unregistered != 1 || s.Tagged != 0 {
 			t.Fatalf("stats %+v", s)
 		}
@@ -510,10 +985,11 @@ func TestEventsForOpenDeliverClose(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer rd.Close()
-		e.register(11, false)
-		e.run(e.d.Origin, syn(podA, podB, 1).Bytes())
-		e.run(e.d.Deliver, syn(podA, podB, 1).Bytes())
-		e.run(e.d.Origin, testutil.Packet{Src: podA, Dst: podB, Proto: 6, TCPFlags: testutil.RST}.Bytes())
+		a := e.addPod(11, podOpts{}, podA)
+		b := e.addPod(12, podOpts{}, podB)
+		e.from(a, syn(podA, podB, 1))
+		e.to(b, syn(podA, podB, 1))
+		e.from(a, tcpFlags(podA, podB, testutil.RST, 0))
 		var types []uint8
 		for range 3 {
 			rd.SetDeadline(time.Now().Add(2 * time.Second))
@@ -536,11 +1012,11 @@ func TestEventsForOpenDeliverClose(t *testing.T) {
 }
 
 // A UDP flow idle past the timeout is a new flow on its next packet, and
-// the userspace sweep (DEL, GC) removes idle records.
+// the sweep removes idle records.
 func TestUDPIdleFlowAgesOut(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(9, false)
+		a := e.addPod(9, podOpts{}, podA, podA6)
 		cfg, err := e.d.ReadConfig()
 		if err != nil {
 			t.Fatal(err)
@@ -549,38 +1025,69 @@ func TestUDPIdleFlowAgesOut(t *testing.T) {
 		if err := e.d.WriteConfig(cfg); err != nil {
 			t.Fatal(err)
 		}
-		pkt := testutil.Packet{Src: podA, Dst: podB, Proto: 17}
-		e.run(e.d.Origin, pkt.Bytes())
-		r1, _ := e.lookup(udpTuple(podA, podB))
+		e.from(a, udp(podA, podB))
+		r1 := e.mustRecord(udpTuple(podA, podB))
 		// A flow that keeps sending keeps its id past the timeout.
 		for range 3 {
 			time.Sleep(250 * time.Millisecond)
-			e.run(e.d.Origin, pkt.Bytes())
-			if r, _ := e.lookup(udpTuple(podA, podB)); r.ConnID != r1.ConnID {
+			e.from(a, udp(podA, podB))
+			if r := e.mustRecord(udpTuple(podA, podB)); r.ConnID != r1.ConnID {
 				t.Fatal("an active flow was re-tagged")
 			}
 		}
 		time.Sleep(600 * time.Millisecond)
-		e.run(e.d.Origin, pkt.Bytes())
-		r2, _ := e.lookup(udpTuple(podA, podB))
-		if r2.ConnID == r1.ConnID {
+		e.from(a, udp(podA, podB))
+		if r2 := e.mustRecord(udpTuple(podA, podB)); r2.ConnID == r1.ConnID {
 			t.Fatal("an idle flow kept its old connection id")
 		}
 
 		other := udpTuple(podA6, podB6)
-		e.run(e.d.Origin, testutil.Packet{Src: podA6, Dst: podB6, Proto: 17}.Bytes())
+		e.from(a, udp(podA6, podB6))
 		time.Sleep(250 * time.Millisecond)
-		e.run(e.d.Origin, pkt.Bytes()) // keeps the first flow fresh
+		e.from(a, udp(podA, podB)) // keeps the first flow fresh
 		time.Sleep(250 * time.Millisecond)
-		n, err := e.d.SweepRecords(nil)
+		res, err := e.d.Sweep(SweepOptions{Hygiene: true})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, ok := e.lookup(other); ok || n != 1 {
-			t.Fatalf("sweep removed %d records, idle flow still there: %v", n, ok)
+		if _, ok := e.lookup(other); ok || res.UDPIdle != 1 {
+			t.Fatalf("sweep %+v, idle flow still there: %v", res, ok)
 		}
 		if _, ok := e.lookup(udpTuple(podA, podB)); !ok {
 			t.Fatal("sweep removed an active flow")
+		}
+		if ep := e.endpoint(a); ep.Live != 1 {
+			t.Fatalf("live %d, want 1", ep.Live)
+		}
+	})
+}
+
+// A TCP connection whose handshake never completed (the SYN went
+// unanswered) is swept after the bound; an answered one is not.
+func TestSweepRemovesHalfOpenTCP(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		answered := netip.AddrPortFrom(podA.Addr(), 1)
+		e.from(a, syn(podA, podB, 1))
+		e.from(a, syn(answered, podB, 1))
+		e.to(a, tcpFlags(podB, answered, testutil.SYN|testutil.ACK, 9))
+		time.Sleep(50 * time.Millisecond)
+		res, err := e.d.Sweep(SweepOptions{Hygiene: true, TCPHandshakeTimeout: 20 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.TCPPending != 1 {
+			t.Fatalf("sweep %+v, want one half-open record removed", res)
+		}
+		if _, ok := e.lookup(tcpTuple(podA, podB)); ok {
+			t.Fatal("the unanswered SYN's record survived")
+		}
+		if _, ok := e.lookup(tcpTuple(answered, podB)); !ok {
+			t.Fatal("the established connection's record was swept")
+		}
+		if ep := e.endpoint(a); ep.Live != 1 {
+			t.Fatalf("live %d, want 1", ep.Live)
 		}
 	})
 }
@@ -590,10 +1097,10 @@ func TestUDPIdleFlowAgesOut(t *testing.T) {
 func TestUDPReplyWithoutConntrackIsNotTagged(t *testing.T) {
 	testutil.InNewNetns(t, func() {
 		e := newProgEnv(t)
-		e.register(1, false)
-		e.run(e.d.Origin, testutil.Packet{Src: podA, Dst: podB, Proto: 17}.Bytes())
-		e.register(2, false)
-		e.run(e.d.Origin, testutil.Packet{Src: podB, Dst: podA, Proto: 17}.Bytes())
+		a := e.addPod(1, podOpts{}, podA)
+		b := e.addPod(2, podOpts{}, podB)
+		e.from(a, udp(podA, podB))
+		e.from(b, udp(podB, podA))
 		if recs := e.records(); len(recs) != 1 || recs[0].OriginWorkload != 1 {
 			t.Fatalf("records %+v: the reply must not be a flow opened by the server", recs)
 		}
@@ -602,3 +1109,28 @@ func TestUDPReplyWithoutConntrackIsNotTagged(t *testing.T) {
 		}
 	})
 }
+
+// DEL's sweep removes the records a pod opened and received, and gives
+// the other party its budget back.
+func TestSweepOfAWorkload(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		b := e.addPod(2, podOpts{}, podB)
+		e.from(a, syn(podA, podB, 1))
+		e.to(b, syn(podA, podB, 1))
+		e.from(b, udp(podB, podC))
+		res, err := e.d.Sweep(SweepOptions{Workload: b.id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.RemovedWorkload != 2 || len(e.records()) != 0 {
+			t.Fatalf("sweep %+v, %d records left", res, len(e.records()))
+		}
+		if ep := e.endpoint(a); ep.Live != 0 {
+			t.Fatalf("pod A live %d after its peer's DEL, want 0", ep.Live)
+		}
+	})
+}
+
+func newRand(a, b uint64) *rand.Rand { return rand.New(rand.NewPCG(a, b)) }

@@ -89,11 +89,14 @@ func tupleFromKey(k *bpfPktmetaTuple) Tuple {
 
 // Record flags (PKTMETA_F_*).
 const (
-	FlagDelivered = 1 << 0
-	FlagNAT       = 1 << 1
-	FlagFINOrig   = 1 << 2
-	FlagFINReply  = 1 << 3
-	FlagUDP       = 1 << 4
+	FlagDelivered   = 1 << 0
+	FlagNAT         = 1 << 1
+	FlagFINOrig     = 1 << 2
+	FlagFINReply    = 1 << 3
+	FlagUDP         = 1 << 4
+	FlagEstablished = 1 << 5
+	FlagCTSeen      = 1 << 6
+	FlagQuiet       = 1 << 7
 )
 
 // Record is one connection's stash entry.
@@ -162,6 +165,23 @@ func WallTime(mono uint64) time.Time { return newMonoClock().wall(mono) }
 // ErrNoRecord means the datapath knows nothing of a tuple.
 var ErrNoRecord = errors.New("no record")
 
+// lookupRecord reads the record under key, checking with a second lookup
+// that the element was not recycled for another connection while it was
+// copied out (map values have no grace period).
+func (d *Datapath) lookupRecord(key *bpfPktmetaTuple, v *bpfPktmetaRecord) error {
+	if err := d.ConnsMap.Lookup(key, v); err != nil {
+		return err
+	}
+	var again bpfPktmetaRecord
+	if err := d.ConnsMap.Lookup(key, &again); err != nil {
+		return err
+	}
+	if again.ConnId != v.ConnId {
+		return fmt.Errorf("record changed while read: %w", ebpf.ErrKeyNotExist)
+	}
+	return nil
+}
+
 // Lookup finds the record a tuple belongs to, the way pktmeta_lookup() in
 // the public header does: the origin's tuple directly, a receiver's
 // post-NAT tuple through its alias. Either direction is accepted: a reply
@@ -171,7 +191,7 @@ func (d *Datapath) Lookup(t Tuple) (Record, error) {
 	for _, q := range []Tuple{t, t.Reverse()} {
 		key := q.key()
 		var v bpfPktmetaRecord
-		err := d.ConnsMap.Lookup(&key, &v)
+		err := d.lookupRecord(&key, &v)
 		if err == nil {
 			return decodeRecord(&key, &v, clk), nil
 		}
@@ -186,7 +206,7 @@ func (d *Datapath) Lookup(t Tuple) (Record, error) {
 		if err != nil {
 			return Record{}, fmt.Errorf("look up alias %s: %w", q, err)
 		}
-		err = d.ConnsMap.Lookup(&a.Origin, &v)
+		err = d.lookupRecord(&a.Origin, &v)
 		if err == nil && v.ConnId == a.ConnId {
 			return decodeRecord(&a.Origin, &v, clk), nil
 		}
@@ -263,19 +283,4 @@ func (d *Datapath) Aliases() ([]Alias, error) {
 		return nil, fmt.Errorf("list aliases: %w", err)
 	}
 	return out, nil
-}
-
-// DeleteRecord removes a record and its alias.
-func (d *Datapath) DeleteRecord(r Record) error {
-	if r.Flags&FlagNAT != 0 && r.PeerTuple.IsValid() {
-		k := r.PeerTuple.key()
-		if err := d.AliasesMap.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete alias %s: %w", r.PeerTuple, err)
-		}
-	}
-	k := r.Tuple.key()
-	if err := d.ConnsMap.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete record %s: %w", r.Tuple, err)
-	}
-	return nil
 }

@@ -25,6 +25,17 @@ type Stats struct {
 	StrictDrops    uint64 `json:"strictDrops"`
 	EventsDropped  uint64 `json:"eventsDropped"`
 	CTUnavailable  uint64 `json:"ctUnavailable"`
+	// Refused or not trusted (see docs/SECURITY.md).
+	Spoofed           uint64 `json:"spoofed"`
+	LinkLocal         uint64 `json:"linkLocal"`
+	OverBudget        uint64 `json:"overBudget"`
+	TableFull         uint64 `json:"tableFull"`
+	AliasesFull       uint64 `json:"aliasesFull"`
+	NotParty          uint64 `json:"notParty"`
+	SimultaneousOpens uint64 `json:"simultaneousOpens"`
+	UnverifiedCloses  uint64 `json:"unverifiedCloses"`
+	EventsLimited     uint64 `json:"eventsLimited"`
+	UDPPreexisting    uint64 `json:"udpPreexisting"`
 }
 
 // ReadStats sums the per-CPU counters.
@@ -50,6 +61,16 @@ func (d *Datapath) ReadStats() (Stats, error) {
 		s.StrictDrops += c.StrictDrops
 		s.EventsDropped += c.EventsDropped
 		s.CTUnavailable += c.CtUnavailable
+		s.Spoofed += c.Spoofed
+		s.LinkLocal += c.LinkLocal
+		s.OverBudget += c.OverBudget
+		s.TableFull += c.TableFull
+		s.AliasesFull += c.AliasesFull
+		s.NotParty += c.NotParty
+		s.SimultaneousOpens += c.SimultaneousOpens
+		s.UnverifiedCloses += c.UnverifiedCloses
+		s.EventsLimited += c.EventsLimited
+		s.UDPPreexisting += c.UdpPreexisting
 	}
 	return s, nil
 }

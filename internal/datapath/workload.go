@@ -44,11 +44,13 @@ type Workload struct {
 	HostNetns uint64
 	Netns     string
 	Tags      map[string]string
-	Created   time.Time
-	Partial   bool // no Kubernetes identity was available
-	Legacy    bool // attached with cls_bpf
-	Strict    bool
-	NoEgress  bool // legacy beside an ingress qdisc: origin hook only
+	// PodTags are claimed by the pod itself (annotations, labels): not vouched for by the operator.
+	PodTags  map[string]string
+	Created  time.Time
+	Partial  bool // no Kubernetes identity was available
+	Legacy   bool // attached with cls_bpf
+	Strict   bool
+	NoEgress bool // legacy beside an ingress qdisc: origin hook only
 }
 
 // Key names the attachment the way CNI does: (container id, ifname).
@@ -111,11 +113,25 @@ func (w *Workload) encode() (*bpfPktmetaWorkload, error) {
 			return nil, err
 		}
 	}
-	if len(w.Tags) > MaxTags {
-		return nil, fmt.Errorf("%d tags, at most %d", len(w.Tags), MaxTags)
+	// One table for both kinds, told apart by a bit per slot: the
+	// operator's tags and the ones the pod claimed for itself.
+	all := make(map[string]string, len(w.Tags)+len(w.PodTags))
+	claimed := map[string]bool{}
+	for k, v := range w.PodTags {
+		all[k] = v
+		claimed[k] = true
 	}
-	keys := make([]string, 0, len(w.Tags))
-	for k := range w.Tags {
+	for k, v := range w.Tags {
+		if _, dup := all[k]; dup {
+			return nil, fmt.Errorf("tag %q is both an operator tag and a pod tag", k)
+		}
+		all[k] = v
+	}
+	if len(all) > MaxTags {
+		return nil, fmt.Errorf("%d tags, at most %d", len(all), MaxTags)
+	}
+	keys := make([]string, 0, len(all))
+	for k := range all {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
@@ -123,8 +139,11 @@ func (w *Workload) encode() (*bpfPktmetaWorkload, error) {
 		if err := putString(raw.Tags[i].Key[:], k, "tag key "+k); err != nil {
 			return nil, err
 		}
-		if err := putString(raw.Tags[i].Value[:], w.Tags[k], "value of tag "+k); err != nil {
+		if err := putString(raw.Tags[i].Value[:], all[k], "value of tag "+k); err != nil {
 			return nil, err
+		}
+		if claimed[k] {
+			raw.PodTags |= 1 << i
 		}
 	}
 	raw.N_tags = uint8(len(keys))
@@ -149,11 +168,16 @@ func decodeWorkload(id uint32, raw *bpfPktmetaWorkload) Workload {
 		Strict:      raw.Flags&wlStrict != 0,
 		NoEgress:    raw.Flags&wlNoEgress != 0,
 	}
-	if n := int(raw.N_tags); n > 0 {
-		w.Tags = make(map[string]string, n)
-		for i := 0; i < n && i < MaxTags; i++ {
-			w.Tags[getString(raw.Tags[i].Key[:])] = getString(raw.Tags[i].Value[:])
+	for i := 0; i < int(raw.N_tags) && i < MaxTags; i++ {
+		k, v := getString(raw.Tags[i].Key[:]), getString(raw.Tags[i].Value[:])
+		dst := &w.Tags
+		if raw.PodTags&(1<<i) != 0 {
+			dst = &w.PodTags
 		}
+		if *dst == nil {
+			*dst = map[string]string{}
+		}
+		(*dst)[k] = v
 	}
 	return w
 }
@@ -190,9 +214,9 @@ func idSlot(k AttachmentKey) uint32 {
 	return h.Sum32()
 }
 
-// RegisterWorkload stores w under a free ID near its key's hash and
+// registerWorkload stores w under a free ID near its key's hash and
 // returns the ID.
-func (d *Datapath) RegisterWorkload(w *Workload) (uint32, error) {
+func (d *Datapath) registerWorkload(w *Workload) (uint32, error) {
 	raw, err := w.encode()
 	if err != nil {
 		return 0, fmt.Errorf("workload %s/%s: %w", w.Namespace, w.Pod, err)
@@ -216,8 +240,8 @@ func (d *Datapath) RegisterWorkload(w *Workload) (uint32, error) {
 	return 0, fmt.Errorf("store workload: the %d IDs of %s/%s are all taken", idProbes, w.ContainerID, w.IfName)
 }
 
-// UpdateWorkload rewrites an existing workload entry.
-func (d *Datapath) UpdateWorkload(w *Workload) error {
+// updateWorkload rewrites an existing workload entry.
+func (d *Datapath) updateWorkload(w *Workload) error {
 	raw, err := w.encode()
 	if err != nil {
 		return err
@@ -228,8 +252,8 @@ func (d *Datapath) UpdateWorkload(w *Workload) error {
 	return nil
 }
 
-// DeleteWorkload removes a workload entry; a missing one is not an error.
-func (d *Datapath) DeleteWorkload(id uint32) error {
+// deleteWorkload removes a workload entry; a missing one is not an error.
+func (d *Datapath) deleteWorkload(id uint32) error {
 	if err := d.WorkloadsMap.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete workload %d: %w", id, err)
 	}
@@ -290,29 +314,104 @@ func (d *Datapath) FindAttachment(key AttachmentKey) (Workload, bool, error) {
 	return Workload{}, false, nil
 }
 
-// Endpoint is the datapath's view of a pod veth.
-type Endpoint struct {
-	Workload uint32
-	Strict   bool
-	Addrs    []netip.Addr
+// ModifyWorkload re-reads the workload of key under its container's lock,
+// lets change edit it, and writes it back if change returns true: the
+// agent's label tags go through it, so they never race an ADD or DEL of the
+// same pod.
+func (d *Datapath) ModifyWorkload(key AttachmentKey, change func(w *Workload) bool) error {
+	if err := d.writable(); err != nil {
+		return err
+	}
+	cl, err := d.lockContainer(key.ContainerID)
+	if err != nil {
+		return err
+	}
+	defer cl.unlock(false)
+	w, ok, err := d.FindAttachment(key)
+	if err != nil || !ok {
+		return err
+	}
+	if !change(&w) {
+		return nil
+	}
+	return d.updateWorkload(&w)
 }
 
-const epStrict = 1 << 0
+// Endpoint is the datapath's view of a pod veth: who is behind it, what it
+// may do, and what the datapath counted for it.
+type Endpoint struct {
+	Workload        uint32
+	Strict          bool
+	NoEgress        bool
+	Addrs           []netip.Addr
+	MaxConnections  uint32
+	EventsPerSecond uint32
+	// Counted by the datapath since the pod was registered.
+	Live          int64  // records the pod opened that are in the table
+	Spoofed       uint64 // packets with a source that is not the pod's
+	OverBudget    uint64 // first packets not tagged: Live was at MaxConnections
+	TableFull     uint64 // first packets not tagged: the table was full
+	NotParty      uint64 // changes refused: not a party to the connection
+	EventsLimited uint64 // connections without events: over EventsPerSecond
+}
 
-// PutEndpoint registers the pod behind host ifindex with the datapath.
-func (d *Datapath) PutEndpoint(ifindex uint32, ep Endpoint) error {
+const (
+	epStrict   = 1 << 0
+	epNoEgress = 1 << 1
+)
+
+// putEndpoint registers the pod behind host ifindex with the datapath. The
+// counters start at zero.
+func (d *Datapath) putEndpoint(ifindex uint32, ep Endpoint) error {
 	if len(ep.Addrs) > MaxAddrs {
 		return fmt.Errorf("%d addresses, at most %d", len(ep.Addrs), MaxAddrs)
 	}
-	raw := bpfPktmetaEndpoint{Version: RecordVersion, Workload: ep.Workload, N_addrs: uint8(len(ep.Addrs))}
+	raw := bpfPktmetaEndpoint{
+		Version:      RecordVersion,
+		Workload:     ep.Workload,
+		N_addrs:      uint8(len(ep.Addrs)),
+		MaxConns:     ep.MaxConnections,
+		EventsPerSec: ep.EventsPerSecond,
+	}
 	if ep.Strict {
 		raw.Flags |= epStrict
+	}
+	if ep.NoEgress {
+		raw.Flags |= epNoEgress
 	}
 	for i, a := range ep.Addrs {
 		raw.Addrs[i] = a.As16()
 	}
 	if err := d.EndpointsMap.Update(ifindex, &raw, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("register endpoint ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// PutEndpoint registers an endpoint directly, without a workload or an
+// attachment: for tests that drive the programs with BPF_PROG_TEST_RUN.
+func (d *Datapath) PutEndpoint(ifindex uint32, ep Endpoint) error {
+	if err := d.writable(); err != nil {
+		return err
+	}
+	return d.putEndpoint(ifindex, ep)
+}
+
+// setEndpointNoEgress flags an endpoint whose veth has no delivery hook.
+// A read-modify-write: counts the datapath adds in between are lost, and
+// this runs only right after registration, on a rare path (legacy beside
+// an ingress qdisc).
+func (d *Datapath) setEndpointNoEgress(ifindex, workload uint32) error {
+	var raw bpfPktmetaEndpoint
+	if err := d.EndpointsMap.Lookup(ifindex, &raw); err != nil {
+		return fmt.Errorf("look up endpoint %d: %w", ifindex, err)
+	}
+	if raw.Workload != workload {
+		return fmt.Errorf("endpoint %d was replaced", ifindex)
+	}
+	raw.Flags |= epNoEgress
+	if err := d.EndpointsMap.Update(ifindex, &raw, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("update endpoint %d: %w", ifindex, err)
 	}
 	return nil
 }
@@ -350,7 +449,19 @@ func (d *Datapath) Endpoint(ifindex uint32) (Endpoint, bool, error) {
 }
 
 func decodeEndpoint(raw *bpfPktmetaEndpoint) Endpoint {
-	ep := Endpoint{Workload: raw.Workload, Strict: raw.Flags&epStrict != 0}
+	ep := Endpoint{
+		Workload:        raw.Workload,
+		Strict:          raw.Flags&epStrict != 0,
+		NoEgress:        raw.Flags&epNoEgress != 0,
+		MaxConnections:  raw.MaxConns,
+		EventsPerSecond: raw.EventsPerSec,
+		Live:            raw.Live,
+		Spoofed:         raw.Spoofed,
+		OverBudget:      raw.OverBudget,
+		TableFull:       raw.TableFull,
+		NotParty:        raw.NotParty,
+		EventsLimited:   raw.EventsLimited,
+	}
 	for i := 0; i < int(raw.N_addrs) && i < MaxAddrs; i++ {
 		ep.Addrs = append(ep.Addrs, netip.AddrFrom16(raw.Addrs[i]).Unmap())
 	}

@@ -8,6 +8,7 @@ package discover
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -52,7 +53,7 @@ func Veths(opts Options, skip func(ifindex int) bool) ([]PodInterface, error) {
 		a := l.Attrs()
 		// A veth whose peer is in another namespace carries that
 		// namespace's id (IFLA_LINK_NETNSID); pod veths always do.
-		if l.Type() != "veth" || a.NetNsID < 0 || a.ParentIndex <= 0 || skip(a.Index) {
+		if l.Type() != "veth" || a.NetNsID < 0 || uint32(a.NetNsID) == math.MaxUint32 || a.ParentIndex <= 0 || skip(a.Index) {
 			continue
 		}
 		candidates = append(candidates, l)

@@ -167,9 +167,17 @@ func (c *DatapathCollector) SetDatapath(d *datapath.Datapath) {
 }
 
 var (
-	statDesc = prometheus.NewDesc("pktmeta_datapath_total", "Datapath counters summed over CPUs (pktmeta_stats), by counter: originPackets, deliverPackets, notParsed, tagged, synRetransmits, unregistered, updateErrors, deliveries, natResolved, misses, udpReplies, closed, strictDrops, eventsDropped, ctUnavailable.", []string{"counter"}, nil)
+	statDesc = prometheus.NewDesc("pktmeta_datapath_total", "Datapath counters summed over CPUs (pktmeta_stats), by counter: originPackets, deliverPackets, notParsed, tagged, synRetransmits, unregistered, updateErrors, deliveries, natResolved, misses, udpReplies, closed, strictDrops, eventsDropped, ctUnavailable, spoofed, linkLocal, overBudget, tableFull, aliasesFull, notParty, simultaneousOpens, unverifiedCloses, eventsLimited, udpPreexisting.", []string{"counter"}, nil)
 	fillDesc = prometheus.NewDesc("pktmeta_map_entries", "Entries in a pinned map.", []string{"map"}, nil)
 	maxDesc  = prometheus.NewDesc("pktmeta_map_max_entries", "Capacity of a pinned map.", []string{"map"}, nil)
+
+	// Per pod: what the datapath counted against each pod on the node.
+	// Labelled by pod, not owner, because these name a culprit; a node
+	// has a bounded number of pods, and a pod's series go with it.
+	podLabels      = []string{"namespace", "pod"}
+	podRecordsDesc = prometheus.NewDesc("pktmeta_pod_records", "Records a pod opened that are in the connection table.", podLabels, nil)
+	podBudgetDesc  = prometheus.NewDesc("pktmeta_pod_max_records", "Records a pod may hold at once (maxConnectionsPerPod).", podLabels, nil)
+	podCounterDesc = prometheus.NewDesc("pktmeta_pod_refused_total", "What the datapath refused for a pod since it was added, by reason: spoofed (a source address not its own; never tagged), overBudget (first packets untagged at its budget), tableFull, notParty (changes to connections it is not a party to), eventsLimited (connections without events over eventsPerSecondPerPod).", append(podLabels, "reason"), nil)
 )
 
 // Describe implements prometheus.Collector.
@@ -177,6 +185,9 @@ func (c *DatapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- statDesc
 	ch <- fillDesc
 	ch <- maxDesc
+	ch <- podRecordsDesc
+	ch <- podBudgetDesc
+	ch <- podCounterDesc
 }
 
 // Collect implements prometheus.Collector.
@@ -195,5 +206,61 @@ func (c *DatapathCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, m := range d.MapFill() {
 		ch <- prometheus.MustNewConstMetric(fillDesc, prometheus.GaugeValue, float64(m.Entries), m.Name)
 		ch <- prometheus.MustNewConstMetric(maxDesc, prometheus.GaugeValue, float64(m.Max), m.Name)
+	}
+	collectPods(d, ch)
+}
+
+// collectPods exports each pod's counters from its endpoint. Two
+// interfaces of one pod add up.
+func collectPods(d *datapath.Datapath, ch chan<- prometheus.Metric) {
+	eps, err := d.ListEndpoints()
+	if err != nil {
+		return
+	}
+	ws, err := d.Workloads()
+	if err != nil {
+		return
+	}
+	byID := make(map[uint32]datapath.Workload, len(ws))
+	for _, w := range ws {
+		byID[w.ID] = w
+	}
+	type key struct{ ns, pod string }
+	type sums struct {
+		live, max                                           float64
+		spoofed, overBudget, tableFull, notParty, evLimited float64
+	}
+	agg := map[key]*sums{}
+	for _, ep := range eps {
+		w, ok := byID[ep.Workload]
+		if !ok {
+			continue
+		}
+		k := key{w.Namespace, w.Pod}
+		if w.Pod == "" {
+			k = key{"", "container:" + w.ContainerID}
+		}
+		s := agg[k]
+		if s == nil {
+			s = &sums{}
+			agg[k] = s
+		}
+		s.live += float64(ep.Live)
+		s.max += float64(ep.MaxConnections)
+		s.spoofed += float64(ep.Spoofed)
+		s.overBudget += float64(ep.OverBudget)
+		s.tableFull += float64(ep.TableFull)
+		s.notParty += float64(ep.NotParty)
+		s.evLimited += float64(ep.EventsLimited)
+	}
+	for k, s := range agg {
+		ch <- prometheus.MustNewConstMetric(podRecordsDesc, prometheus.GaugeValue, s.live, k.ns, k.pod)
+		ch <- prometheus.MustNewConstMetric(podBudgetDesc, prometheus.GaugeValue, s.max, k.ns, k.pod)
+		for _, r := range []struct {
+			reason string
+			v      float64
+		}{{"spoofed", s.spoofed}, {"overBudget", s.overBudget}, {"tableFull", s.tableFull}, {"notParty", s.notParty}, {"eventsLimited", s.evLimited}} {
+			ch <- prometheus.MustNewConstMetric(podCounterDesc, prometheus.CounterValue, r.v, k.ns, k.pod, r.reason)
+		}
 	}
 }

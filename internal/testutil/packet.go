@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"encoding/binary"
+	"net"
 	"net/netip"
 )
 
@@ -14,13 +15,16 @@ const (
 	ACK = 0x10
 )
 
-// Packet describes a test packet; Bytes renders it. Checksums are left
-// zero: the datapath does not look at them.
+// Packet describes a test packet; Bytes renders it with correct IPv4 and
+// TCP/UDP checksums, so that a real stack and conntrack accept it too.
 type Packet struct {
 	Src, Dst netip.AddrPort
 	Proto    uint8 // 6 or 17
 	TCPFlags uint8
 	Seq      uint32
+	Ack      uint32
+	// SrcMAC and DstMAC fill the Ethernet header; zero: fixed test MACs.
+	SrcMAC, DstMAC net.HardwareAddr
 	// IPv4Options are appended to the IPv4 header (padded to 4 bytes).
 	IPv4Options []byte
 	// FragOffset (in 8-byte units) and MoreFragments set IPv4 fragmentation,
@@ -40,6 +44,13 @@ func (p Packet) Bytes() []byte {
 	eth := make([]byte, 14)
 	copy(eth[0:6], []byte{2, 0, 0, 0, 0, 2})
 	copy(eth[6:12], []byte{2, 0, 0, 0, 0, 1})
+	if len(p.DstMAC) == 6 {
+		copy(eth[0:6], p.DstMAC)
+	}
+	if len(p.SrcMAC) == 6 {
+		copy(eth[6:12], p.SrcMAC)
+	}
+	p.l4Checksum(l4)
 	if p.Src.Addr().Is4() {
 		binary.BigEndian.PutUint16(eth[12:], 0x0800)
 		out = append(eth, p.ipv4(len(l4))...)
@@ -51,11 +62,56 @@ func (p Packet) Bytes() []byte {
 	return append(out, l4...)
 }
 
+// l4Checksum fills the TCP or UDP checksum over the pseudo-header (the
+// addresses as they are written: IPv4, or IPv6 as given).
+func (p Packet) l4Checksum(l4 []byte) {
+	var pseudo []byte
+	if p.Src.Addr().Is4() {
+		s, d := p.Src.Addr().As4(), p.Dst.Addr().As4()
+		pseudo = append(append(pseudo, s[:]...), d[:]...)
+		pseudo = append(pseudo, 0, p.Proto, byte(len(l4)>>8), byte(len(l4)))
+	} else {
+		s, d := p.Src.Addr().As16(), p.Dst.Addr().As16()
+		pseudo = append(append(pseudo, s[:]...), d[:]...)
+		pseudo = binary.BigEndian.AppendUint32(pseudo, uint32(len(l4)))
+		pseudo = append(pseudo, 0, 0, 0, p.Proto)
+	}
+	off := 16 // TCP
+	if p.Proto == 17 {
+		off = 6
+	}
+	if len(l4) < off+2 {
+		return
+	}
+	l4[off], l4[off+1] = 0, 0
+	sum := checksum(append(pseudo, l4...))
+	if sum == 0 && p.Proto == 17 {
+		sum = 0xffff
+	}
+	binary.BigEndian.PutUint16(l4[off:], sum)
+}
+
+// checksum is the Internet checksum (RFC 1071).
+func checksum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	for s > 0xffff {
+		s = s>>16 + s&0xffff
+	}
+	return ^uint16(s)
+}
+
 func (p Packet) l4() []byte {
 	var h []byte
 	if p.Proto == 6 {
 		h = make([]byte, 20)
 		binary.BigEndian.PutUint32(h[4:], p.Seq)
+		binary.BigEndian.PutUint32(h[8:], p.Ack)
 		h[12] = 5 << 4
 		h[13] = p.TCPFlags
 		binary.BigEndian.PutUint16(h[14:], 65535)
@@ -87,7 +143,9 @@ func (p Packet) ipv4(l4len int) []byte {
 	s, d := p.Src.Addr().As4(), p.Dst.Addr().As4()
 	copy(h[12:], s[:])
 	copy(h[16:], d[:])
-	return append(h, opts...)
+	h = append(h, opts...)
+	binary.BigEndian.PutUint16(h[10:], checksum(h))
+	return h
 }
 
 func (p Packet) ipv6(l4 []byte) []byte {

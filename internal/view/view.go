@@ -53,11 +53,14 @@ type Seen struct {
 
 // Conn is one connection as `pktmetactl conns` shows it.
 type Conn struct {
-	Proto     string            `json:"proto"`
-	Src       string            `json:"src"`
-	Dst       string            `json:"dst"`
-	Origin    *Workload         `json:"origin"`
-	Tags      map[string]string `json:"tags"`
+	Proto  string            `json:"proto"`
+	Src    string            `json:"src"`
+	Dst    string            `json:"dst"`
+	Origin *Workload         `json:"origin"`
+	Tags   map[string]string `json:"tags"`
+	// PodTags are tags the origin pod claimed for itself (annotations,
+	// labels); only Tags come from the operator.
+	PodTags   map[string]string `json:"podTags,omitempty"`
 	ConnID    uint64            `json:"connID"`
 	FirstSeen string            `json:"firstSeen"`
 	Peer      *Workload         `json:"peer,omitempty"`
@@ -94,16 +97,17 @@ func (r *Resolver) Refresh(d *datapath.Datapath) error {
 	return nil
 }
 
-// Lookup returns a workload's identity and tags; nil for id 0 (not a pod).
-func (r *Resolver) Lookup(id uint32) (*Workload, map[string]string) {
+// Lookup returns a workload's identity, its operator tags and the tags it
+// claimed itself; nil for id 0 (not a pod).
+func (r *Resolver) Lookup(id uint32) (*Workload, map[string]string, map[string]string) {
 	if id == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	w, ok := r.byID[id]
 	if !ok {
-		return &Workload{ID: id, Unknown: true}, nil
+		return &Workload{ID: id, Unknown: true}, nil, nil
 	}
-	return &Workload{ID: id, Namespace: w.Namespace, Pod: w.Pod, UID: w.UID, ContainerID: w.ContainerID}, w.Tags
+	return &Workload{ID: id, Namespace: w.Namespace, Pod: w.Pod, UID: w.UID, ContainerID: w.ContainerID}, w.Tags, w.PodTags
 }
 
 // Has reports whether the resolver knows id.
@@ -121,7 +125,7 @@ func stamp(t time.Time) string {
 
 // ConnFromRecord renders one record.
 func (r *Resolver) ConnFromRecord(rec datapath.Record) Conn {
-	origin, tags := r.Lookup(rec.OriginWorkload)
+	origin, tags, podTags := r.Lookup(rec.OriginWorkload)
 	if origin == nil {
 		origin = &Workload{Unknown: true}
 	}
@@ -134,11 +138,12 @@ func (r *Resolver) ConnFromRecord(rec datapath.Record) Conn {
 		Dst:       rec.Tuple.Dst.String(),
 		Origin:    origin,
 		Tags:      tags,
+		PodTags:   podTags,
 		ConnID:    rec.ConnID,
 		FirstSeen: stamp(rec.FirstSeen),
 	}
 	if rec.IsDelivered() {
-		c.Peer, _ = r.Lookup(rec.PeerWorkload)
+		c.Peer, _, _ = r.Lookup(rec.PeerWorkload)
 		c.Seen = &Seen{Src: rec.PeerTuple.Src.String(), Dst: rec.PeerTuple.Dst.String()}
 		c.NAT = rec.Flags&datapath.FlagNAT != 0
 		c.Delivered = stamp(rec.Delivered)
@@ -180,9 +185,11 @@ type Event struct {
 	Dst    string            `json:"dst"`
 	Origin *Workload         `json:"origin,omitempty"`
 	Tags   map[string]string `json:"tags,omitempty"`
-	Peer   *Workload         `json:"peer,omitempty"`
-	Seen   *Seen             `json:"seen,omitempty"`
-	NAT    bool              `json:"nat,omitempty"`
+	// PodTags: claimed by the origin pod itself, see Conn.
+	PodTags map[string]string `json:"podTags,omitempty"`
+	Peer    *Workload         `json:"peer,omitempty"`
+	Seen    *Seen             `json:"seen,omitempty"`
+	NAT     bool              `json:"nat,omitempty"`
 }
 
 // EventFrom renders one event.
@@ -196,9 +203,9 @@ func (r *Resolver) EventFrom(e datapath.Event) Event {
 		Src:    e.Tuple.Src.String(),
 		Dst:    e.Tuple.Dst.String(),
 	}
-	out.Origin, out.Tags = r.Lookup(e.OriginWorkload)
+	out.Origin, out.Tags, out.PodTags = r.Lookup(e.OriginWorkload)
 	if e.Type == datapath.EventDelivered {
-		out.Peer, _ = r.Lookup(e.PeerWorkload)
+		out.Peer, _, _ = r.Lookup(e.PeerWorkload)
 		out.Seen = &Seen{Src: e.Seen.Src.String(), Dst: e.Seen.Dst.String()}
 		out.NAT = e.Flags&datapath.FlagNAT != 0
 	}

@@ -54,7 +54,7 @@ int origincount(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct pktmeta_tuple t;
-	struct pktmeta_record *rec;
+	struct pktmeta_record rec;
 	struct origin_count *c, init = {};
 	__u8 proto, *l4, one = 1;
 	__u32 zero = 0;
@@ -89,24 +89,24 @@ int origincount(struct __sk_buff *skb)
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return -1;
 
-	rec = pktmeta_lookup(&t);
-	if (!rec || rec->version != PKTMETA_RECORD_VERSION) {
+	/* A copy, checked against element recycling (see pktmeta.h). */
+	if (pktmeta_lookup(&t, &rec) || rec.version != PKTMETA_RECORD_VERSION) {
 		__u64 *u = bpf_map_lookup_elem(&unknown, &zero);
 
 		if (u)
 			__sync_fetch_and_add(u, 1);
 		return -1;
 	}
-	if (bpf_map_update_elem(&counted, &rec->conn_id, &one, BPF_NOEXIST))
+	if (bpf_map_update_elem(&counted, &rec.conn_id, &one, BPF_NOEXIST))
 		return -1; /* already counted */
-	c = bpf_map_lookup_elem(&counts, &rec->origin_workload);
+	c = bpf_map_lookup_elem(&counts, &rec.origin_workload);
 	if (!c) {
-		bpf_map_update_elem(&counts, &rec->origin_workload, &init, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&counts, &rec->origin_workload);
+		bpf_map_update_elem(&counts, &rec.origin_workload, &init, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&counts, &rec.origin_workload);
 		if (!c)
 			return -1;
 	}
 	__sync_fetch_and_add(&c->connections, 1);
-	c->last_conn_id = rec->conn_id;
+	c->last_conn_id = rec.conn_id;
 	return -1;
 }

@@ -14,13 +14,13 @@ import (
 	"sort"
 	"time"
 
+	"github.com/pktmeta/pktmeta/consumer"
 	"github.com/pktmeta/pktmeta/examples/origincount"
-	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/vishvananda/netns"
 )
 
 func main() {
-	pinPath := flag.String("pin-path", datapath.DefaultPinPath, "pktmeta pin path")
+	pinPath := flag.String("pin-path", consumer.DefaultPinPath, "pktmeta pin path")
 	nsPath := flag.String("netns", "", "network namespace of the pod (a /proc/PID/ns/net or /run/netns path); empty: current")
 	iface := flag.String("iface", "eth0", "interface to count on")
 	interval := flag.Duration("interval", 2*time.Second, "print interval")
@@ -53,11 +53,11 @@ func main() {
 	}
 	defer l.Close()
 
-	d, err := datapath.Open(*pinPath)
+	who, err := consumer.OpenIdentities(*pinPath)
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer d.Close()
+	defer who.Close()
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt)
 	tick := time.NewTicker(*interval)
@@ -78,7 +78,7 @@ func main() {
 		sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
 		for _, id := range ids {
 			name := fmt.Sprintf("workload %d", id)
-			if w, ok, _ := d.Workload(id); ok {
+			if w, ok, _ := who.Lookup(id); ok {
 				name = w.Namespace + "/" + w.Pod
 			}
 			fmt.Printf("%s\t%d connections\n", name, counts[id])

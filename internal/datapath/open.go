@@ -1,0 +1,544 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/pktmeta/pktmeta/internal/attach"
+)
+
+// OpenResult says what Open had to do.
+type OpenResult struct {
+	Loaded   bool // programs were loaded (and verified) by this call
+	Created  bool // the maps were made by this call
+	Repaired bool // pins an interrupted process left were completed or replaced
+	Upgraded int  // attachments moved to new programs
+	// Previous describes the state Open found when it had to act.
+	Previous string
+}
+
+// Open opens the pinned datapath for changing attachments, and holds the
+// node lock shared until Close. If the pinned state is not this build's
+// complete datapath it first takes the lock exclusively and makes it so:
+// it creates what is missing, replaces what an interrupted load left,
+// loads this build's programs against the pinned maps and moves every
+// attachment to them. A datapath from a newer pktmeta is refused
+// (ErrNewer): downgrades are not done silently.
+//
+// The common case, the current datapath, only opens pins: nothing is
+// loaded or verified.
+func Open(o Options) (*Datapath, OpenResult, error) {
+	o = o.withDefaults()
+	var res OpenResult
+	for range 3 {
+		lock, err := lockNode(o.PinPath, false)
+		if err != nil {
+			return nil, res, err
+		}
+		st, err := inspect(o.PinPath)
+		if err != nil {
+			lock.unlock()
+			return nil, res, err
+		}
+		if st.kind == stateCurrent {
+			d, err := openPinned(o.PinPath, lock, true, o.Log)
+			if err == nil {
+				return d, res, nil
+			}
+			o.Log.Warn("pinned datapath changed under the lock; checking it again", "err", err)
+		}
+		lock.unlock()
+		if st.kind == stateNewer {
+			return nil, res, st.newerError(o.PinPath)
+		}
+
+		ex, err := lockNode(o.PinPath, true)
+		if err != nil {
+			return nil, res, err
+		}
+		r, err := ensure(o)
+		ex.unlock()
+		res.Loaded = res.Loaded || r.Loaded
+		res.Created = res.Created || r.Created
+		res.Repaired = res.Repaired || r.Repaired
+		res.Upgraded += r.Upgraded
+		if r.Previous != "" {
+			res.Previous = r.Previous
+		}
+		if err != nil {
+			return nil, res, err
+		}
+	}
+	return nil, res, fmt.Errorf("pinned datapath at %s keeps changing while it is opened", o.PinPath)
+}
+
+// OpenExisting opens a committed datapath for changing attachments, and
+// holds the node lock shared until Close: for DEL, GC, CHECK and the
+// agent's reconcile, which change attachments of a datapath that exists.
+// ErrNotLoaded when none is committed (so nothing to remove). Like Open it
+// completes an incomplete datapath (a DEL must work whatever a killed
+// process left), but it never creates one.
+func OpenExisting(pinPath string, log *slog.Logger) (*Datapath, error) {
+	if pinPath == "" {
+		pinPath = DefaultPinPath
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := CheckBPFFS(pinPath); err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
+	}
+	// Without the lock: a first load may commit right after this, and the
+	// caller then finds nothing of its own in it anyway.
+	st, err := inspect(pinPath)
+	if err != nil {
+		return nil, err
+	}
+	switch st.kind {
+	case stateNone:
+		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
+	case stateOlderLayout:
+		return nil, st.layoutError(pinPath)
+	case stateNewer:
+		// A newer pktmeta's datapath with the maps this build knows: an
+		// older plugin may still remove what it added (a rollback's DEL),
+		// but it loads and upgrades nothing.
+		if st.cfg.LayoutVersion != LayoutVersion {
+			return nil, st.newerError(pinPath)
+		}
+		lock, err := lockNode(pinPath, false)
+		if err != nil {
+			return nil, err
+		}
+		d, err := openPinned(pinPath, lock, false, log)
+		if err != nil {
+			lock.unlock()
+			return nil, err
+		}
+		return d, nil
+	}
+	d, _, err := Open(Options{PinPath: pinPath, Log: log})
+	return d, err
+}
+
+// OpenReader opens a committed datapath for reading, without any lock: for
+// the CLI, metrics and event readers, which must neither wait for nor hold
+// up an upgrade. Changes through it fail with ErrReadOnly.
+func OpenReader(pinPath string) (*Datapath, error) {
+	if pinPath == "" {
+		pinPath = DefaultPinPath
+	}
+	if err := CheckBPFFS(pinPath); err != nil {
+		return nil, err
+	}
+	st, err := inspect(pinPath)
+	if err != nil {
+		return nil, err
+	}
+	switch st.kind {
+	case stateNone:
+		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
+	case stateOlderLayout:
+		return nil, st.layoutError(pinPath)
+	case stateNewer:
+		if st.cfg.LayoutVersion != LayoutVersion {
+			return nil, st.newerError(pinPath)
+		}
+	}
+	return openPinned(pinPath, nil, false, slog.New(slog.DiscardHandler))
+}
+
+// openPinned opens every pinned map and the pinned programs. With
+// needProgs, a missing program is an error.
+func openPinned(pinPath string, lock *nodeLock, needProgs bool, log *slog.Logger) (*Datapath, error) {
+	d := &Datapath{PinPath: pinPath, log: log}
+	for name, dst := range d.mapSlots() {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		*dst = m
+	}
+	for name, dst := range d.progSlots() {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.progsDir(), name), nil)
+		if errors.Is(err, os.ErrNotExist) && !needProgs {
+			continue
+		}
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("open pinned program %s: %w", name, err)
+		}
+		*dst = p
+	}
+	d.lock = lock
+	return d, nil
+}
+
+// What inspect found.
+type stateKind int
+
+const (
+	stateNone        stateKind = iota // nothing committed (maybe leftovers of an interrupted first load)
+	stateCurrent                      // this build's datapath, complete
+	stateIncomplete                   // this build's layout and release, something missing
+	stateOlder                        // same layout, an older release: upgrade the programs
+	stateOlderLayout                  // maps of an older layout: no migration exists
+	stateNewer                        // a newer release or layout, or another build of this release
+)
+
+func (k stateKind) String() string {
+	return [...]string{"nothing committed", "current", "incomplete", "an older release", "an older map layout", "newer"}[k]
+}
+
+type pinState struct {
+	kind      stateKind
+	cfg       Config // when committed
+	leftovers bool   // stateNone: pins of an interrupted load are there
+	missing   []string
+}
+
+func (s pinState) newerError(pinPath string) error {
+	if s.cfg.Release == Release && s.cfg.LayoutVersion == LayoutVersion {
+		return fmt.Errorf("%w: %s holds another build of datapath release %d (object %x, this one %x); refusing to replace it: deploy one pktmeta build per node, or uninstall first",
+			ErrNewer, pinPath, Release, s.cfg.DatapathID[:6], idPrefix())
+	}
+	return fmt.Errorf("%w: %s holds datapath release %d (map layout %d) and this pktmeta is release %d (layout %d); refusing to downgrade: upgrade this plugin, or uninstall pktmeta on the node first",
+		ErrNewer, pinPath, s.cfg.Release, s.cfg.LayoutVersion, Release, LayoutVersion)
+}
+
+func (s pinState) layoutError(pinPath string) error {
+	return fmt.Errorf("%s holds maps of layout %d and this pktmeta needs layout %d; there is no in-place migration between them: run `pktmeta-agent uninstall` on the node (or delete the DaemonSet) and install again",
+		pinPath, s.cfg.LayoutVersion, LayoutVersion)
+}
+
+// inspect classifies what is pinned at pinPath. It only reads, so it needs
+// no lock to be safe, only to be stable.
+func inspect(pinPath string) (pinState, error) {
+	d := &Datapath{PinPath: pinPath}
+	var st pinState
+	cfgMap, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), mapConfig), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		st.leftovers = anyPins(d)
+		return st, nil
+	}
+	if err != nil {
+		return st, fmt.Errorf("open pinned map %s: %w", mapConfig, err)
+	}
+	defer cfgMap.Close()
+	cfg, err := readConfig(cfgMap)
+	if err != nil {
+		// A config map of some other shape: not one we made.
+		st.leftovers = true
+		return st, nil
+	}
+	st.cfg = cfg
+	switch {
+	case cfg.LayoutVersion == 0:
+		st.leftovers = true
+		return st, nil
+	case cfg.LayoutVersion > LayoutVersion, cfg.Release > Release:
+		st.kind = stateNewer
+		return st, nil
+	case cfg.LayoutVersion < LayoutVersion:
+		st.kind = stateOlderLayout
+		return st, nil
+	case cfg.Release < Release:
+		st.kind = stateOlder
+		return st, nil
+	case cfg.DatapathID != bundledID():
+		st.kind = stateNewer
+		return st, nil
+	}
+	for _, name := range mapNames {
+		if _, err := os.Stat(filepath.Join(d.mapsDir(), name)); err != nil {
+			st.missing = append(st.missing, "map "+name)
+		}
+	}
+	for name := range progNames {
+		if _, err := os.Stat(filepath.Join(d.progsDir(), name)); err != nil {
+			st.missing = append(st.missing, "program "+name)
+		}
+	}
+	st.kind = stateCurrent
+	if len(st.missing) > 0 {
+		st.kind = stateIncomplete
+	}
+	return st, nil
+}
+
+// anyPins reports whether maps/ or progs/ hold anything.
+func anyPins(d *Datapath) bool {
+	for _, dir := range []string{d.mapsDir(), d.progsDir()} {
+		if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// ensure makes the pinned datapath this build's, complete. The caller
+// holds the node lock exclusively.
+func ensure(o Options) (OpenResult, error) {
+	var res OpenResult
+	st, err := inspect(o.PinPath)
+	if err != nil {
+		return res, err
+	}
+	d := &Datapath{PinPath: o.PinPath, log: o.Log}
+	switch st.kind {
+	case stateCurrent:
+		return res, nil // another process did it while we waited
+	case stateNewer:
+		return res, st.newerError(o.PinPath)
+	case stateOlderLayout:
+		return res, st.layoutError(o.PinPath)
+	case stateNone:
+		if st.leftovers {
+			// Nothing committed, so nothing in these pins is state
+			// anyone relies on: an interrupted first load, or an
+			// interrupted uninstall. Start again from nothing.
+			o.Log.Warn("removing the pins of an interrupted load or uninstall", "pinPath", o.PinPath)
+			if err := d.removePins(); err != nil {
+				return res, err
+			}
+			res.Repaired = true
+			res.Previous = "interrupted load"
+		}
+		res.Created = true
+	case stateIncomplete:
+		res.Repaired = true
+		res.Previous = "incomplete: " + strings.Join(st.missing, ", ")
+	case stateOlder:
+		res.Previous = fmt.Sprintf("release %d", st.cfg.Release)
+	}
+	err = d.load(o, st, &res)
+	d.Close()
+	return res, err
+}
+
+// load loads the bundled object against the pinned maps (creating missing
+// ones), moves every attachment to its programs, pins them, and commits.
+func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
+	for _, dir := range []string{d.mapsDir(), d.progsDir(), d.LinksDir(), d.locksDir()} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	spec, err := loadBpf()
+	if err != nil {
+		return fmt.Errorf("parse bundled BPF object: %w", err)
+	}
+	// Only there to put layouts into BTF for bpf2go.
+	delete(spec.Maps, ".bss")
+	delete(spec.Variables, bpfVarUnusedEvent)
+	delete(spec.Variables, bpfVarUnusedSweep)
+
+	// The object declares the connection tables with a placeholder size
+	// (the public header's). New ones get maxConnections; pinned ones keep
+	// theirs, since a pinned map is reused only if the spec matches it.
+	for _, name := range []string{mapConns, mapAliases} {
+		spec.Maps[name].MaxEntries = o.MaxConnections
+		m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		spec.Maps[name].MaxEntries = m.MaxEntries()
+		m.Close()
+	}
+
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: d.mapsDir()},
+	})
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			o.Log.Error("BPF verifier rejected the datapath", "log", fmt.Sprintf("%+v", verr))
+		}
+		return fmt.Errorf("load datapath against the maps in %s: %w", d.mapsDir(), err)
+	}
+	defer coll.Close()
+	res.Loaded = true
+	for name, dst := range d.mapSlots() {
+		*dst = coll.Maps[name]
+		delete(coll.Maps, name) // d owns it now
+	}
+	for name, dst := range d.progSlots() {
+		*dst = coll.Programs[progNames[name]]
+		delete(coll.Programs, progNames[name])
+	}
+
+	cfg := Config{LayoutVersion: LayoutVersion, UDPTimeout: o.UDPTimeout}
+	if st.kind != stateNone {
+		// Keep the settings and, until the end, the old identity: a crash
+		// before the commit below makes the next Open redo the upgrade.
+		cfg.UDPTimeout, cfg.EventsOff = st.cfg.UDPTimeout, st.cfg.EventsOff
+		cfg.Release, cfg.DatapathID = st.cfg.Release, st.cfg.DatapathID
+		n, err := d.upgradeAttachments()
+		res.Upgraded = n
+		if err != nil {
+			return err
+		}
+	}
+	if err := d.pinPrograms(); err != nil {
+		return err
+	}
+	cfg.Release, cfg.DatapathID = Release, bundledID()
+	if err := writeConfig(d.ConfigMap, cfg); err != nil {
+		return err
+	}
+	o.Log.Info("datapath loaded", "pinPath", d.PinPath, "release", Release, "createdMaps", res.Created,
+		"previous", res.Previous, "upgradedAttachments", res.Upgraded)
+	return nil
+}
+
+// pinPrograms pins the loaded programs, replacing older pins atomically
+// (pin to a temporary name, rename over; bpffs forbids dots in names).
+func (d *Datapath) pinPrograms() error {
+	for name, p := range d.progSlots() {
+		final := filepath.Join(d.progsDir(), name)
+		tmp := final + "_new"
+		os.Remove(tmp)
+		if err := (*p).Pin(tmp); err != nil {
+			return fmt.Errorf("pin program %s: %w", name, err)
+		}
+		if err := os.Rename(tmp, final); err != nil {
+			os.Remove(tmp)
+			return fmt.Errorf("pin program %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// upgradeAttachments points every attachment at the freshly loaded
+// programs, following the hook table. tcx links are updated in place
+// (BPF_LINK_UPDATE), legacy filters replaced; either way the hook is never
+// empty. An attachment that cannot be moved (its veth is being deleted)
+// keeps the old program, which works against the same maps; it is logged,
+// and status reports it.
+func (d *Datapath) upgradeAttachments() (int, error) {
+	workloads, err := d.Workloads()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, w := range workloads {
+		ok := true
+		for _, r := range Requirements(w) {
+			if err := attach.Update(int(w.HostIfindex), d.AttachmentLinkDir(w.Key()), r.Hook, w.Legacy, d.Program(r.Program)); err != nil {
+				d.log.Warn("upgrade attachment", "containerID", w.ContainerID, "ifname", w.IfName, "hook", r.Hook, "err", err)
+				ok = false
+			}
+		}
+		if ok {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// removePins removes every pin of ours: link pins (detaching what they
+// hold), programs and maps, the config first. Only names pktmeta uses.
+func (d *Datapath) removePins() error {
+	var errs []error
+	if err := os.Remove(filepath.Join(d.mapsDir(), mapConfig)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	if dirs, err := os.ReadDir(d.LinksDir()); err == nil {
+		for _, c := range dirs {
+			ifaces, _ := os.ReadDir(filepath.Join(d.LinksDir(), c.Name()))
+			for _, i := range ifaces {
+				if err := attach.Detach(0, filepath.Join(d.LinksDir(), c.Name(), i.Name())); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			os.Remove(filepath.Join(d.LinksDir(), c.Name()))
+		}
+	}
+	for name := range progNames {
+		for _, n := range []string{name, name + "_new"} {
+			if err := os.Remove(filepath.Join(d.progsDir(), n)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for _, name := range mapNames {
+		if err := os.Remove(filepath.Join(d.mapsDir(), name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Destroy removes the pinned datapath: it detaches every attachment (tcx
+// links and legacy filters), then removes the pins, the config first so
+// that an interrupted Destroy leaves an uncommitted state the next Open
+// throws away. It removes only names pktmeta uses, and pinPath itself
+// only if that leaves it empty: a pin path pointed at a shared directory
+// does not take others' pins with it. It holds the node lock exclusively.
+func Destroy(pinPath string, log *slog.Logger) error {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := CheckBPFFS(pinPath); err != nil {
+		return err
+	}
+	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	lock, err := lockNode(pinPath, true)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	var errs []error
+	st, err := inspect(pinPath)
+	if err != nil {
+		return err
+	}
+	if st.kind != stateNone && st.cfg.LayoutVersion == LayoutVersion {
+		d, err := openPinned(pinPath, nil, false, log)
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			ws, err := d.Workloads()
+			errs = append(errs, err)
+			for _, w := range ws {
+				// The records go with the maps; only the hooks matter here.
+				errs = append(errs, attach.Detach(d.liveIfindex(w), d.AttachmentLinkDir(w.Key())))
+			}
+			d.Close()
+		}
+	}
+	d := &Datapath{PinPath: pinPath}
+	errs = append(errs, d.removePins())
+	for _, dir := range []string{d.LinksDir(), d.locksDir()} {
+		if ents, err := os.ReadDir(dir); err == nil {
+			for _, e := range ents {
+				os.Remove(filepath.Join(dir, e.Name()))
+			}
+		}
+	}
+	for _, dir := range []string{d.LinksDir(), d.progsDir(), d.mapsDir(), d.locksDir(), pinPath} {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func idPrefix() []byte {
+	id := bundledID()
+	return id[:6]
+}

@@ -1,0 +1,13 @@
+package datapath
+
+// Release orders builds of the BPF datapath. A pinned datapath from a lower
+// release is upgraded in place; one from a higher release, or another build
+// of this one, is refused: a node never silently runs older programs than
+// it had. Bump it with every change to the BPF object (bpf/), and set
+// releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
+// until both are done, so a changed datapath cannot ship under an old
+// release number.
+const Release = 2
+
+// releaseObject is the sha256 of the BPF object of this Release.
+const releaseObject = "b908ade6bc9fd4b3c755577f3430327083439f8d29eb95b6a6e623552a80abf4"
