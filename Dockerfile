@@ -5,6 +5,7 @@
 #   /usr/local/bin/pktmeta-agent   entrypoint, cmd ["run"]
 #   /usr/local/bin/pktmetactl      the CLI
 #   /opt/pktmeta/bin/pktmeta       the CNI plugin the agent copies to the host
+#   /usr/local/bin/pktmeta         a symlink to it (install/uninstall's default)
 #   /etc/passwd, /etc/group        root and nobody
 #   /tmp                           1777
 #
@@ -32,7 +33,8 @@ RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache
     printf 'root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n' >/out/etc/passwd; \
     printf 'root:x:0:\nnobody:x:65534:\n' >/out/etc/group; \
     chmod 0644 /out/etc/passwd /out/etc/group; \
-    chmod 0755 /out/usr/local/bin/* /out/opt/pktmeta/bin/pktmeta
+    chmod 0755 /out/usr/local/bin/pktmeta-agent /out/usr/local/bin/pktmetactl /out/opt/pktmeta/bin/pktmeta; \
+    ln -s /opt/pktmeta/bin/pktmeta /out/usr/local/bin/pktmeta
 
 FROM scratch
 ARG VERSION=dev

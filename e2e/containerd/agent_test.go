@@ -414,13 +414,13 @@ func TestAgentInContainerd(t *testing.T) {
 	if o := c.Origin; o == nil || o.Namespace != "shop" || o.Pod != clientPod || o.UID != client.Spec.UID || o.ContainerID != client.ID {
 		t.Errorf("pktmetactl: origin %+v, want shop/%s uid %s sandbox %s", o, clientPod, client.Spec.UID, client.ID)
 	}
-	if !equalTags(c.Tags, payments) {
-		t.Errorf("pktmetactl: tags %v, want exactly %v (the unrelated annotation is no tag)", c.Tags, payments)
+	if !equalTags(c.PodTags, payments) || len(c.Tags) != 0 {
+		t.Errorf("pktmetactl: tags %v, pod tags %v, want exactly pod tags %v (claimed by the pod; the unrelated annotation is no tag)", c.Tags, c.PodTags, payments)
 	}
 	if p := c.Peer; p == nil || p.Namespace != "shop" || p.Pod != serverPod || p.ContainerID != server.ID || c.Delivered == "" {
 		t.Errorf("pktmetactl: not delivered to the server: peer %+v, delivered %q", p, c.Delivered)
 	}
-	t.Logf("pktmetactl conns (through the agent): %s -> %s origin %s tags %v peer %s", c.Src, c.Dst, c.Origin.Name(), c.Tags, c.Peer.Name())
+	t.Logf("pktmetactl conns (through the agent): %s -> %s origin %s pod tags %v peer %s", c.Src, c.Dst, c.Origin.Name(), c.PodTags, c.Peer.Name())
 
 	// (4) The agent's stdout: the opened and delivered events of this
 	// connection, with the client's identity.
@@ -432,7 +432,7 @@ func TestAgentInContainerd(t *testing.T) {
 		var opened, delivered bool
 		for _, ev := range agentEvents(logs) {
 			if ev.ConnID != c.ConnID || ev.Origin == nil || ev.Origin.Pod != clientPod || ev.Origin.Namespace != "shop" ||
-				ev.Origin.UID != client.Spec.UID || !equalTags(ev.Tags, payments) {
+				ev.Origin.UID != client.Spec.UID || !equalTags(ev.PodTags, payments) {
 				continue
 			}
 			switch {

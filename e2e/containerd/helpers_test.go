@@ -538,16 +538,18 @@ func checkOrigin(t *testing.T, d *datapath.Datapath, tuple datapath.Tuple, pod *
 	}
 }
 
-// checkIdentity asserts that w is pod's complete identity with tags.
-func checkIdentity(t *testing.T, what string, w datapath.Workload, pod *crihost.Pod, tags map[string]string) {
+// checkIdentity asserts that w is pod's complete identity, and that the
+// pod's annotation tags are there, as claimed by the pod (the test's agent
+// has no static tags).
+func checkIdentity(t *testing.T, what string, w datapath.Workload, pod *crihost.Pod, podTags map[string]string) {
 	t.Helper()
 	if w.Partial || w.ContainerID != pod.ID || w.Namespace != pod.Spec.Namespace || w.Pod != pod.Spec.Name ||
 		w.UID != pod.Spec.UID || w.Netns != pod.Netns || w.IfName != "eth0" {
 		t.Errorf("%s: identity %+v\nwant complete: sandbox %s, %s/%s, uid %s, netns %s, eth0",
 			what, w, pod.ID, pod.Spec.Namespace, pod.Spec.Name, pod.Spec.UID, pod.Netns)
 	}
-	if !equalTags(w.Tags, tags) {
-		t.Errorf("%s: tags %v, want exactly %v", what, w.Tags, tags)
+	if !equalTags(w.PodTags, podTags) || len(w.Tags) != 0 {
+		t.Errorf("%s: tags %v, pod tags %v, want exactly pod tags %v", what, w.Tags, w.PodTags, podTags)
 	}
 }
 

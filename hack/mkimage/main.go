@@ -15,6 +15,8 @@
 //	/usr/local/bin/pktmeta-agent   entrypoint, cmd ["run"]
 //	/usr/local/bin/pktmetactl      the CLI (kubectl exec ... pktmetactl conns)
 //	/opt/pktmeta/bin/pktmeta       the CNI plugin, copied to the host by the agent
+//	/usr/local/bin/pktmeta         a symlink to it: `pktmeta-agent install` and
+//	                               `uninstall` default to the plugin beside them
 //	/etc/passwd, /etc/group        root and nobody only
 //	/tmp                           1777, for tools that expect it
 //
@@ -56,6 +58,8 @@ const (
 	AgentPath  = "/usr/local/bin/pktmeta-agent"
 	CtlPath    = "/usr/local/bin/pktmetactl"
 	PluginPath = "/opt/pktmeta/bin/pktmeta"
+	// PluginLink is the plugin beside the agent (a symlink to PluginPath).
+	PluginLink = "/usr/local/bin/pktmeta"
 )
 
 const (
@@ -81,6 +85,7 @@ type entry struct {
 	mode int64
 	data []byte
 	dir  bool
+	link string // a symlink to this target
 }
 
 var goarchToELF = map[string]elf.Machine{
@@ -278,6 +283,7 @@ func layout(s Spec) ([]entry, error) {
 		{path: AgentPath, mode: 0o755},
 		{path: CtlPath, mode: 0o755},
 		{path: PluginPath, mode: 0o755},
+		{path: PluginLink, mode: 0o777, link: PluginPath},
 		{path: "/etc/passwd", mode: 0o644, data: []byte("root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n")},
 		{path: "/etc/group", mode: 0o644, data: []byte("root:x:0:\nnobody:x:65534:\n")},
 	}
@@ -326,9 +332,13 @@ func layerBlob(entries []entry, mtime time.Time) ([]byte, error) {
 			ModTime: mtime,
 			Format:  tar.FormatPAX,
 		}
-		if e.dir {
+		switch {
+		case e.dir:
 			hdr.Typeflag = tar.TypeDir
-		} else {
+		case e.link != "":
+			hdr.Typeflag = tar.TypeSymlink
+			hdr.Linkname = e.link
+		default:
 			hdr.Typeflag = tar.TypeReg
 			hdr.Size = int64(len(e.data))
 		}

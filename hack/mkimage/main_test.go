@@ -28,7 +28,7 @@ const testEpoch = 1700000000 // 2023-11-14T22:13:20Z
 // writeInputs' files at testEpoch: it depends only on the layout and the
 // tar settings, so it is the same on every machine and Go version. If a
 // deliberate layout change moves it, update it here (and the Dockerfile).
-const wantDiffID = "sha256:b4b6a71e212ba7e444480aab47a673825ed566e82bb9b6e15874f47a83adcbe1"
+const wantDiffID = "sha256:3c41e4cd0e9e9ad7fc78b5d1606277a68092e7a8a1e741c05e220eceeae08727"
 
 var testContents = map[string]string{
 	"pktmeta-agent": "agent binary\x00\x01",
@@ -265,6 +265,7 @@ func TestTarballContents(t *testing.T) {
 		"usr/":                        {tar.TypeDir, 0o755, ""},
 		"usr/local/":                  {tar.TypeDir, 0o755, ""},
 		"usr/local/bin/":              {tar.TypeDir, 0o755, ""},
+		"usr/local/bin/pktmeta":       {tar.TypeSymlink, 0o777, ""},
 		"usr/local/bin/pktmeta-agent": {tar.TypeReg, 0o755, testContents["pktmeta-agent"]},
 		"usr/local/bin/pktmetactl":    {tar.TypeReg, 0o755, testContents["pktmetactl"]},
 	}
@@ -285,6 +286,9 @@ func TestTarballContents(t *testing.T) {
 			continue
 		}
 		data, _ := io.ReadAll(tr)
+		if hdr.Typeflag == tar.TypeSymlink && hdr.Linkname != PluginPath {
+			t.Errorf("%s: a link to %q, want %q", hdr.Name, hdr.Linkname, PluginPath)
+		}
 		if hdr.Typeflag != w.typ || hdr.Mode != w.mode || string(data) != w.data {
 			t.Errorf("%s: type %c mode %#o data %q; want %c %#o %q", hdr.Name, hdr.Typeflag, hdr.Mode, data, w.typ, w.mode, w.data)
 		}
@@ -453,6 +457,7 @@ func TestDockerfileMatchesLayout(t *testing.T) {
 		"-o /out" + path.Dir(AgentPath) + "/$c ./cmd/$c",
 		"-o /out" + PluginPath + " ./cmd/pktmeta",
 		"chmod 1777 /out/tmp",
+		"ln -s " + PluginPath + " /out" + PluginLink,
 		"FROM scratch",
 		"ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 	}

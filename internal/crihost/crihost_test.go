@@ -254,8 +254,8 @@ func checkRecord(t *testing.T, d *datapath.Datapath, tuple datapath.Tuple, clien
 		origin.ContainerID != want.ContainerID || origin.Netns != want.Netns {
 		t.Errorf("%s: origin %+v, want namespace/pod/uid/container/netns of %+v", tuple, origin, want)
 	}
-	if origin.Tags["team"] != "payments" || origin.Tags["cluster"] != "cri" || len(origin.Tags) != 2 {
-		t.Errorf("%s: origin tags %v, want cluster=cri (config) and team=payments (annotation) only", tuple, origin.Tags)
+	if origin.PodTags["team"] != "payments" || len(origin.PodTags) != 1 || origin.Tags["cluster"] != "cri" || len(origin.Tags) != 1 {
+		t.Errorf("%s: origin tags %v, pod tags %v, want cluster=cri (config) and, claimed by the pod, team=payments (annotation) only", tuple, origin.Tags, origin.PodTags)
 	}
 	if !rec.IsDelivered() {
 		t.Fatalf("%s: record not delivered: %+v", tuple, rec)
