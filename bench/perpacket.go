@@ -23,8 +23,12 @@ import (
 const (
 	nameFloor    = "floor: empty tcx program"
 	nameDataMeta = "anchor: XDP data_meta reserve+write 104 B"
-	retNext      = 0xffffffff
-	loIfindex    = 1
+	// nameFirstNoCheck is the first packet without source validation.
+	nameFirstNoCheck = "origin, first packet: tcp4 SYN, source check skipped (bench build)"
+	// nameOverBudget is a first packet refused at the pod's budget.
+	nameOverBudget = "origin, first packet over budget (refused): source checked"
+	retNext        = 0xffffffff
+	loIfindex      = 1
 	// Big enough that the first-packet runs never make the LRU evict.
 	benchConns = 1 << 21
 )
@@ -53,11 +57,18 @@ type packetBench struct {
 }
 
 func (b *packetBench) loadDatapath(sub string) error {
+	return b.loadDatapathWith(sub, false, []netip.Addr{podA.Addr(), podA6.Addr()})
+}
+
+// loadDatapathWith loads a fresh datapath; noSourceCheck loads the bench
+// build that skips source validation, and addrs are the pod's own
+// addresses, in the order its endpoint holds them.
+func (b *packetBench) loadDatapathWith(sub string, noSourceCheck bool, addrs []netip.Addr) error {
 	if b.d != nil {
 		b.d.Close()
 		datapath.Destroy(b.d.PinPath, b.log)
 	}
-	d, _, err := datapath.Open(datapath.Options{PinPath: filepath.Join(b.pinRoot, sub), MaxConnections: benchConns, Log: b.log})
+	d, _, err := datapath.Open(datapath.Options{PinPath: filepath.Join(b.pinRoot, sub), MaxConnections: benchConns, Log: b.log, BenchNoSourceCheck: noSourceCheck})
 	if err != nil {
 		return err
 	}
@@ -65,7 +76,7 @@ func (b *packetBench) loadDatapath(sub string) error {
 	// The veth the test runs come in on (loopback) belongs to workload 1.
 	// No budget and no event limit: the figures are the datapath's own
 	// cost, not a pod's limits.
-	return d.PutEndpoint(loIfindex, datapath.Endpoint{Workload: 1, Strict: false, Addrs: []netip.Addr{podA.Addr(), podA6.Addr()}, MaxConnections: 1 << 30})
+	return d.PutEndpoint(loIfindex, datapath.Endpoint{Workload: 1, Strict: false, Addrs: addrs, MaxConnections: 1 << 30})
 }
 
 func (b *packetBench) setEvents(on bool) error {
@@ -221,7 +232,7 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		{name: nameFloor, prog: b.a.FloorProg, data: ack4, want: retNext, repeat: repeat},
 		{name: "origin, not first: tcp4 established", prog: b.d.Origin, data: ack4, want: retNext, repeat: repeat},
 		{name: "origin, not first: tcp6 established", prog: b.d.Origin, data: ack6, want: retNext, repeat: repeat},
-		{name: "origin, not first: udp4 known flow", prog: b.d.Origin, data: udp4, want: retNext, repeat: repeat, note: "one LRU lookup"},
+		{name: "origin, not first: udp4 known flow", prog: b.d.Origin, data: udp4, want: retNext, repeat: repeat, note: "one hash lookup"},
 		{name: "origin, not first: udp6 known flow", prog: b.d.Origin, data: udp6, want: retNext, repeat: repeat},
 		{name: "origin strict, not first: tcp4", prog: b.d.Strict, data: ack4, want: retNext, repeat: repeat, note: "adds the endpoint lookup and source check"},
 		{name: "destination, first packet: record hit", prog: b.d.Deliver, data: syn4, want: retNext, repeat: repeat, note: "SYN of a known, delivered connection: one lookup"},
@@ -249,24 +260,46 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		return errors.New("NAT benchmark did not resolve through conntrack")
 	}
 
+	// What source validation costs, without the noise of an insert: a SYN
+	// from a pod at its budget of one record goes through the same checks
+	// as any first packet and is refused before the insert. With and
+	// without the check, and with the pod's own address last of 16.
+	if err := b.sourceCheck(rep, syn4); err != nil {
+		return err
+	}
+
 	// First packets. Events off: the ring buffer would fill within a few
 	// thousand repetitions and every later reserve would fail fast.
 	if err := b.setEvents(false); err != nil {
 		return err
 	}
+	// The pod's own address last of 16: the longest source check.
+	var sixteen []netip.Addr
+	for i := range 15 {
+		sixteen = append(sixteen, netip.AddrFrom4([4]byte{10, 244, 7, byte(i + 1)}))
+	}
+	sixteen = append(sixteen, podA.Addr())
 	for i, f := range []struct {
 		name    string
 		wrapper *ebpf.Program
 		data    []byte
+		noCheck bool
+		addrs   []netip.Addr
 	}{
-		{"origin, first packet: tcp4 SYN, new record", b.a.FreshV4, syn4},
-		{"origin, first packet: tcp6 SYN, new record", b.a.FreshV6, syn6},
-		{"origin, first packet: udp4, new record", b.a.FreshV4, udp4},
+		{"origin, first packet: tcp4 SYN, new record", b.a.FreshV4, syn4, false, nil},
+		{"origin, first packet: tcp6 SYN, new record", b.a.FreshV6, syn6, false, nil},
+		{"origin, first packet: udp4, new record", b.a.FreshV4, udp4, false, nil},
+		{nameFirstNoCheck, b.a.FreshV4, syn4, true, nil},
+		{"origin, first packet: tcp4 SYN, the pod's 16th address", b.a.FreshV4, syn4, false, sixteen},
 	} {
 		// A fresh table each time: these runs insert hundreds of thousands
-		// of records, and a full table would measure LRU eviction (growth
-		// does that on purpose).
-		if err := b.loadDatapath(fmt.Sprintf("first%d", i)); err != nil {
+		// of records, and a full table would measure refused inserts
+		// (growth does that on purpose).
+		addrs := f.addrs
+		if addrs == nil {
+			addrs = []netip.Addr{podA.Addr(), podA6.Addr()}
+		}
+		if err := b.loadDatapathWith(fmt.Sprintf("first%d", i), f.noCheck, addrs); err != nil {
 			return err
 		}
 		if err := b.setEvents(false); err != nil {
@@ -277,9 +310,15 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 			return err
 		}
 		r.Baseline = nameFloor
-		r.Note = "each repetition a new tuple (wrapper rewrites source port and address, then tail-calls); wrapper cost subtracted; events off"
+		r.Note = "each repetition a new tuple (wrapper rewrites source port and destination address, then tail-calls); wrapper cost subtracted; events off"
 		if strings.Contains(f.name, "udp") {
-			r.Note = "UDP: lookup miss, conntrack lookup (no entry), insert; " + r.Note
+			r.Note = "UDP: lookup miss, reverse lookup, conntrack lookup (no entry), insert; " + r.Note
+		}
+		if f.noCheck {
+			r.Note = "the bench build without source validation, to show what the check costs; " + r.Note
+		}
+		if f.addrs != nil {
+			r.Note = "source validation's worst case: the source is the last of the endpoint's 16 addresses; " + r.Note
 		}
 		rep.add(r)
 	}
@@ -318,6 +357,47 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 	ev.Note = "paired runs of 1000 first packets with events on and off; the difference"
 	rep.add(ev)
 	return nil
+}
+
+// sourceCheck measures a first packet refused over budget, with and
+// without source validation: the difference is the check's cost.
+func (b *packetBench) sourceCheck(rep *Report, syn4 []byte) error {
+	var sixteen []netip.Addr
+	for i := range 15 {
+		sixteen = append(sixteen, netip.AddrFrom4([4]byte{10, 244, 7, byte(i + 1)}))
+	}
+	sixteen = append(sixteen, podA.Addr())
+	own := []netip.Addr{podA.Addr(), podA6.Addr()}
+	for i, v := range []struct {
+		name    string
+		noCheck bool
+		addrs   []netip.Addr
+	}{
+		{nameOverBudget, false, own},
+		{"origin, first packet over budget (refused): source check skipped (bench build)", true, own},
+		{"origin, first packet over budget (refused): the pod's 16th address", false, sixteen},
+	} {
+		if err := b.loadDatapathWith(fmt.Sprintf("check%d", i), v.noCheck, v.addrs); err != nil {
+			return err
+		}
+		if err := b.d.PutEndpoint(loIfindex, datapath.Endpoint{Workload: 1, Addrs: v.addrs, MaxConnections: 1}); err != nil {
+			return err
+		}
+		// The first repetition takes the one record; every later one is
+		// refused at the budget, after the source check.
+		r, err := b.measure(v.name, b.d.Origin, syn4, retNext, b.cfg.repeat, "SYN of a pod at its budget: endpoint lookup, source check, reverse lookup, refused before the insert")
+		if err != nil {
+			return err
+		}
+		if v.name != nameOverBudget {
+			r.Baseline = nameOverBudget
+		}
+		rep.add(r)
+		if st, _ := b.d.ReadStats(); st.OverBudget == 0 {
+			return fmt.Errorf("%s: nothing was refused over budget", v.name)
+		}
+	}
+	return b.loadDatapath("main-again")
 }
 
 // natEntry puts a Service DNAT entry into this netns's conntrack:

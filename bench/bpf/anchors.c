@@ -155,10 +155,11 @@ struct {
 	__type(value, __u32);
 } target SEC(".maps");
 
-/* Rewrites the packet's source port and the low bits of its source
+/* Rewrites the packet's source port and two bytes of its destination
  * address from a per-CPU sequence, so every repetition is a new tuple,
- * then tail-calls target[0]. Run against the floor program to measure
- * what the rewrite itself costs. */
+ * then tail-calls target[0]. (Not the source address: pktmeta tags only
+ * the pod's own.) Run against the floor program to measure what the
+ * rewrite itself costs. */
 SEC("tc")
 int fresh_v4(struct __sk_buff *skb)
 {
@@ -171,8 +172,8 @@ int fresh_v4(struct __sk_buff *skb)
 		return 2;
 	l4[0] = n >> 8;
 	l4[1] = n;
-	((__u8 *)&iph->saddr)[2] = n >> 16;
-	((__u8 *)&iph->saddr)[1] = n >> 24;
+	((__u8 *)&iph->daddr)[2] = n >> 16;
+	((__u8 *)&iph->daddr)[1] = n >> 24;
 	bpf_tail_call(skb, &target, 0);
 	return 2;
 }
@@ -189,8 +190,8 @@ int fresh_v6(struct __sk_buff *skb)
 		return 2;
 	l4[0] = n >> 8;
 	l4[1] = n;
-	ip6h->saddr.in6_u.u6_addr8[13] = n >> 16;
-	ip6h->saddr.in6_u.u6_addr8[12] = n >> 24;
+	ip6h->daddr.in6_u.u6_addr8[13] = n >> 16;
+	ip6h->daddr.in6_u.u6_addr8[12] = n >> 24;
 	bpf_tail_call(skb, &target, 0);
 	return 2;
 }

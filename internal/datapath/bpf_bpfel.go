@@ -174,19 +174,20 @@ type bpfPktmetaWorkload struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bpfMapPktmetaAliases  = "pktmeta_aliases"
-	bpfMapPktmetaCfg      = "pktmeta_cfg"
-	bpfMapPktmetaConns    = "pktmeta_conns"
-	bpfMapPktmetaEps      = "pktmeta_eps"
-	bpfMapPktmetaEvents   = "pktmeta_events"
-	bpfMapPktmetaStats    = "pktmeta_stats"
-	bpfMapPktmetaWloads   = "pktmeta_wloads"
-	bpfProgPktmetaDeliver = "pktmeta_deliver"
-	bpfProgPktmetaOrigin  = "pktmeta_origin"
-	bpfProgPktmetaStrict  = "pktmeta_strict"
-	bpfProgPktmetaSweep   = "pktmeta_sweep"
-	bpfVarUnusedEvent     = "unused_event"
-	bpfVarUnusedSweep     = "unused_sweep"
+	bpfMapPktmetaAliases     = "pktmeta_aliases"
+	bpfMapPktmetaCfg         = "pktmeta_cfg"
+	bpfMapPktmetaConns       = "pktmeta_conns"
+	bpfMapPktmetaEps         = "pktmeta_eps"
+	bpfMapPktmetaEvents      = "pktmeta_events"
+	bpfMapPktmetaStats       = "pktmeta_stats"
+	bpfMapPktmetaWloads      = "pktmeta_wloads"
+	bpfProgPktmetaDeliver    = "pktmeta_deliver"
+	bpfProgPktmetaOrigin     = "pktmeta_origin"
+	bpfProgPktmetaStrict     = "pktmeta_strict"
+	bpfProgPktmetaSweep      = "pktmeta_sweep"
+	bpfVarBenchNoSourceCheck = "bench_no_source_check"
+	bpfVarUnusedEvent        = "unused_event"
+	bpfVarUnusedSweep        = "unused_sweep"
 )
 
 // loadBpf returns the embedded CollectionSpec for bpf.
@@ -254,8 +255,9 @@ type bpfMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfVariableSpecs struct {
-	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedSweep *ebpf.VariableSpec `ebpf:"unused_sweep"`
+	BenchNoSourceCheck *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
+	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedSweep        *ebpf.VariableSpec `ebpf:"unused_sweep"`
 }
 
 // bpfObjects contains all objects after they have been loaded into the kernel.
@@ -303,8 +305,9 @@ func (m *bpfMaps) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfVariables struct {
-	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
-	UnusedSweep *ebpf.Variable `ebpf:"unused_sweep"`
+	BenchNoSourceCheck *ebpf.Variable `ebpf:"bench_no_source_check"`
+	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
+	UnusedSweep        *ebpf.Variable `ebpf:"unused_sweep"`
 }
 
 // bpfPrograms contains all programs after they have been loaded into the kernel.

@@ -94,6 +94,10 @@ type Options struct {
 	UDPTimeout     time.Duration
 	// Log receives what loading and upgrading did; nil discards it.
 	Log *slog.Logger
+	// BenchNoSourceCheck loads programs that skip the source address
+	// check, so that `make bench` can show what the check costs. Only on
+	// an empty pin path; never on a node.
+	BenchNoSourceCheck bool
 }
 
 func (o *Options) withDefaults() Options {

@@ -294,6 +294,9 @@ func ensure(o Options) (OpenResult, error) {
 		return res, err
 	}
 	d := &Datapath{PinPath: o.PinPath, log: o.Log}
+	if o.BenchNoSourceCheck && (st.kind != stateNone || st.leftovers) {
+		return res, fmt.Errorf("%s: BenchNoSourceCheck needs an empty pin path", o.PinPath)
+	}
 	switch st.kind {
 	case stateCurrent:
 		return res, nil // another process did it while we waited
@@ -341,6 +344,11 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	delete(spec.Maps, ".bss")
 	delete(spec.Variables, bpfVarUnusedEvent)
 	delete(spec.Variables, bpfVarUnusedSweep)
+	if o.BenchNoSourceCheck {
+		if err := spec.Variables[bpfVarBenchNoSourceCheck].Set(uint32(1)); err != nil {
+			return fmt.Errorf("bench switch: %w", err)
+		}
+	}
 
 	// The object declares the connection tables with a placeholder size
 	// (the public header's). New ones get maxConnections; pinned ones keep

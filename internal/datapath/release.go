@@ -10,4 +10,4 @@ package datapath
 const Release = 2
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "b908ade6bc9fd4b3c755577f3430327083439f8d29eb95b6a6e623552a80abf4"
+const releaseObject = "2f46f273b5e9898952aecb3fd7d9b8372066c6c80f5606a1214668bd55dd3214"
