@@ -67,7 +67,16 @@ struct nf_conntrack_tuple_hash {
 #define PKTMETA_CT_TCP_TIME_WAIT 7
 #define PKTMETA_CT_TCP_CLOSE 8
 
+/* ip_ct_tcp_state.flags: conntrack accepted a FIN from that direction. */
+#define PKTMETA_CT_TCP_FLAG_CLOSE_INIT 0x04
+#define PKTMETA_CT_TCP_SYN_RECV 2
+
+struct ip_ct_tcp_state {
+	__u8 flags;
+} __attribute__((preserve_access_index));
+
 struct ip_ct_tcp {
+	struct ip_ct_tcp_state seen[2];
 	__u8 state;
 } __attribute__((preserve_access_index));
 

@@ -74,6 +74,7 @@ struct pktmeta_workload {
 	__u8 ifname[16]; /* inside the pod */
 	__u8 host_ifname[16];
 	__u8 netns[128];
+	__u8 network[64]; /* the CNI network (conflist name); empty for the agent's covers */
 	struct pktmeta_tag tags[PKTMETA_MAX_TAGS];
 };
 
@@ -104,6 +105,7 @@ struct pktmeta_counters {
 	__u64 unverified_closes; /* FIN/RST at a delivery hook that conntrack did not confirm */
 	__u64 events_limited; /* connections without events: origin over its event rate */
 	__u64 udp_preexisting; /* UDP without a record that conntrack already tracked: not tagged */
+	__u64 not_for_pod; /* first packets at a delivery hook for an address not the pod's: not delivered */
 	__u64 conn_seq; /* per-CPU part of the connection id */
 };
 
@@ -171,6 +173,15 @@ struct pktmeta_config {
 	__u64 udp_timeout_ns; /* a UDP record unused for this long is a new flow */
 	__u8 datapath_id[32]; /* sha256 of the BPF object the programs came from */
 	__u32 release; /* ordered: the pktmeta datapath release the programs came from */
+	__u32 _pad;
+};
+
+/* Map "pktmeta_inbound": UDP flows someone off the node (or untagged)
+ * opened to a pod, keyed by the tuple the pod answers with; the value is
+ * the pod's host veth. What tells an answer from a new flow where conntrack
+ * does not track the traffic. */
+struct pktmeta_inbound_flow {
+	__u32 ifindex;
 	__u32 _pad;
 };
 

@@ -57,9 +57,11 @@
 #define EVENTS_WAKEUP_BYTES (64 * 1024)
 /* Compare-and-swap attempts before giving up on a record that keeps changing. */
 #define CAS_TRIES 4
-/* Internal: a CPU is delivering this record (never set in a stored record
- * for longer than the delivery takes; readers ignore it). */
+/* Internal: a CPU is delivering this record, or replacing it (never set in
+ * a stored record for longer than that takes; readers ignore them). */
 #define F_DELIVERING (1U << 31)
+#define F_REPLACING (1U << 30)
+#define F_INTERNAL (F_DELIVERING | F_REPLACING)
 
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 
@@ -106,6 +108,17 @@ struct {
 	__uint(max_entries, 256 * 1024);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pktmeta_events SEC(".maps");
+
+/* Answers this node cannot get from conntrack: UDP flows that reached a pod
+ * without a record, keyed by the tuple the pod answers with. LRU: losing
+ * one only matters where conntrack does not track the flow. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pktmeta_tuple);
+	__type(value, struct pktmeta_inbound_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_inbound SEC(".maps");
 
 /* Set only by `make bench`, to measure what source validation costs: a
  * frozen constant, so on a node (where it is 0) the verifier removes the
@@ -176,6 +189,21 @@ static __always_inline __s64 set_flags(struct pktmeta_record *e, __u64 conn_id, 
 			return (__u32)old;
 	}
 	return -1;
+}
+
+/* Clears bits in the flags of e if it still holds connection conn_id. */
+static __always_inline void clear_flags(struct pktmeta_record *e, __u64 conn_id, __u32 bits)
+{
+	__u64 *word = (__u64 *)e;
+
+	for (int i = 0; i < CAS_TRIES; i++) {
+		__u64 old = READ_ONCE(*word);
+
+		if ((__u32)(old >> 32) != (__u32)conn_id || !((__u32)old & bits))
+			return;
+		if (__sync_val_compare_and_swap(word, old, old & ~(__u64)bits) == old)
+			return;
+	}
 }
 
 static __always_inline int tcp_closing(__u32 flags)
@@ -265,6 +293,24 @@ static __always_inline int own_address(const struct pktmeta_endpoint *ep, const 
 	return 0;
 }
 
+/* Whether the packet is addressed to one of the pod's own addresses: what
+ * a delivery hook must see before it calls the pod a connection's peer (a
+ * bridge floods unknown unicast to every port). */
+static __always_inline int own_destination(const struct pktmeta_endpoint *ep, const struct packet *p)
+{
+	const __u64 *d = (const __u64 *)p->t.daddr;
+
+	for (int i = 0; i < PKTMETA_MAX_ADDRS; i++) {
+		const __u64 *a = (const __u64 *)ep->addrs[i];
+
+		if (i >= ep->n_addrs)
+			break;
+		if (a[0] == d[0] && a[1] == d[1])
+			return 1;
+	}
+	return 0;
+}
+
 enum sender {
 	SENDER_OK,
 	SENDER_UNREGISTERED, /* no endpoint: an ADD in progress */
@@ -327,7 +373,7 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 	e->type = type;
 	e->reason = reason;
 	e->_pad = 0;
-	e->flags = rec->flags & ~F_DELIVERING;
+	e->flags = rec->flags & ~F_INTERNAL;
 	e->conn_id = rec->conn_id;
 	e->ts_ns = now;
 	e->origin_workload = rec->origin_workload;
@@ -427,8 +473,71 @@ static __always_inline int ct_direction(struct __sk_buff *skb, const struct pktm
 	return reply ? CT_REPLY : CT_ORIGINAL;
 }
 
-/* conntrack's TCP state for the tuple: > 0 the state, 0 no entry, -1 no
- * conntrack to ask. */
+/* Looks up the conntrack entry a packet belongs to, whichever way NAT
+ * changed it: the tuple as it travels matches an entry after the reverse
+ * NAT of a reply, the reverse tuple after DNAT or SNAT of an original.
+ * Sets *dir to the direction the packet travels in the entry. */
+static __always_inline struct nf_conn *ct_entry(struct __sk_buff *skb, const struct pktmeta_tuple *t,
+						int *dir, int *unavailable)
+{
+	struct bpf_ct_opts opts;
+	struct pktmeta_tuple rev;
+	struct nf_conn *ct;
+
+	ct = ct_lookup(skb, t, &opts, unavailable);
+	if (ct || *unavailable) {
+		*dir = opts.dir;
+		return ct;
+	}
+	tuple_reverse(&rev, t);
+	ct = ct_lookup(skb, &rev, &opts, unavailable);
+	*dir = !opts.dir;
+	return ct;
+}
+
+/* Whether conntrack accepted this FIN or RST: 1 yes, 0 no, -1 conntrack
+ * cannot tell (no entry, or no conntrack). A FIN counts when conntrack
+ * marked a close from this packet's direction (it does that only for a FIN
+ * inside the window) or the connection is past both FINs; an RST when the
+ * connection is closed. */
+static __always_inline int ct_close_accepted(struct __sk_buff *skb, const struct packet *p)
+{
+	int dir, unavailable, ok, state;
+	struct nf_conn *ct;
+
+	ct = ct_entry(skb, &p->t, &dir, &unavailable);
+	if (!ct)
+		return -1;
+	state = ct->proto.tcp.state;
+	if (p->tcp_flags & TCP_FLAG_RST)
+		ok = state == PKTMETA_CT_TCP_CLOSE;
+	else
+		ok = state == PKTMETA_CT_TCP_LAST_ACK || state == PKTMETA_CT_TCP_TIME_WAIT ||
+		     state == PKTMETA_CT_TCP_CLOSE ||
+		     (dir == IP_CT_DIR_ORIGINAL ? ct->proto.tcp.seen[0].flags : ct->proto.tcp.seen[1].flags) &
+			     PKTMETA_CT_TCP_FLAG_CLOSE_INIT;
+	bpf_ct_release(ct);
+	return ok;
+}
+
+/* Whether conntrack accepted this SYN-ACK (the connection moved past
+ * SYN_SENT): 1 yes, 0 no (a forged one), -1 conntrack cannot tell. */
+static __always_inline int ct_synack_accepted(struct __sk_buff *skb, const struct packet *p)
+{
+	int dir, unavailable, state;
+	struct nf_conn *ct;
+
+	ct = ct_entry(skb, &p->t, &dir, &unavailable);
+	if (!ct)
+		return -1;
+	state = ct->proto.tcp.state;
+	bpf_ct_release(ct);
+	return state >= PKTMETA_CT_TCP_SYN_RECV;
+}
+
+/* conntrack's TCP state for a record's key (the tuple as the origin sent
+ * it, which is the entry's original tuple): > 0 the state, 0 no entry, -1
+ * no conntrack to ask. */
 static __always_inline int ct_tcp_state(struct __sk_buff *skb, const struct pktmeta_tuple *q)
 {
 	struct bpf_ct_opts opts;
@@ -454,6 +563,7 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 {
 	struct pktmeta_record rec, old, *e;
 	__u64 now, timeout;
+	__s64 claim;
 	long err;
 
 	now = bpf_ktime_get_ns();
@@ -508,6 +618,11 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 			if ((__s64)(now - old.last_seen_ns) < (__s64)timeout)
 				return;
 		}
+		/* One replacer: two CPUs that both found the record stale
+		 * would otherwise make two connection ids. */
+		claim = set_flags(e, old.conn_id, F_REPLACING);
+		if (claim < 0 || ((__u32)claim & F_REPLACING))
+			return;
 		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_EXIST);
 		if (!err && old.origin_workload != ep->workload) {
 			release_budget(&old);
@@ -627,19 +742,55 @@ static __always_inline void close_from_pod(struct __sk_buff *skb, struct packet 
 		__sync_fetch_and_add(&ep->not_party, 1);
 		return;
 	}
+	/* The origin's own stack resets a connection still in SYN_SENT when
+	 * a forged SYN-ACK with a bad ACK reaches it, and carries on
+	 * connecting: such an RST must not end the record. A connection that
+	 * really never completes is swept after the handshake bound. (Without
+	 * a delivery hook the SYN-ACK is never seen, so nothing waits for it.) */
+	if ((p->tcp_flags & TCP_FLAG_RST) && ct.from_origin && !(ct.rec.flags & PKTMETA_F_ESTABLISHED) &&
+	    !(ep->flags & PKTMETA_EP_NO_EGRESS))
+		return;
 	apply_close(skb, p, c, &ct);
+	/* A simultaneous open whose SYNs crossed before either was delivered
+	 * left two records of one connection, one each way: the close ends
+	 * the other one too, where this pod is its receiver. */
+	if (ct.from_origin) {
+		struct pktmeta_tuple rev;
+
+		tuple_reverse(&rev, &p->t);
+		if (find_one(&rev, &ct) && !(ct.rec.flags & PKTMETA_F_UDP) &&
+		    (ct.rec.peer_workload == ep->workload || !(ct.rec.flags & PKTMETA_F_DELIVERED))) {
+			ct.from_origin = 0;
+			apply_close(skb, p, c, &ct);
+		}
+	}
+}
+
+/* Whether rec, the record of the reverse tuple, is a flow this pod
+ * received (so the pod's datagram answers it): delivered to it, or the pod
+ * has no delivery hook to mark deliveries with. A record that never
+ * reached the pod (a SYN or datagram dropped on the way) proves nothing. */
+static __always_inline int received_here(const struct pktmeta_record *rec, const struct pktmeta_endpoint *ep)
+{
+	return (READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED) ? READ_ONCE(rec->peer_workload) == ep->workload
+							      : !!(ep->flags & PKTMETA_EP_NO_EGRESS);
 }
 
 static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p,
 					 struct pktmeta_counters *c, struct pktmeta_endpoint *ep)
 {
-	struct pktmeta_record *rec;
+	struct pktmeta_record *rec, *r;
+	struct pktmeta_inbound_flow *in;
 	struct pktmeta_config *cfg;
+	struct pktmeta_tuple rev;
 	__u64 now, timeout;
 	__s64 idle;
+	int ct;
 
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
-	if (rec) {
+	/* A record of another veth's is not this pod's flow (an address that
+	 * moved to this pod while the old one's record lives): tag() decides. */
+	if (rec && READ_ONCE(rec->origin_ifindex) == skb->ifindex) {
 		__u64 word = READ_ONCE(*(__u64 *)rec);
 		__u64 last = READ_ONCE(rec->last_seen_ns);
 
@@ -650,27 +801,37 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		 * started from. */
 		idle = now - last;
 		if (idle < (__s64)timeout) {
+			if (!(idle > (__s64)UDP_REFRESH_NS || idle > (__s64)(timeout / 2)))
+				return;
 			/* At most once a second per flow (more often only for
 			 * timeouts under two seconds), and only for the pod's own
-			 * datagrams: a forger must not keep a flow alive. The
-			 * store is advisory: on an element recycled in between it
-			 * only delays the other flow's ageing. */
-			if ((idle > (__s64)UDP_REFRESH_NS || idle > (__s64)(timeout / 2)) &&
-			    check_sender(skb, p, c, &ep) == SENDER_OK &&
-			    READ_ONCE(*(__u64 *)rec) == word)
-				rec->last_seen_ns = now;
+			 * datagrams, from the record's own workload: a forger
+			 * must not keep a flow alive, nor a new pod on an old
+			 * pod's address. The compare-and-swap leaves a recycled
+			 * element alone. */
+			if (check_sender(skb, p, c, &ep) != SENDER_OK)
+				return;
+			if (READ_ONCE(rec->origin_workload) == ep->workload) {
+				if (READ_ONCE(*(__u64 *)rec) == word)
+					__sync_val_compare_and_swap(&rec->last_seen_ns, last, now);
+				return;
+			}
+		}
+		/* Idle past the timeout, or another workload's: a new flow. */
+	} else if (!rec) {
+		/* The pod answers a flow someone else opened: one tagged here
+		 * that reached this pod, one that reached it untagged (from off
+		 * the node), or one conntrack knows. */
+		if (check_sender(skb, p, c, &ep) != SENDER_OK)
+			return;
+		tuple_reverse(&rev, &p->t);
+		r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
+		if (r && received_here(r, ep)) {
+			c->udp_replies++;
 			return;
 		}
-		/* Idle past the timeout: a new flow on an old tuple. */
-	} else {
-		struct pktmeta_tuple rev;
-
-		int ct;
-
-		/* The pod answers a flow someone else opened: a flow tagged here
-		 * (found without conntrack), or one conntrack knows. */
-		tuple_reverse(&rev, &p->t);
-		if (bpf_map_lookup_elem(&pktmeta_conns, &rev)) {
+		in = bpf_map_lookup_elem(&pktmeta_inbound, &p->t);
+		if (in && READ_ONCE(in->ifindex) == skb->ifindex) {
 			c->udp_replies++;
 			return;
 		}
@@ -690,6 +851,8 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 			c->udp_preexisting++;
 			return;
 		}
+		tag(skb, p, c, ep);
+		return;
 	}
 	if (check_sender(skb, p, c, &ep) != SENDER_OK)
 		return;
@@ -709,7 +872,8 @@ static __always_inline void syn_from_pod(struct __sk_buff *skb, struct packet *p
 	 * connection; one connection, one record. */
 	tuple_reverse(&rev, &p->t);
 	r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
-	if (r && !(READ_ONCE(r->flags) & (PKTMETA_F_UDP | PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY))) {
+	if (r && !(READ_ONCE(r->flags) & (PKTMETA_F_UDP | PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY)) &&
+	    received_here(r, ep)) {
 		c->simultaneous_opens++;
 		return;
 	}
@@ -776,34 +940,53 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 
 /* ---- The delivery side: packets to a pod. ---- */
 
+/* The pod behind this veth, if the packet is addressed to it: a bridge
+ * floods unknown unicast to every port, and only the owner of the
+ * destination address is the connection's peer. */
+static __always_inline struct pktmeta_endpoint *receiver(struct __sk_buff *skb, const struct packet *p,
+							 struct pktmeta_counters *c)
+{
+	__u32 ifindex = skb->ifindex;
+	struct pktmeta_endpoint *ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
+
+	if (!ep) {
+		c->unregistered++;
+		return NULL;
+	}
+	if (!own_destination(ep, p)) {
+		c->not_for_pod++;
+		return NULL;
+	}
+	return ep;
+}
+
 /* Marks the record under key delivered to the pod behind this veth, once.
  * The record is replaced whole (a map update), never written in place: the
  * element may be recycled at any time. One CPU wins the claim. */
-static __always_inline void mark_delivered(struct __sk_buff *skb, const struct pktmeta_tuple *key,
-					   const struct pktmeta_tuple *seen, __u32 nat,
-					   struct pktmeta_counters *c)
+static __always_inline void mark_delivered(struct __sk_buff *skb, const struct pktmeta_endpoint *ep,
+					   const struct pktmeta_tuple *key, const struct pktmeta_tuple *seen,
+					   __u32 nat, struct pktmeta_counters *c)
 {
-	struct pktmeta_endpoint *ep;
 	struct pktmeta_record rec, *e;
 	__u32 ifindex = skb->ifindex;
 	__s64 old;
 	__u64 now;
 
 	e = snapshot(key, &rec);
-	if (!e || (rec.flags & (PKTMETA_F_DELIVERED | F_DELIVERING)))
+	if (!e || (rec.flags & (PKTMETA_F_DELIVERED | F_INTERNAL)))
 		return;
 	old = set_flags(e, rec.conn_id, F_DELIVERING);
-	if (old < 0 || ((__u32)old & (PKTMETA_F_DELIVERED | F_DELIVERING)))
+	if (old < 0 || ((__u32)old & (PKTMETA_F_DELIVERED | F_INTERNAL)))
 		return;
 	now = bpf_ktime_get_ns();
-	ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
-	rec.flags = ((__u32)old | PKTMETA_F_DELIVERED | nat) & ~F_DELIVERING;
-	rec.peer_workload = ep ? ep->workload : 0;
+	rec.flags = ((__u32)old | PKTMETA_F_DELIVERED | nat) & ~F_INTERNAL;
+	rec.peer_workload = ep->workload;
 	rec.peer_ifindex = ifindex;
 	rec.delivered_ns = now;
 	__builtin_memcpy(&rec.peer_tuple, seen, sizeof(rec.peer_tuple));
 	if (bpf_map_update_elem(&pktmeta_conns, key, &rec, BPF_EXIST)) {
-		/* Closed in between. */
+		/* Closed in between, or the update failed: give the claim back. */
+		clear_flags(e, rec.conn_id, F_DELIVERING);
 		c->update_errors++;
 		return;
 	}
@@ -813,10 +996,25 @@ static __always_inline void mark_delivered(struct __sk_buff *skb, const struct p
 	emit(c, PKTMETA_EV_DELIVERED, 0, &rec, key, seen, ifindex, now);
 }
 
+/* Removes the alias under the tuple a packet carries once conntrack no
+ * longer resolves it to the alias's connection (SNAT can give a seen
+ * tuple to a new flow while the old record lives). */
+static __always_inline void drop_alias(const struct pktmeta_tuple *t)
+{
+	if (bpf_map_lookup_elem(&pktmeta_aliases, t))
+		bpf_map_delete_elem(&pktmeta_aliases, t);
+}
+
+static __always_inline __u32 now_seconds(void)
+{
+	return bpf_ktime_get_coarse_ns() / NSEC_PER_SEC;
+}
+
 /* First packet at the destination with no record under the tuple it
- * carries: ask conntrack what the origin sent, and alias the two. */
-static __always_inline void deliver_nat(struct __sk_buff *skb, struct packet *p,
-					struct pktmeta_counters *c)
+ * carries: ask conntrack what the origin sent, and alias the two. Returns 1
+ * when the packet belongs to a record (delivered now or before). */
+static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c,
+				       const struct pktmeta_endpoint *ep)
 {
 	struct pktmeta_tuple rev, orig;
 	struct pktmeta_record rec;
@@ -830,20 +1028,18 @@ static __always_inline void deliver_nat(struct __sk_buff *skb, struct packet *p,
 	dir = ct_direction(skb, &rev, &orig);
 	if (dir < 0) {
 		c->ct_unavailable++;
-		return;
+		return 0;
 	}
-	if (dir != CT_REPLY || tuple_equal(&orig, &p->t)) {
+	if (dir != CT_REPLY || tuple_equal(&orig, &p->t) || !snapshot(&orig, &rec)) {
 		c->misses++;
-		return;
-	}
-	if (!snapshot(&orig, &rec)) {
-		c->misses++;
-		return;
+		drop_alias(&p->t);
+		return 0;
 	}
 	if (rec.flags & PKTMETA_F_DELIVERED)
-		return;
+		return 1;
 	__builtin_memset(&alias, 0, sizeof(alias));
 	alias.version = PKTMETA_RECORD_VERSION;
+	alias.checked_s = now_seconds();
 	alias.conn_id = rec.conn_id;
 	__builtin_memcpy(&alias.origin, &orig, sizeof(orig));
 	err = bpf_map_update_elem(&pktmeta_aliases, &p->t, &alias, BPF_ANY);
@@ -852,52 +1048,92 @@ static __always_inline void deliver_nat(struct __sk_buff *skb, struct packet *p,
 			c->aliases_full++;
 		else
 			c->update_errors++;
-		return;
+		return 0;
 	}
-	mark_delivered(skb, &orig, &p->t, PKTMETA_F_NAT, c);
+	mark_delivered(skb, ep, &orig, &p->t, PKTMETA_F_NAT, c);
+	return 1;
+}
+
+/* Whether an alias still resolves, through conntrack, to its connection:
+ * asked at most once a second per alias. */
+static __always_inline int alias_current(struct __sk_buff *skb, const struct packet *p, struct pktmeta_alias *a,
+					 const struct pktmeta_tuple *origin)
+{
+	struct pktmeta_tuple rev, orig;
+	__u32 now = now_seconds(), checked = READ_ONCE(a->checked_s);
+	int dir;
+
+	if (now - checked < 1)
+		return 1;
+	tuple_reverse(&rev, &p->t);
+	dir = ct_direction(skb, &rev, &orig);
+	if (dir < 0)
+		return 1; /* cannot ask: keep it */
+	if (dir != CT_REPLY || !tuple_equal(&orig, origin))
+		return 0;
+	__sync_val_compare_and_swap(&a->checked_s, checked, now);
+	return 1;
 }
 
 static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 				       struct pktmeta_counters *c)
 {
+	struct pktmeta_endpoint *ep;
 	struct pktmeta_record *rec;
 	struct pktmeta_alias *alias;
-	struct pktmeta_tuple rev;
+	struct pktmeta_inbound_flow in = {};
+	struct pktmeta_tuple rev, origin;
 
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
 	if (rec) {
-		if (!(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED))
-			mark_delivered(skb, &p->t, &p->t, 0, c);
+		if (!(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED) && (ep = receiver(skb, p, c)))
+			mark_delivered(skb, ep, &p->t, &p->t, 0, c);
 		return;
 	}
 	alias = bpf_map_lookup_elem(&pktmeta_aliases, &p->t);
 	if (alias) {
 		__u64 id = READ_ONCE(alias->conn_id);
 
-		rec = bpf_map_lookup_elem(&pktmeta_conns, &alias->origin);
+		__builtin_memcpy(&origin, &alias->origin, sizeof(origin));
+		rec = bpf_map_lookup_elem(&pktmeta_conns, &origin);
 		/* Still the connection the alias was made for: nothing to do. */
-		if (rec && READ_ONCE(rec->conn_id) == id)
+		if (rec && READ_ONCE(rec->conn_id) == id && alias_current(skb, p, alias, &origin))
 			return;
+		drop_alias(&p->t);
 	}
 	/* A reply to a flow the receiving pod opened itself. */
 	tuple_reverse(&rev, &p->t);
 	if (bpf_map_lookup_elem(&pktmeta_conns, &rev))
 		return;
-	deliver_nat(skb, p, c);
+	ep = receiver(skb, p, c);
+	if (!ep || deliver_nat(skb, p, c, ep))
+		return;
+	/* Nobody on this node opened it: remember that the pod received it
+	 * first, so its answer is not taken for a flow it opened where
+	 * conntrack does not tell. */
+	if (!bpf_map_lookup_elem(&pktmeta_inbound, &rev)) {
+		in.ifindex = skb->ifindex;
+		bpf_map_update_elem(&pktmeta_inbound, &rev, &in, BPF_ANY);
+	}
 }
 
 /* The peer answered the SYN: the handshake completed (the sweep's bound on
- * half-open connections no longer applies). Replies arrive un-NATed, so the
- * reverse of what the pod receives is its own tuple. */
-static __always_inline void synack_to_pod(struct packet *p)
+ * half-open connections no longer applies, and the origin's own RSTs count
+ * again). Replies arrive un-NATed, so the reverse of what the pod receives
+ * is its own tuple. A SYN-ACK conntrack did not accept (a forged one) does
+ * not count. */
+static __always_inline void synack_to_pod(struct __sk_buff *skb, struct packet *p)
 {
 	struct pktmeta_record rec, *e;
 	struct pktmeta_tuple rev;
 
 	tuple_reverse(&rev, &p->t);
 	e = snapshot(&rev, &rec);
-	if (e && !(rec.flags & (PKTMETA_F_ESTABLISHED | PKTMETA_F_UDP)))
-		set_flags(e, rec.conn_id, PKTMETA_F_ESTABLISHED);
+	if (!e || (rec.flags & (PKTMETA_F_ESTABLISHED | PKTMETA_F_UDP)) || rec.origin_ifindex != skb->ifindex)
+		return;
+	if (ct_synack_accepted(skb, p) == 0)
+		return;
+	set_flags(e, rec.conn_id, PKTMETA_F_ESTABLISHED);
 }
 
 /* A FIN or RST on its way to a pod. One that a local pod sent was handled
@@ -908,19 +1144,12 @@ static __always_inline void close_to_pod(struct __sk_buff *skb, struct packet *p
 {
 	struct close_target ct;
 	__u32 in = skb->ingress_ifindex;
-	int state;
 
 	if (in && bpf_map_lookup_elem(&pktmeta_eps, &in))
 		return;
 	if (!find_for_close(&p->t, &ct))
 		return;
-	state = ct_tcp_state(skb, &p->t);
-	if (p->tcp_flags & TCP_FLAG_RST) {
-		if (state != PKTMETA_CT_TCP_CLOSE) {
-			c->unverified_closes++;
-			return;
-		}
-	} else if (state < PKTMETA_CT_TCP_FIN_WAIT || state > PKTMETA_CT_TCP_CLOSE) {
+	if (ct_close_accepted(skb, p) != 1) {
 		c->unverified_closes++;
 		return;
 	}
@@ -965,16 +1194,22 @@ int pktmeta_deliver(struct __sk_buff *skb)
 			if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 				return TCX_NEXT;
 			if (flags & TCP_FLAG_ACK) {
-				synack_to_pod(&p);
+				synack_to_pod(skb, &p);
 			} else {
 				struct pktmeta_record *rec = bpf_map_lookup_elem(&pktmeta_conns, &p.t);
+				struct pktmeta_endpoint *ep;
 
 				/* A retransmitted SYN of a delivered connection stops at
 				 * this read (a hint only: mark_delivered re-reads). */
-				if (rec && !(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED))
-					mark_delivered(skb, &p.t, &p.t, 0, c);
-				else if (!rec)
-					deliver_nat(skb, &p, c);
+				if (rec && (READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED))
+					return TCX_NEXT;
+				ep = receiver(skb, &p, c);
+				if (!ep)
+					return TCX_NEXT;
+				if (rec)
+					mark_delivered(skb, ep, &p.t, &p.t, 0, c);
+				else
+					deliver_nat(skb, &p, c, ep);
 			}
 		} else if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
 			close_to_pod(skb, &p, c);

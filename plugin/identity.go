@@ -125,6 +125,7 @@ func parseAddInput(conf *Config, args *skel.CmdArgs, log *slog.Logger) (*addInpu
 		ContainerID: args.ContainerID,
 		IfName:      args.IfName,
 		Netns:       args.Netns,
+		Network:     conf.Name,
 		Tags:        tags,
 		PodTags:     podTags,
 		Created:     time.Now(),
@@ -133,7 +134,7 @@ func parseAddInput(conf *Config, args *skel.CmdArgs, log *slog.Logger) (*addInpu
 	if err := datapath.ValidateWorkload(w); err != nil {
 		return nil, configError("%v", err)
 	}
-	addrs := podAddrs(prev)
+	addrs := podAddrs(prev, args.IfName)
 	if conf.StrictSource && len(addrs) == 0 {
 		return nil, configError("key \"strictSource\": prevResult has no IP addresses to allow")
 	}

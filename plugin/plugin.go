@@ -113,10 +113,18 @@ func cmdAdd(args *skel.CmdArgs) error {
 	})
 }
 
-// podAddrs are the pod's own addresses from the primary plugin's result.
-func podAddrs(prev *current.Result) []netip.Addr {
+// podAddrs are the pod interface's own addresses from the primary
+// plugin's result: those of ifname inside the sandbox, or, where the result
+// does not say which interface an address is on, all of them.
+func podAddrs(prev *current.Result, ifname string) []netip.Addr {
 	var out []netip.Addr
 	for _, ipc := range prev.IPs {
+		if i := ipc.Interface; i != nil && *i >= 0 && *i < len(prev.Interfaces) {
+			iface := prev.Interfaces[*i]
+			if iface.Sandbox == "" || iface.Name != ifname {
+				continue // the host side, or another interface of the pod
+			}
+		}
 		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok {
 			out = append(out, a.Unmap())
 		}
@@ -137,12 +145,20 @@ func cmdDel(args *skel.CmdArgs) error {
 	return withLogger(args, "DEL", func(conf *Config, log *slog.Logger) error {
 		// DEL must succeed when anything is missing: no datapath, no
 		// workload, no netns, no prevResult, a second DEL.
+		key := datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName}
 		d, err := openExisting(conf, log)
+		if errors.Is(err, datapath.ErrNewer) || errors.Is(err, datapath.ErrOlderLayout) {
+			// Maps this build cannot read: take the pod's hooks off and let
+			// the pktmeta that owns them clean up the rest. A DEL must not
+			// fail for it.
+			log.Warn("pinned datapath of another layout; detaching the pod's links only", "err", err)
+			return datapath.DetachPinned(conf.PinPath, key)
+		}
 		if d == nil || err != nil {
 			return err
 		}
 		defer d.Close()
-		_, err = d.Detach(datapath.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName})
+		_, err = d.Detach(key)
 		return err
 	})
 }
@@ -196,7 +212,9 @@ func cmdGC(args *skel.CmdArgs) error {
 		for _, a := range conf.ValidAttachments {
 			valid[datapath.AttachmentKey{ContainerID: a.ContainerID, IfName: a.IfName}] = true
 		}
-		res, err := d.CollectGarbage(func(w datapath.Workload) bool { return valid[w.Key()] })
+		// Only this network's attachments: another network (Multus, a
+		// second conflist) has its own GC, and the agent judges its covers.
+		res, err := d.CollectGarbage(func(w datapath.Workload) bool { return w.Network != conf.Name || valid[w.Key()] })
 		log.Info("gc", "attachments", res.Attachments, "orphanLinks", res.OrphanLinks, "orphanEndpoints", res.OrphanEndpoints,
 			"records", res.Sweep.Removed(), "aliases", res.Sweep.Aliases)
 		return err

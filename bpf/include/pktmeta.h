@@ -102,7 +102,8 @@ struct pktmeta_record {
 /* Map "pktmeta_aliases": tuple as a receiver saw it after NAT -> origin key. */
 struct pktmeta_alias {
 	__u8 version; /* PKTMETA_RECORD_VERSION */
-	__u8 _pad[7];
+	__u8 _pad[3];
+	__u32 checked_s; /* UDP: when conntrack last confirmed it, in seconds (internal) */
 	__u64 conn_id;
 	struct pktmeta_tuple origin;
 };

@@ -20,11 +20,12 @@ type bpfOriginCount struct {
 }
 
 type bpfPktmetaAlias struct {
-	_       structs.HostLayout
-	Version uint8
-	Pad     [7]uint8
-	ConnId  uint64
-	Origin  bpfPktmetaTuple
+	_        structs.HostLayout
+	Version  uint8
+	Pad      [3]uint8
+	CheckedS uint32
+	ConnId   uint64
+	Origin   bpfPktmetaTuple
 }
 
 type bpfPktmetaRecord struct {

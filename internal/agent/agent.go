@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/pktmeta/pktmeta/internal/api"
+	"github.com/pktmeta/pktmeta/internal/cniconf"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/metrics"
 	"github.com/pktmeta/pktmeta/internal/view"
@@ -67,6 +68,14 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	if err := EnsureBPFFS(filepath.Dir(a.cfg.Plugin.PinPath), a.log); err != nil {
 		return err
+	}
+	// The new plugin binary first: once the datapath is upgraded, the old
+	// binary's ADDs would be refused as a downgrade until installLoop got
+	// to it. (installLoop repeats this and reports failures.)
+	if a.cfg.PluginBinary != "" {
+		if _, err := cniconf.InstallBinary(a.cfg.PluginBinary, a.cfg.CNIBinDir, a.log); err != nil {
+			a.log.Warn("plugin binary not installed yet", "err", err)
+		}
 	}
 	// Load or upgrade the datapath (completing whatever a killed process
 	// left), then let go of the lock: the agent's long-lived handle is a

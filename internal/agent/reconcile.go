@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/pktmeta/pktmeta/internal/attach"
@@ -110,18 +112,29 @@ func (a *Agent) coverExisting(ctx context.Context, d *datapath.Datapath) error {
 	if err != nil {
 		return err
 	}
+	// Addresses other pods already own: a pod cannot claim one of them.
+	taken := map[netip.Addr]bool{}
+	for _, ep := range eps {
+		for _, addr := range ep.Addrs {
+			taken[addr] = true
+		}
+	}
 	var errs []error
 	for _, p := range pods {
-		w, err := a.workloadFor(p, sandboxes, own)
+		w, sb, err := a.workloadFor(p, sandboxes, own)
 		if err != nil {
 			a.metrics.AttachError()
 			errs = append(errs, err)
 			continue
 		}
+		addrs := a.trustedAddrs(p, sb, taken)
+		for _, addr := range addrs {
+			taken[addr] = true
+		}
 		opts := datapath.AttachOptions{
 			Mode:            mode,
 			Strict:          pc.StrictSource,
-			Addrs:           p.Addrs,
+			Addrs:           addrs,
 			MaxConnections:  pc.MaxConnectionsPerPod,
 			EventsPerSecond: pc.EventsPerSecond(),
 		}
@@ -139,7 +152,7 @@ func (a *Agent) coverExisting(ctx context.Context, d *datapath.Datapath) error {
 // workloadFor builds the identity of an existing pod: complete when the
 // container runtime names the sandbox that owns the namespace, partial
 // (known by its namespace file only) when it cannot.
-func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbox, hostNetns uint64) (*datapath.Workload, error) {
+func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbox, hostNetns uint64) (*datapath.Workload, *discover.Sandbox, error) {
 	w := &datapath.Workload{
 		IfName:      p.IfName,
 		HostIfName:  p.HostIfName,
@@ -149,8 +162,10 @@ func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbo
 		Created:     time.Now(),
 	}
 	var annotations map[string]string
-	for _, s := range sandboxes {
+	var sb *discover.Sandbox
+	for i, s := range sandboxes {
 		if s.NetnsIno != 0 && s.NetnsIno == p.NetnsIno {
+			sb = &sandboxes[i]
 			w.ContainerID, w.Namespace, w.Pod, w.UID = s.ID, s.Namespace, s.Name, s.UID
 			annotations = s.Annotations
 			if s.NetnsPath != "" {
@@ -171,13 +186,52 @@ func (a *Agent) workloadFor(p discover.PodInterface, sandboxes []discover.Sandbo
 	}
 	tags, podTags, err := plugin.MergeTags(a.cfg.Plugin.Tags, annotations, a.cfg.Plugin.AllowedPodTags, a.log)
 	if err != nil {
-		return nil, fmt.Errorf("pod %s/%s: %w", w.Namespace, w.Pod, err)
+		return nil, nil, fmt.Errorf("pod %s/%s: %w", w.Namespace, w.Pod, err)
 	}
 	w.Tags, w.PodTags = tags, podTags
 	if err := datapath.ValidateWorkload(w); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return w, nil
+	return w, sb, nil
+}
+
+// trustedAddrs are the addresses an existing pod may open connections
+// from. Not simply what is on its interface: a pod with CAP_NET_ADMIN can
+// add another pod's address there. The runtime's record of the pod's CNI
+// result is authoritative; without it, an address counts only if the host
+// routes it to this pod's veth (ptp-style primaries do; bridge ones route
+// to the bridge, so such pods stay untagged). Addresses another pod
+// already owns never count.
+func (a *Agent) trustedAddrs(p discover.PodInterface, sb *discover.Sandbox, taken map[netip.Addr]bool) []netip.Addr {
+	var out []netip.Addr
+	for _, addr := range p.Addrs {
+		why := ""
+		switch {
+		case taken[addr]:
+			why = "another pod owns it"
+		case sb != nil && len(sb.IPs) > 0:
+			if !slices.Contains(sb.IPs, addr) {
+				why = "not among the addresses the runtime gave the pod"
+			}
+		default:
+			if !routedTo(addr, p.HostIfindex) {
+				why = "the host does not route it to the pod's veth"
+			}
+		}
+		if why != "" {
+			a.log.Warn("address on an existing pod's interface not trusted: its connections from it are not tagged",
+				"hostIfname", p.HostIfName, "addr", addr, "why", why)
+			continue
+		}
+		out = append(out, addr)
+	}
+	return out
+}
+
+// routedTo reports whether the host's route to addr goes out of ifindex.
+func routedTo(addr netip.Addr, ifindex int) bool {
+	routes, err := netlink.RouteGet(addr.AsSlice())
+	return err == nil && len(routes) > 0 && routes[0].LinkIndex == ifindex
 }
 
 // sandboxes asks the CRI runtime, if reachable, which pods exist.

@@ -161,8 +161,15 @@ func (d *Datapath) removeAttachment(w Workload) error {
 		errs = append(errs, err)
 	}
 	res, err := d.Sweep(SweepOptions{Workload: w.ID})
-	if err != nil {
-		errs = append(errs, err)
+	switch {
+	case errors.Is(err, errNoSweeper):
+		// A datapath whose programs could not be completed: the records go
+		// with the hygiene sweep, or the node's next load.
+		d.log.Warn("no sweep program: the pod's records stay until a later sweep", "workload", w.ID)
+	case err != nil:
+		// Keep the workload, so that the retried DEL finds it and sweeps
+		// its records: records must not outlive the workload they name.
+		return errors.Join(append(errs, err)...)
 	}
 	if err := d.deleteWorkload(w.ID); err != nil {
 		errs = append(errs, err)
@@ -200,6 +207,15 @@ func (d *Datapath) Check(key AttachmentKey, hostIfindex uint32) error {
 	}
 	if w.HostIfindex != hostIfindex {
 		return fmt.Errorf("pod's host veth has ifindex %d, pktmeta attached to ifindex %d (%s)", hostIfindex, w.HostIfindex, w.HostIfName)
+	}
+	// Without its endpoint the veth tags nothing (and strict mode drops
+	// everything): the hooks alone are not enough.
+	ep, ok, err := d.Endpoint(w.HostIfindex)
+	if err != nil {
+		return err
+	}
+	if !ok || ep.Workload != w.ID || ep.Strict != w.Strict {
+		return fmt.Errorf("the endpoint of %s (ifindex %d) is missing or another pod's: %+v", w.HostIfName, w.HostIfindex, ep)
 	}
 	hooks, err := d.HookStatus(w)
 	if err != nil {

@@ -14,11 +14,12 @@ import (
 )
 
 type bpfPktmetaAlias struct {
-	_       structs.HostLayout
-	Version uint8
-	Pad     [7]uint8
-	ConnId  uint64
-	Origin  bpfPktmetaTuple
+	_        structs.HostLayout
+	Version  uint8
+	Pad      [3]uint8
+	CheckedS uint32
+	ConnId   uint64
+	Origin   bpfPktmetaTuple
 }
 
 type bpfPktmetaConfig struct {
@@ -58,6 +59,7 @@ type bpfPktmetaCounters struct {
 	UnverifiedCloses  uint64
 	EventsLimited     uint64
 	UdpPreexisting    uint64
+	NotForPod         uint64
 	ConnSeq           uint64
 }
 
@@ -97,6 +99,12 @@ type bpfPktmetaEvent struct {
 	Pad2           uint32
 	Tuple          bpfPktmetaTuple
 	Seen           bpfPktmetaTuple
+}
+
+type bpfPktmetaInboundFlow struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Pad     uint32
 }
 
 type bpfPktmetaRecord struct {
@@ -167,6 +175,7 @@ type bpfPktmetaWorkload struct {
 	Ifname        [16]uint8
 	HostIfname    [16]uint8
 	Netns         [128]uint8
+	Network       [64]uint8
 	Tags          [8]bpfPktmetaTag
 }
 
@@ -179,6 +188,7 @@ const (
 	bpfMapPktmetaConns       = "pktmeta_conns"
 	bpfMapPktmetaEps         = "pktmeta_eps"
 	bpfMapPktmetaEvents      = "pktmeta_events"
+	bpfMapPktmetaInbound     = "pktmeta_inbound"
 	bpfMapPktmetaStats       = "pktmeta_stats"
 	bpfMapPktmetaWloads      = "pktmeta_wloads"
 	bpfProgPktmetaDeliver    = "pktmeta_deliver"
@@ -247,6 +257,7 @@ type bpfMapSpecs struct {
 	PktmetaConns   *ebpf.MapSpec `ebpf:"pktmeta_conns"`
 	PktmetaEps     *ebpf.MapSpec `ebpf:"pktmeta_eps"`
 	PktmetaEvents  *ebpf.MapSpec `ebpf:"pktmeta_events"`
+	PktmetaInbound *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
 	PktmetaStats   *ebpf.MapSpec `ebpf:"pktmeta_stats"`
 	PktmetaWloads  *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
 }
@@ -285,6 +296,7 @@ type bpfMaps struct {
 	PktmetaConns   *ebpf.Map `ebpf:"pktmeta_conns"`
 	PktmetaEps     *ebpf.Map `ebpf:"pktmeta_eps"`
 	PktmetaEvents  *ebpf.Map `ebpf:"pktmeta_events"`
+	PktmetaInbound *ebpf.Map `ebpf:"pktmeta_inbound"`
 	PktmetaStats   *ebpf.Map `ebpf:"pktmeta_stats"`
 	PktmetaWloads  *ebpf.Map `ebpf:"pktmeta_wloads"`
 }
@@ -296,6 +308,7 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaConns,
 		m.PktmetaEps,
 		m.PktmetaEvents,
+		m.PktmetaInbound,
 		m.PktmetaStats,
 		m.PktmetaWloads,
 	)

@@ -82,6 +82,9 @@ var (
 	// ErrNewer means the pinned datapath comes from a newer (or another)
 	// pktmeta than this one, which refuses to replace it.
 	ErrNewer = errors.New("pinned datapath is newer than this pktmeta")
+	// ErrOlderLayout means the pinned maps have an older layout, which
+	// this pktmeta cannot migrate in place.
+	ErrOlderLayout = errors.New("pinned maps have an older layout")
 	// ErrReadOnly is returned by changes through an OpenReader handle.
 	ErrReadOnly = errors.New("datapath opened read-only")
 )
@@ -128,6 +131,7 @@ type Datapath struct {
 	StatsMap     *ebpf.Map
 	ConfigMap    *ebpf.Map
 	EventsMap    *ebpf.Map
+	InboundMap   *ebpf.Map
 
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
@@ -220,10 +224,11 @@ const (
 	mapStats     = "pktmeta_stats"
 	mapConfig    = "pktmeta_cfg"
 	mapEvents    = "pktmeta_events"
+	mapInbound   = "pktmeta_inbound"
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapConfig}
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapConfig}
 
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
@@ -242,6 +247,7 @@ func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 		mapStats:     &d.StatsMap,
 		mapConfig:    &d.ConfigMap,
 		mapEvents:    &d.EventsMap,
+		mapInbound:   &d.InboundMap,
 	}
 }
 

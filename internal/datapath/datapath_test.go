@@ -167,6 +167,23 @@ func TestPinnedStates(t *testing.T) {
 			createAt(t, pin)
 			withConfig(t, pin, func(c *Config) { c.DatapathID = [32]byte{2} })
 		}, want{openErr: ErrNewer, existingAsIs: true}},
+		{"layout 1 (a smaller config)", func(t *testing.T, pin string) {
+			// What release 1 pinned: a 48-byte config with layout 1.
+			os.MkdirAll(filepath.Join(pin, "maps"), 0o700)
+			m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 48, MaxEntries: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			v := make([]byte, 48)
+			v[0] = 1
+			if err := m.Put(uint32(0), v); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Pin(filepath.Join(pin, "maps", mapConfig)); err != nil {
+				t.Fatal(err)
+			}
+		}, want{openErr: ErrOlderLayout, existing: ErrOlderLayout}},
 		{"newer layout", func(t *testing.T, pin string) {
 			createAt(t, pin)
 			withConfig(t, pin, func(c *Config) { c.LayoutVersion++ })
@@ -180,8 +197,11 @@ func TestPinnedStates(t *testing.T) {
 				if !errors.Is(err, c.want.openErr) {
 					t.Fatalf("Open: %v, want %v", err, c.want.openErr)
 				}
-				if !strings.Contains(err.Error(), "refusing") {
-					t.Fatalf("error does not say what it refuses: %v", err)
+				if !strings.Contains(err.Error(), "refusing") && !strings.Contains(err.Error(), "uninstall") {
+					t.Fatalf("error does not say what it refuses or what to do: %v", err)
+				}
+				if _, err := os.Stat(filepath.Join(pin, "maps", mapConfig)); err != nil {
+					t.Fatalf("the refused state was touched: %v", err)
 				}
 				return
 			}

@@ -60,7 +60,7 @@ func TestWorkloadEncoding(t *testing.T) {
 	w := Workload{
 		Namespace: "shop", Pod: "web-0", UID: "0a1b", ContainerID: strings.Repeat("c", 64), IfName: "eth0",
 		HostIfName: "veth1234", HostIfindex: 7, Netns: "/var/run/netns/x", Tags: map[string]string{"b": "2", "a": "1"},
-		PodTags: map[string]string{"team": "payments", "c": ""},
+		PodTags: map[string]string{"team": "payments", "c": ""}, Network: "k8s-pod-network",
 		Created: time.Unix(1700000000, 5), Legacy: true, Strict: true,
 	}
 	raw, err := w.encode()
@@ -72,7 +72,7 @@ func TestWorkloadEncoding(t *testing.T) {
 	if got.Namespace != w.Namespace || got.Pod != w.Pod || got.ContainerID != w.ContainerID || got.HostIfindex != 7 ||
 		!got.Created.Equal(w.Created) || !got.Legacy || !got.Strict || got.NoEgress || got.Partial ||
 		len(got.Tags) != 2 || got.Tags["a"] != "1" || got.Tags["b"] != "2" ||
-		len(got.PodTags) != 2 || got.PodTags["team"] != "payments" || got.PodTags["c"] != "" {
+		len(got.PodTags) != 2 || got.PodTags["team"] != "payments" || got.PodTags["c"] != "" || got.Network != "k8s-pod-network" {
 		t.Fatalf("round trip: %+v", got)
 	}
 	for _, bad := range []Workload{

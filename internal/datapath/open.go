@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -126,7 +127,31 @@ func OpenExisting(pinPath string, log *slog.Logger) (*Datapath, error) {
 		return d, nil
 	}
 	d, _, err := Open(Options{PinPath: pinPath, Log: log})
-	return d, err
+	if err == nil || errors.Is(err, ErrNotBPFFS) || errors.Is(err, ErrNewer) {
+		return d, err
+	}
+	// Completing or upgrading failed (the verifier refused the programs,
+	// memory ran out): removals still work with the maps as they are, and a
+	// DEL must not fail for it.
+	log.Warn("could not complete the pinned datapath; using it as it is", "pinPath", pinPath, "err", err)
+	lock, lerr := lockNode(pinPath, false)
+	if lerr != nil {
+		return nil, errors.Join(err, lerr)
+	}
+	d, oerr := openPinned(pinPath, lock, false, log)
+	if oerr != nil {
+		lock.unlock()
+		return nil, errors.Join(err, oerr)
+	}
+	return d, nil
+}
+
+// DetachPinned detaches the tcx links pinned for key without opening the
+// datapath: for a DEL that meets maps of a layout it cannot read (a
+// rollback across a layout change). Legacy filters go with the pod's veth.
+func DetachPinned(pinPath string, key AttachmentKey) error {
+	d := &Datapath{PinPath: pinPath}
+	return attach.Detach(0, d.AttachmentLinkDir(key))
 }
 
 // OpenReader opens a committed datapath for reading, without any lock: for
@@ -216,8 +241,8 @@ func (s pinState) newerError(pinPath string) error {
 }
 
 func (s pinState) layoutError(pinPath string) error {
-	return fmt.Errorf("%s holds maps of layout %d and this pktmeta needs layout %d; there is no in-place migration between them: run `pktmeta-agent uninstall` on the node (or delete the DaemonSet) and install again",
-		pinPath, s.cfg.LayoutVersion, LayoutVersion)
+	return fmt.Errorf("%w: %s holds maps of layout %d and this pktmeta needs layout %d; there is no in-place migration between them: run `pktmeta-agent uninstall` on the node (or delete the DaemonSet) and install again",
+		ErrOlderLayout, pinPath, s.cfg.LayoutVersion, LayoutVersion)
 }
 
 // inspect classifies what is pinned at pinPath. It only reads, so it needs
@@ -234,11 +259,9 @@ func inspect(pinPath string) (pinState, error) {
 		return st, fmt.Errorf("open pinned map %s: %w", mapConfig, err)
 	}
 	defer cfgMap.Close()
-	cfg, err := readConfig(cfgMap)
+	cfg, err := readAnyConfig(cfgMap)
 	if err != nil {
-		// A config map of some other shape: not one we made.
-		st.leftovers = true
-		return st, nil
+		return st, err
 	}
 	st.cfg = cfg
 	switch {
@@ -273,6 +296,30 @@ func inspect(pinPath string) (pinState, error) {
 		st.kind = stateIncomplete
 	}
 	return st, nil
+}
+
+// readAnyConfig reads a config slot of this or any other layout: every
+// layout starts with the layout version, so another layout's config (one
+// of another size) is still classified older or newer, never taken for
+// the leftovers of a killed load and thrown away. Only this layout's is
+// decoded further.
+func readAnyConfig(m *ebpf.Map) (Config, error) {
+	if m.Type() != ebpf.Array || m.KeySize() != 4 || m.ValueSize() < 4 {
+		return Config{}, fmt.Errorf("pinned %s is not a pktmeta config map (%v, key %d bytes, value %d bytes); refusing to touch it",
+			mapConfig, m.Type(), m.KeySize(), m.ValueSize())
+	}
+	if m.ValueSize() == uint32(binary.Size(bpfPktmetaConfig{})) {
+		return readConfig(m)
+	}
+	raw := make([]byte, m.ValueSize())
+	if err := m.Lookup(uint32(0), &raw); err != nil {
+		return Config{}, fmt.Errorf("read %s: %w", mapConfig, err)
+	}
+	c := Config{LayoutVersion: binary.NativeEndian.Uint32(raw)}
+	if c.LayoutVersion == LayoutVersion {
+		return Config{}, fmt.Errorf("pinned %s says layout %d but has %d-byte values; refusing to touch it", mapConfig, LayoutVersion, m.ValueSize())
+	}
+	return c, nil
 }
 
 // anyPins reports whether maps/ or progs/ hold anything.
@@ -403,6 +450,11 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		return err
 	}
 	cfg.Release, cfg.DatapathID = Release, bundledID()
+	if o.BenchNoSourceCheck {
+		// Not this build's programs as a node would run them: any normal
+		// Open refuses the pin path ("another build").
+		cfg.DatapathID[31] ^= 0xff
+	}
 	if err := writeConfig(d.ConfigMap, cfg); err != nil {
 		return err
 	}

@@ -763,8 +763,8 @@ func TestSimultaneousOpenYieldsOneRecord(t *testing.T) {
 		a := e.addPod(1, podOpts{}, podA)
 		b := e.addPod(2, podOpts{}, podB)
 		e.from(a, syn(podA, podB, 1))
-		e.from(b, syn(podB, podA, 2))
 		e.to(b, syn(podA, podB, 1))
+		e.from(b, syn(podB, podA, 2))
 		e.to(a, syn(podB, podA, 2))
 		recs := e.records()
 		if len(recs) != 1 || recs[0].OriginWorkload != 1 {
@@ -778,6 +778,52 @@ func TestSimultaneousOpenYieldsOneRecord(t *testing.T) {
 		e.from(b, tcpFlags(podB, podA, testutil.FIN|testutil.ACK, 4))
 		if recs := e.records(); len(recs) != 0 {
 			t.Fatalf("records left after both FINs: %+v", recs)
+		}
+
+		// SYNs that crossed before either was delivered: two records,
+		// which the connection's FINs both end.
+		a2 := netip.AddrPortFrom(podA.Addr(), 40001)
+		e.from(a, syn(a2, podB, 5))
+		e.from(b, syn(podB, a2, 6))
+		e.to(b, syn(a2, podB, 5))
+		e.to(a, syn(podB, a2, 6))
+		if n := len(e.records()); n != 2 {
+			t.Fatalf("%d records for SYNs that crossed, want 2", n)
+		}
+		e.from(a, tcpFlags(a2, podB, testutil.FIN|testutil.ACK, 7))
+		e.from(b, tcpFlags(podB, a2, testutil.FIN|testutil.ACK, 8))
+		if recs := e.records(); len(recs) != 0 {
+			t.Fatalf("records left after both FINs: %+v", recs)
+		}
+		for _, p := range []*testPod{a, b} {
+			if ep := e.endpoint(p); ep.Live != 0 {
+				t.Fatalf("pod %d: live %d", p.id, ep.Live)
+			}
+		}
+	})
+}
+
+// The receiving side cannot pre-empt a pod's future connection to it with
+// a SYN or datagram of its own that never reached that pod (dropped on the
+// way): only a reverse record the pod really received makes its packet an
+// answer.
+func TestReverseSquattingDoesNotPreempt(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		b := e.addPod(2, podOpts{}, podB)
+		e.from(b, syn(podB, podA, 9)) // never delivered to a
+		e.from(b, udp(podB, podA))    // neither
+		e.from(a, syn(podA, podB, 1)) // a's own connection
+		e.from(a, udp(podA, podB))    // and flow
+		for _, tu := range []Tuple{tcpTuple(podA, podB), udpTuple(podA, podB)} {
+			r, err := e.d.Lookup(tu)
+			if err != nil || r.OriginWorkload != 1 || r.Tuple != tu {
+				t.Fatalf("%s: %+v %v, want a's own record", tu, r, err)
+			}
+		}
+		if s := e.stats(); s.SimultaneousOpens != 0 || s.UDPReplies != 0 {
+			t.Fatalf("stats %+v: a's packets taken for answers", s)
 		}
 	})
 }
@@ -989,6 +1035,7 @@ func TestEventsForOpenDeliverClose(t *testing.T) {
 		b := e.addPod(12, podOpts{}, podB)
 		e.from(a, syn(podA, podB, 1))
 		e.to(b, syn(podA, podB, 1))
+		e.to(a, tcpFlags(podB, podA, testutil.SYN|testutil.ACK, 1))
 		e.from(a, tcpFlags(podA, podB, testutil.RST, 0))
 		var types []uint8
 		for range 3 {
@@ -1100,6 +1147,7 @@ func TestUDPReplyWithoutConntrackIsNotTagged(t *testing.T) {
 		a := e.addPod(1, podOpts{}, podA)
 		b := e.addPod(2, podOpts{}, podB)
 		e.from(a, udp(podA, podB))
+		e.to(b, udp(podA, podB))
 		e.from(b, udp(podB, podA))
 		if recs := e.records(); len(recs) != 1 || recs[0].OriginWorkload != 1 {
 			t.Fatalf("records %+v: the reply must not be a flow opened by the server", recs)
@@ -1134,3 +1182,94 @@ func TestSweepOfAWorkload(t *testing.T) {
 }
 
 func newRand(a, b uint64) *rand.Rand { return rand.New(rand.NewPCG(a, b)) }
+
+// The origin's own RST during the handshake does not end the record: its
+// stack sends one when a forged SYN-ACK with a bad ACK reaches it, and
+// carries on connecting. Once the handshake completed, it does.
+func TestOriginRSTBeforeTheHandshake(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		e.from(a, syn(podA, podB, 1))
+		e.from(a, tcpFlags(podA, podB, testutil.RST, 12345))
+		if _, ok := e.lookup(tcpTuple(podA, podB)); !ok {
+			t.Fatal("the origin's RST in SYN_SENT removed the record")
+		}
+		e.to(a, tcpFlags(podB, podA, testutil.SYN|testutil.ACK, 7))
+		e.from(a, tcpFlags(podA, podB, testutil.RST, 2))
+		if _, ok := e.lookup(tcpTuple(podA, podB)); ok {
+			t.Fatal("the origin's RST after the handshake did not remove the record")
+		}
+	})
+}
+
+// A delivery hook delivers only what is addressed to its own pod: a bridge
+// floods unknown unicast to every port.
+func TestDeliveryOnlyToTheDestination(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		a := e.addPod(1, podOpts{}, podA)
+		b := e.addPod(2, podOpts{}, podB)
+		c := e.addPod(3, podOpts{}, podC)
+		e.from(a, syn(podA, podB, 1))
+		e.to(c, syn(podA, podB, 1)) // flooded to c's port
+		if r := e.mustRecord(tcpTuple(podA, podB)); r.IsDelivered() {
+			t.Fatalf("delivered to a pod the packet was not for: %+v", r)
+		}
+		if s := e.stats(); s.NotForPod != 1 {
+			t.Fatalf("not-for-pod %d, want 1", s.NotForPod)
+		}
+		e.to(b, syn(podA, podB, 1))
+		if r := e.mustRecord(tcpTuple(podA, podB)); !r.IsDelivered() || r.PeerWorkload != 2 {
+			t.Fatalf("not delivered to its destination: %+v", r)
+		}
+	})
+}
+
+// Where conntrack does not tell (this test netns has none), a pod's answer
+// to a datagram that reached it from off the node is still an answer.
+func TestUDPAnswerToOffNodeWithoutConntrack(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		b := e.addPod(2, podOpts{}, podB)
+		client := netip.MustParseAddrPort("192.0.2.7:5353")
+		e.to(b, udp(client, podB))
+		e.from(b, udp(podB, client))
+		if recs := e.records(); len(recs) != 0 {
+			t.Fatalf("the answer was recorded as a flow the pod opened: %+v", recs)
+		}
+		if s := e.stats(); s.UDPReplies != 1 {
+			t.Fatalf("udp replies %d, want 1", s.UDPReplies)
+		}
+	})
+}
+
+// A UDP record belongs to its veth: a pod that got an old pod's address
+// neither keeps the old record alive nor is counted in it while the old
+// pod exists; once it is gone, its datagrams make a record of its own.
+func TestUDPRecordOfAnotherVeth(t *testing.T) {
+	testutil.InNewNetns(t, func() {
+		e := newProgEnv(t)
+		old := e.addPod(1, podOpts{}, podA)
+		e.from(old, udp(podA, podB))
+		before := e.mustRecord(udpTuple(podA, podB))
+		heir := e.addPod(4, podOpts{}, podA)
+		e.from(heir, udp(podA, podB))
+		if r := e.mustRecord(udpTuple(podA, podB)); r.ConnID != before.ConnID || r.OriginWorkload != 1 {
+			t.Fatalf("record changed by another pod: %+v", r)
+		}
+		if s := e.stats(); s.NotParty != 1 {
+			t.Fatalf("not-party %d, want 1", s.NotParty)
+		}
+		if err := e.d.DeleteEndpoint(old.ifindex, old.id); err != nil {
+			t.Fatal(err)
+		}
+		e.from(heir, udp(podA, podB))
+		if r := e.mustRecord(udpTuple(podA, podB)); r.OriginWorkload != 4 || r.ConnID == before.ConnID {
+			t.Fatalf("after the old pod went: %+v, want a new record of the heir", r)
+		}
+		if ep := e.endpoint(heir); ep.Live != 1 {
+			t.Fatalf("heir live %d, want 1", ep.Live)
+		}
+	})
+}

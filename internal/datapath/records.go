@@ -119,11 +119,15 @@ type Record struct {
 // IsDelivered reports whether the first packet reached a pod on this node.
 func (r *Record) IsDelivered() bool { return r.Flags&FlagDelivered != 0 }
 
+// flagsInternal are the datapath's claims in progress (bits 30 and 31),
+// never part of what a record says.
+const flagsInternal = 3 << 30
+
 func decodeRecord(k *bpfPktmetaTuple, v *bpfPktmetaRecord, clk monoClock) Record {
 	r := Record{
 		Version:        v.Version,
 		Tuple:          tupleFromKey(k),
-		Flags:          v.Flags,
+		Flags:          v.Flags &^ flagsInternal,
 		ConnID:         v.ConnId,
 		FirstSeen:      clk.wall(v.FirstSeenNs),
 		LastSeen:       clk.wall(v.LastSeenNs),
@@ -165,21 +169,42 @@ func WallTime(mono uint64) time.Time { return newMonoClock().wall(mono) }
 // ErrNoRecord means the datapath knows nothing of a tuple.
 var ErrNoRecord = errors.New("no record")
 
-// lookupRecord reads the record under key, checking with a second lookup
-// that the element was not recycled for another connection while it was
-// copied out (map values have no grace period).
+// lookupRecord reads the record under key until two reads in a row agree
+// byte for byte: the kernel copies a map value out without a lock, and an
+// element may be recycled for another record while it is copied.
 func (d *Datapath) lookupRecord(key *bpfPktmetaTuple, v *bpfPktmetaRecord) error {
 	if err := d.ConnsMap.Lookup(key, v); err != nil {
 		return err
 	}
-	var again bpfPktmetaRecord
-	if err := d.ConnsMap.Lookup(key, &again); err != nil {
+	for range 8 {
+		var again bpfPktmetaRecord
+		if err := d.ConnsMap.Lookup(key, &again); err != nil {
+			return err
+		}
+		if again == *v {
+			return nil
+		}
+		*v = again
+	}
+	return fmt.Errorf("record keeps changing while read: %w", ebpf.ErrKeyNotExist)
+}
+
+// lookupAlias reads the alias under key the same way.
+func (d *Datapath) lookupAlias(key *bpfPktmetaTuple, a *bpfPktmetaAlias) error {
+	if err := d.AliasesMap.Lookup(key, a); err != nil {
 		return err
 	}
-	if again.ConnId != v.ConnId {
-		return fmt.Errorf("record changed while read: %w", ebpf.ErrKeyNotExist)
+	for range 8 {
+		var again bpfPktmetaAlias
+		if err := d.AliasesMap.Lookup(key, &again); err != nil {
+			return err
+		}
+		if again == *a {
+			return nil
+		}
+		*a = again
 	}
-	return nil
+	return fmt.Errorf("alias keeps changing while read: %w", ebpf.ErrKeyNotExist)
 }
 
 // Lookup finds the record a tuple belongs to, the way pktmeta_lookup() in
@@ -199,7 +224,7 @@ func (d *Datapath) Lookup(t Tuple) (Record, error) {
 			return Record{}, fmt.Errorf("look up %s: %w", q, err)
 		}
 		var a bpfPktmetaAlias
-		err = d.AliasesMap.Lookup(&key, &a)
+		err = d.lookupAlias(&key, &a)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		}

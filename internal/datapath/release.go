@@ -10,4 +10,4 @@ package datapath
 const Release = 2
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "2f46f273b5e9898952aecb3fd7d9b8372066c6c80f5606a1214668bd55dd3214"
+const releaseObject = "af4c023d60cfacc813036f7541b09440e657d684ef07934e2f99f1e5a03d0eec"

@@ -36,6 +36,7 @@ type Stats struct {
 	UnverifiedCloses  uint64 `json:"unverifiedCloses"`
 	EventsLimited     uint64 `json:"eventsLimited"`
 	UDPPreexisting    uint64 `json:"udpPreexisting"`
+	NotForPod         uint64 `json:"notForPod"`
 }
 
 // ReadStats sums the per-CPU counters.
@@ -71,6 +72,7 @@ func (d *Datapath) ReadStats() (Stats, error) {
 		s.UnverifiedCloses += c.UnverifiedCloses
 		s.EventsLimited += c.EventsLimited
 		s.UDPPreexisting += c.UdpPreexisting
+		s.NotForPod += c.NotForPod
 	}
 	return s, nil
 }

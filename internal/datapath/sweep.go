@@ -23,6 +23,8 @@ const (
 
 const sweepMagic = 0x7065657773746d70
 
+var errNoSweeper = fmt.Errorf("program %s is not pinned (an interrupted upgrade: the next ADD or the agent completes it)", ProgSweep)
+
 // SweepOptions say what a sweep removes.
 type SweepOptions struct {
 	// Workload: the records this workload opened or received (its DEL).
@@ -64,7 +66,7 @@ func (d *Datapath) Sweep(o SweepOptions) (SweepResult, error) {
 		return res, err
 	}
 	if d.Sweeper == nil {
-		return res, fmt.Errorf("program %s is not pinned (an interrupted upgrade: the next ADD or the agent completes it)", ProgSweep)
+		return res, errNoSweeper
 	}
 	args := bpfPktmetaSweepArgs{Magic: sweepMagic, Workload: o.Workload}
 	if o.Hygiene {

@@ -43,7 +43,11 @@ type Workload struct {
 	// veth: ifindexes only mean something there.
 	HostNetns uint64
 	Netns     string
-	Tags      map[string]string
+	// Network is the CNI network (conflist name) that added it; empty for
+	// the agent's covers of pods that existed before pktmeta. CNI GC only
+	// collects its own network's attachments.
+	Network string
+	Tags    map[string]string
 	// PodTags are claimed by the pod itself (annotations, labels): not vouched for by the operator.
 	PodTags  map[string]string
 	Created  time.Time
@@ -108,6 +112,7 @@ func (w *Workload) encode() (*bpfPktmetaWorkload, error) {
 		{raw.Ifname[:], w.IfName, "interface name"},
 		{raw.HostIfname[:], w.HostIfName, "host interface name"},
 		{raw.Netns[:], w.Netns, "netns path"},
+		{raw.Network[:], w.Network, "network name"},
 	} {
 		if err := putString(f.dst, f.val, f.field); err != nil {
 			return nil, err
@@ -162,6 +167,7 @@ func decodeWorkload(id uint32, raw *bpfPktmetaWorkload) Workload {
 		HostIfindex: raw.HostIfindex,
 		HostNetns:   raw.HostNetnsIno,
 		Netns:       getString(raw.Netns[:]),
+		Network:     getString(raw.Network[:]),
 		Created:     time.Unix(0, int64(raw.CreatedUnixNs)),
 		Partial:     raw.Flags&wlPartial != 0,
 		Legacy:      raw.Flags&wlLegacy != 0,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
@@ -23,6 +24,9 @@ type Sandbox struct {
 	Labels      map[string]string
 	NetnsPath   string
 	NetnsIno    uint64
+	// IPs are the pod's addresses as the runtime recorded them from its
+	// CNI result: not what the pod may since have put on its interface.
+	IPs []netip.Addr
 }
 
 // CRI asks a CRI runtime (containerd, CRI-O) which pod owns a namespace.
@@ -67,6 +71,13 @@ func (c *CRI) Sandboxes(ctx context.Context) ([]Sandbox, error) {
 		if m := s.Metadata; m != nil {
 			sb.Namespace, sb.Name, sb.UID = m.Namespace, m.Name, m.Uid
 		}
+		if n := st.GetStatus().GetNetwork(); n != nil {
+			for _, ip := range append([]string{n.GetIp()}, additionalIPs(n)...) {
+				if a, err := netip.ParseAddr(ip); err == nil {
+					sb.IPs = append(sb.IPs, a.Unmap())
+				}
+			}
+		}
 		sb.NetnsPath = netnsFromVerboseInfo(st.Info["info"])
 		if sb.NetnsPath == "" {
 			continue // host network, or a runtime that does not say
@@ -78,6 +89,14 @@ func (c *CRI) Sandboxes(ctx context.Context) ([]Sandbox, error) {
 		out = append(out, sb)
 	}
 	return out, nil
+}
+
+func additionalIPs(n *runtimeapi.PodSandboxNetworkStatus) []string {
+	var out []string
+	for _, a := range n.GetAdditionalIps() {
+		out = append(out, a.GetIp())
+	}
+	return out
 }
 
 // netnsFromVerboseInfo digs the network namespace path out of the
