@@ -277,20 +277,26 @@ static __always_inline int link_local_or_unspecified(const struct packet *p)
 				  (s[0] == 0 && s[1] == 0));
 }
 
-/* Whether the packet's source is one of the pod's own addresses. */
-static __always_inline int own_address(const struct pktmeta_endpoint *ep, const struct packet *p)
+/* Whether addr is one of the pod's own addresses. */
+static __always_inline int has_address(const struct pktmeta_endpoint *ep, const __u8 addr[16])
 {
-	const __u64 *s = (const __u64 *)p->t.saddr;
+	const __u64 *x = (const __u64 *)addr;
 
 	for (int i = 0; i < PKTMETA_MAX_ADDRS; i++) {
 		const __u64 *a = (const __u64 *)ep->addrs[i];
 
 		if (i >= ep->n_addrs)
 			break;
-		if (a[0] == s[0] && a[1] == s[1])
+		if (a[0] == x[0] && a[1] == x[1])
 			return 1;
 	}
 	return 0;
+}
+
+/* Whether the packet's source is one of the pod's own addresses. */
+static __always_inline int own_address(const struct pktmeta_endpoint *ep, const struct packet *p)
+{
+	return has_address(ep, p->t.saddr);
 }
 
 /* Whether the packet is addressed to one of the pod's own addresses: what
@@ -298,17 +304,7 @@ static __always_inline int own_address(const struct pktmeta_endpoint *ep, const 
  * bridge floods unknown unicast to every port). */
 static __always_inline int own_destination(const struct pktmeta_endpoint *ep, const struct packet *p)
 {
-	const __u64 *d = (const __u64 *)p->t.daddr;
-
-	for (int i = 0; i < PKTMETA_MAX_ADDRS; i++) {
-		const __u64 *a = (const __u64 *)ep->addrs[i];
-
-		if (i >= ep->n_addrs)
-			break;
-		if (a[0] == d[0] && a[1] == d[1])
-			return 1;
-	}
-	return 0;
+	return has_address(ep, p->t.daddr);
 }
 
 enum sender {
@@ -578,18 +574,24 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 	rec.origin_ifindex = skb->ifindex;
 	rec.syn_seq = p->seq;
 
-	if (ep->max_conns && READ_ONCE(ep->live) >= (__s64)ep->max_conns) {
-		c->over_budget++;
-		__sync_fetch_and_add(&ep->over_budget, 1);
-		return;
-	}
 	if (!events_allowed(ep, now)) {
 		rec.flags |= PKTMETA_F_QUIET;
 		c->events_limited++;
 		__sync_fetch_and_add(&ep->events_limited, 1);
 	}
 
-	err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_NOEXIST);
+	/* At its budget a pod gets no new record; a retransmit or a tuple it
+	 * reuses still finds (or replaces) its own. */
+	if (ep->max_conns && READ_ONCE(ep->live) >= (__s64)ep->max_conns) {
+		if (!bpf_map_lookup_elem(&pktmeta_conns, &p->t)) {
+			c->over_budget++;
+			__sync_fetch_and_add(&ep->over_budget, 1);
+			return;
+		}
+		err = -EEXIST;
+	} else {
+		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_NOEXIST);
+	}
 	if (err == -EEXIST) {
 		e = snapshot(&p->t, &old);
 		if (!e)
@@ -624,6 +626,8 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		if (claim < 0 || ((__u32)claim & F_REPLACING))
 			return;
 		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_EXIST);
+		if (err)
+			clear_flags(e, old.conn_id, F_REPLACING);
 		if (!err && old.origin_workload != ep->workload) {
 			release_budget(&old);
 			__sync_fetch_and_add(&ep->live, 1);

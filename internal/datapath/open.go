@@ -46,7 +46,7 @@ func Open(o Options) (*Datapath, OpenResult, error) {
 			lock.unlock()
 			return nil, res, err
 		}
-		if st.kind == stateCurrent {
+		if st.kind == stateCurrent || (o.BenchNoSourceCheck && st.kind == stateNewer && st.cfg.DatapathID == benchID()) {
 			d, err := openPinned(o.PinPath, lock, true, o.Log)
 			if err == nil {
 				return d, res, nil
@@ -453,7 +453,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	if o.BenchNoSourceCheck {
 		// Not this build's programs as a node would run them: any normal
 		// Open refuses the pin path ("another build").
-		cfg.DatapathID[31] ^= 0xff
+		cfg.DatapathID = benchID()
 	}
 	if err := writeConfig(d.ConfigMap, cfg); err != nil {
 		return err
@@ -596,6 +596,14 @@ func Destroy(pinPath string, log *slog.Logger) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// benchID is the datapath id of the bench build without source
+// validation.
+func benchID() [32]byte {
+	id := bundledID()
+	id[31] ^= 0xff
+	return id
 }
 
 func idPrefix() []byte {

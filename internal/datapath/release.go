@@ -10,4 +10,4 @@ package datapath
 const Release = 2
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "af4c023d60cfacc813036f7541b09440e657d684ef07934e2f99f1e5a03d0eec"
+const releaseObject = "8ea465e5fbae56677c9df52db023753a571acfd6057c768b973102cb3a12d00c"
