@@ -278,6 +278,21 @@ func TestAgentOnANode(t *testing.T) {
 		}
 		return nil
 	})
+	// Per pod: its records against its budget, and what it was refused. The
+	// pod forges one datagram from an address not its own.
+	newForger(t, a).send(udpPkt(netip.MustParseAddrPort("10.244.1.250:53"), netip.AddrPortFrom(srv.IPv4, udpPort)))
+	eventually(t, "per-pod metrics", func() error {
+		if v, err := ae.metric(`pktmeta_pod_records{namespace="shop",pod="web"}`); err != nil || v < 1 {
+			return fmt.Errorf("records of the pod %v %v", v, err)
+		}
+		if v, err := ae.metric(`pktmeta_pod_max_records{namespace="shop",pod="web"}`); err != nil || v <= 0 {
+			return fmt.Errorf("budget of the pod %v %v", v, err)
+		}
+		if v, err := ae.metric(`pktmeta_pod_refused_total{namespace="shop",pod="web",reason="spoofed"}`); err != nil || v != 1 {
+			return fmt.Errorf("spoofed count of the pod %v %v", v, err)
+		}
+		return nil
+	})
 
 	// The primary rewrites its file (kindnet does): pktmeta is back soon.
 	if err := os.WriteFile(ae.primary, ae.original, 0o600); err != nil {

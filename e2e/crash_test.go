@@ -32,6 +32,7 @@ type pluginRunner struct {
 	e    *env
 	pod  *testbed.Pod
 	prev json.RawMessage
+	rng  *rand.Rand
 }
 
 func newPluginRunner(t *testing.T, e *env, p *testbed.Pod) *pluginRunner {
@@ -40,7 +41,7 @@ func newPluginRunner(t *testing.T, e *env, p *testbed.Pod) *pluginRunner {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &pluginRunner{e: e, pod: p, prev: prev}
+	return &pluginRunner{e: e, pod: p, prev: prev, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))}
 }
 
 func (r *pluginRunner) stdin(pin string) []byte {
@@ -177,7 +178,6 @@ func TestKilledPluginNeverWedgesTheNode(t *testing.T) {
 		}
 	}()
 	bpffs := filepath.Dir(e.pin)
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
 
 	t.Run("first load", func(t *testing.T) {
 		// How long a first ADD takes here: kills land anywhere in it.
@@ -187,24 +187,15 @@ func TestKilledPluginNeverWedgesTheNode(t *testing.T) {
 		if err := datapath.Destroy(pin, nil); err != nil {
 			t.Fatal(err)
 		}
-		killedMidway := 0
-		for i := range 50 {
-			pin := filepath.Join(bpffs, fmt.Sprintf("first%d", i))
-			killed, _, err := r.run("ADD", pin, time.Duration(rng.Int64N(int64(full))))
-			if err != nil && !killed {
-				t.Fatalf("try %d: %v", i, err)
-			}
-			if killed {
-				killedMidway++
-			}
-			r.checkWorksAndLeavesNothing(t, pin, host)
-			if err := datapath.Destroy(pin, nil); err != nil {
-				t.Fatalf("try %d: destroy: %v", i, err)
-			}
-			if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
-				t.Fatalf("try %d: destroy left %s", i, pin)
-			}
-		}
+		killedMidway := r.killADDs(t, 50, full, host, func(i int) string { return filepath.Join(bpffs, fmt.Sprintf("first%d", i)) },
+			func(i int, pin string) {
+				if err := datapath.Destroy(pin, nil); err != nil {
+					t.Fatalf("try %d: destroy: %v", i, err)
+				}
+				if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
+					t.Fatalf("try %d: destroy left %s", i, pin)
+				}
+			})
 		log, _ := os.ReadFile(e.logFile)
 		repaired := strings.Count(string(log), "removing the pins of an interrupted load")
 		t.Logf("first ADD takes %s; %d of 50 tries killed before it finished, %d of them leaving pins the next ADD threw away", full, killedMidway, repaired)
@@ -219,22 +210,36 @@ func TestKilledPluginNeverWedgesTheNode(t *testing.T) {
 		r.mustRun(t, "DEL", pin)
 		full := r.mustRun(t, "ADD", pin)
 		r.mustRun(t, "DEL", pin)
-		killedMidway := 0
-		for i := range 50 {
-			killed, _, err := r.run("ADD", pin, time.Duration(rng.Int64N(int64(full))))
-			if err != nil && !killed {
-				t.Fatalf("try %d: %v", i, err)
-			}
-			if killed {
-				killedMidway++
-			}
-			r.checkWorksAndLeavesNothing(t, pin, host)
-		}
+		killedMidway := r.killADDs(t, 50, full, host, func(int) string { return pin }, nil)
 		t.Logf("an ADD takes %s; %d of 50 tries killed before it finished", full, killedMidway)
 		if killedMidway < 25 {
 			t.Fatalf("only %d of 50 kills landed inside an ADD", killedMidway)
 		}
 	})
+}
+
+// killADDs runs n ADDs on pinOf(i), each SIGKILLed at a random moment
+// within full (if it has not finished by then), checks after each that the
+// node recovers (checkWorksAndLeavesNothing), runs after if given, and
+// returns how many were killed before they finished.
+func (r *pluginRunner) killADDs(t *testing.T, n int, full time.Duration, host netip.AddrPort, pinOf func(int) string, after func(i int, pin string)) int {
+	t.Helper()
+	killed := 0
+	for i := range n {
+		pin := pinOf(i)
+		k, _, err := r.run("ADD", pin, time.Duration(r.rng.Int64N(int64(full))))
+		if err != nil && !k {
+			t.Fatalf("try %d: %v", i, err)
+		}
+		if k {
+			killed++
+		}
+		r.checkWorksAndLeavesNothing(t, pin, host)
+		if after != nil {
+			after(i, pin)
+		}
+	}
+	return killed
 }
 
 // ourLinks counts the BPF links in the kernel whose program is one of the

@@ -91,40 +91,17 @@ func OpenExisting(pinPath string, log *slog.Logger) (*Datapath, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := CheckBPFFS(pinPath); err != nil {
-		return nil, err
-	}
-	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
-	}
 	// Without the lock: a first load may commit right after this, and the
 	// caller then finds nothing of its own in it anyway.
-	st, err := inspect(pinPath)
+	st, err := inspectCommitted(pinPath)
 	if err != nil {
 		return nil, err
 	}
-	switch st.kind {
-	case stateNone:
-		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
-	case stateOlderLayout:
-		return nil, st.layoutError(pinPath)
-	case stateNewer:
+	if st.kind == stateNewer {
 		// A newer pktmeta's datapath with the maps this build knows: an
 		// older plugin may still remove what it added (a rollback's DEL),
 		// but it loads and upgrades nothing.
-		if st.cfg.LayoutVersion != LayoutVersion {
-			return nil, st.newerError(pinPath)
-		}
-		lock, err := lockNode(pinPath, false)
-		if err != nil {
-			return nil, err
-		}
-		d, err := openPinned(pinPath, lock, false, log)
-		if err != nil {
-			lock.unlock()
-			return nil, err
-		}
-		return d, nil
+		return openAsIs(pinPath, log)
 	}
 	d, _, err := Open(Options{PinPath: pinPath, Log: log})
 	if err == nil || errors.Is(err, ErrNotBPFFS) || errors.Is(err, ErrNewer) {
@@ -134,14 +111,24 @@ func OpenExisting(pinPath string, log *slog.Logger) (*Datapath, error) {
 	// memory ran out): removals still work with the maps as they are, and a
 	// DEL must not fail for it.
 	log.Warn("could not complete the pinned datapath; using it as it is", "pinPath", pinPath, "err", err)
-	lock, lerr := lockNode(pinPath, false)
-	if lerr != nil {
-		return nil, errors.Join(err, lerr)
-	}
-	d, oerr := openPinned(pinPath, lock, false, log)
+	d, oerr := openAsIs(pinPath, log)
 	if oerr != nil {
-		lock.unlock()
 		return nil, errors.Join(err, oerr)
+	}
+	return d, nil
+}
+
+// openAsIs opens the pinned state as it is, programs optional, holding the
+// node lock shared.
+func openAsIs(pinPath string, log *slog.Logger) (*Datapath, error) {
+	lock, err := lockNode(pinPath, false)
+	if err != nil {
+		return nil, err
+	}
+	d, err := openPinned(pinPath, lock, false, log)
+	if err != nil {
+		lock.unlock()
+		return nil, err
 	}
 	return d, nil
 }
@@ -161,24 +148,35 @@ func OpenReader(pinPath string) (*Datapath, error) {
 	if pinPath == "" {
 		pinPath = DefaultPinPath
 	}
-	if err := CheckBPFFS(pinPath); err != nil {
+	if _, err := inspectCommitted(pinPath); err != nil {
 		return nil, err
+	}
+	return openPinned(pinPath, nil, false, slog.New(slog.DiscardHandler))
+}
+
+// inspectCommitted classifies what is pinned and fails unless it is a
+// committed datapath with maps this build can read: ErrNotLoaded when
+// nothing is committed, the layout errors otherwise.
+func inspectCommitted(pinPath string) (pinState, error) {
+	if err := CheckBPFFS(pinPath); err != nil {
+		return pinState{}, err
+	}
+	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
+		return pinState{}, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
 	}
 	st, err := inspect(pinPath)
 	if err != nil {
-		return nil, err
+		return st, err
 	}
-	switch st.kind {
-	case stateNone:
-		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
-	case stateOlderLayout:
-		return nil, st.layoutError(pinPath)
-	case stateNewer:
-		if st.cfg.LayoutVersion != LayoutVersion {
-			return nil, st.newerError(pinPath)
-		}
+	switch {
+	case st.kind == stateNone:
+		return st, fmt.Errorf("%s: %w", pinPath, ErrNotLoaded)
+	case st.kind == stateOlderLayout:
+		return st, st.layoutError(pinPath)
+	case st.kind == stateNewer && st.cfg.LayoutVersion != LayoutVersion:
+		return st, st.newerError(pinPath)
 	}
-	return openPinned(pinPath, nil, false, slog.New(slog.DiscardHandler))
+	return st, nil
 }
 
 // openPinned opens every pinned map and the pinned programs. With
