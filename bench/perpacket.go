@@ -29,7 +29,7 @@ const (
 	nameOverBudget = "origin, first packet over budget (refused): source checked"
 	retNext        = 0xffffffff
 	loIfindex      = 1
-	// Big enough that the first-packet runs never make the LRU evict.
+	// Big enough that the first-packet runs never fill the table.
 	benchConns = 1 << 21
 )
 
@@ -538,7 +538,7 @@ func prefill(d *datapath.Datapath, n int) error {
 }
 
 // memory reports what the kernel accounts for the maps: the memlock line
-// of each map's fdinfo, divided by its capacity (LRU and array maps are
+// of each map's fdinfo, divided by its capacity (hash, LRU and array maps are
 // preallocated: they cost that much empty or full).
 func (b *packetBench) memory(rep *Report) error {
 	for _, size := range []int{131072, benchConns} {

@@ -89,7 +89,7 @@ struct pktmeta_counters {
 	__u64 update_errors; /* map update failed for another reason */
 	__u64 deliveries; /* records marked delivered */
 	__u64 nat_resolved; /* deliveries that needed a conntrack lookup */
-	__u64 misses; /* first packet at a destination with no record */
+	__u64 misses; /* TCP first packet, or any UDP datagram, at a destination with no record */
 	__u64 udp_replies; /* UDP from a pod that conntrack says is a reply */
 	__u64 closed; /* records removed on FIN/RST */
 	__u64 strict_drops;

@@ -118,12 +118,12 @@ func TestBadAnnotationTag(t *testing.T) {
 }
 
 func TestParseCNIArgs(t *testing.T) {
-	id, err := parseCNIArgs("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1;X=y", "cid")
-	if err != nil || id.Namespace != "shop" || id.Name != "web-0" || id.UID != "u-1" || id.ContainerID != "abc" || id.partial() {
+	id, err := parseCNIArgs("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1;X=y")
+	if err != nil || id.Namespace != "shop" || id.Name != "web-0" || id.UID != "u-1" || id.partial() {
 		t.Fatalf("%+v %v", id, err)
 	}
-	id, err = parseCNIArgs("", "cid")
-	if err != nil || id.ContainerID != "cid" || !id.partial() {
+	id, err = parseCNIArgs("")
+	if err != nil || !id.partial() {
 		t.Fatalf("%+v %v", id, err)
 	}
 }

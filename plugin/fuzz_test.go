@@ -45,11 +45,11 @@ func FuzzParseConfig(f *testing.F) {
 func FuzzCNIStdinEnv(f *testing.F) {
 	f.Add(k8sArgs, "sandbox-1", "eth0", "/var/run/netns/cni-1", []byte(head+prev+`}`))
 	f.Fuzz(func(t *testing.T, cniArgs, containerID, ifname, netnsPath string, stdin []byte) {
-		id, err := parseCNIArgs(cniArgs, containerID)
+		id, err := parseCNIArgs(cniArgs)
 		if err != nil {
 			wantCode7(t, err)
 		}
-		checkCNIArgs(t, cniArgs, containerID, id, err)
+		checkCNIArgs(t, cniArgs, id, err)
 
 		conf, err := ParseConfig(stdin)
 		if err != nil {
@@ -283,16 +283,15 @@ func keysIn(v any) int {
 // into a struct of this shape.
 type k8sArgsStruct struct {
 	types.CommonArgs
-	K8S_POD_NAMESPACE          types.UnmarshallableString
-	K8S_POD_NAME               types.UnmarshallableString
-	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString
-	K8S_POD_UID                types.UnmarshallableString
+	K8S_POD_NAMESPACE types.UnmarshallableString
+	K8S_POD_NAME      types.UnmarshallableString
+	K8S_POD_UID       types.UnmarshallableString
 }
 
 // checkCNIArgs compares parseCNIArgs with CNI's LoadArgs wherever LoadArgs
 // accepts the string: same identity, unless the string repeats an
 // identity key (LoadArgs lets the last one win; pktmeta refuses).
-func checkCNIArgs(t *testing.T, cniArgs, containerID string, id podIdentity, err error) {
+func checkCNIArgs(t *testing.T, cniArgs string, id podIdentity, err error) {
 	t.Helper()
 	// An identity key given twice is refused, whatever else is there.
 	count := map[string]int{}
@@ -301,7 +300,7 @@ func checkCNIArgs(t *testing.T, cniArgs, containerID string, id podIdentity, err
 			count[k]++
 		}
 	}
-	for _, k := range []string{"K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID", "K8S_POD_INFRA_CONTAINER_ID"} {
+	for _, k := range []string{"K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID"} {
 		if count[k] > 1 && err == nil {
 			t.Fatalf("%q: %s given %d times, accepted", cniArgs, k, count[k])
 		}
@@ -317,13 +316,9 @@ func checkCNIArgs(t *testing.T, cniArgs, containerID string, id podIdentity, err
 		return
 	}
 	want := podIdentity{
-		Namespace:   string(ref.K8S_POD_NAMESPACE),
-		Name:        string(ref.K8S_POD_NAME),
-		UID:         string(ref.K8S_POD_UID),
-		ContainerID: string(ref.K8S_POD_INFRA_CONTAINER_ID),
-	}
-	if want.ContainerID == "" {
-		want.ContainerID = containerID
+		Namespace: string(ref.K8S_POD_NAMESPACE),
+		Name:      string(ref.K8S_POD_NAME),
+		UID:       string(ref.K8S_POD_UID),
 	}
 	if id != want {
 		t.Fatalf("%q: pktmeta reads %+v, LoadArgs %+v", cniArgs, id, want)

@@ -16,10 +16,9 @@ import (
 // podIdentity is what the runtime tells us about the pod, through CNI_ARGS
 // (kubelet/containerd: IgnoreUnknown=1;K8S_POD_NAMESPACE=...;...).
 type podIdentity struct {
-	Namespace   string
-	Name        string
-	UID         string
-	ContainerID string // the sandbox (infra) container
+	Namespace string
+	Name      string
+	UID       string
 }
 
 // parseCNIArgs reads the K8S_* identity keys and ignores the rest, whatever
@@ -30,13 +29,15 @@ type podIdentity struct {
 // (no trimming, no case folding). An identity key given twice, or with a
 // value CNI itself would refuse (one holding another '='), is an error
 // with code 7: a runtime never sends either, so it is someone trying to
-// confuse who the pod is. Pairs of other keys are not ours to judge.
-func parseCNIArgs(args, containerID string) (podIdentity, error) {
-	id := podIdentity{ContainerID: containerID}
+// confuse who the pod is. Pairs of other keys are not ours to judge,
+// K8S_POD_INFRA_CONTAINER_ID included: the workload's container id is
+// CNI_CONTAINERID, which kubelet sets to the same sandbox id and which
+// DEL, CHECK and GC name the attachment by.
+func parseCNIArgs(args string) (podIdentity, error) {
+	var id podIdentity
 	if args == "" {
 		return id, nil
 	}
-	var infra string
 	seen := map[string]bool{}
 	for _, pair := range strings.Split(args, ";") {
 		k, v, ok := strings.Cut(pair, "=")
@@ -51,8 +52,6 @@ func parseCNIArgs(args, containerID string) (podIdentity, error) {
 			dst = &id.Name
 		case "K8S_POD_UID":
 			dst = &id.UID
-		case "K8S_POD_INFRA_CONTAINER_ID":
-			dst = &infra
 		default:
 			continue
 		}
@@ -64,9 +63,6 @@ func parseCNIArgs(args, containerID string) (podIdentity, error) {
 			return podIdentity{}, configError("CNI_ARGS: key %q: value %q holds a '=' (CNI reads the pair as invalid)", k, v)
 		}
 		*dst = v
-	}
-	if infra != "" {
-		id.ContainerID = infra
 	}
 	return id, nil
 }
@@ -114,7 +110,7 @@ func parseAddInput(conf *Config, args *skel.CmdArgs, log *slog.Logger) (*addInpu
 	if err != nil {
 		return nil, err
 	}
-	id, err := parseCNIArgs(args.Args, args.ContainerID)
+	id, err := parseCNIArgs(args.Args)
 	if err != nil {
 		return nil, err
 	}

@@ -16,19 +16,19 @@ import (
 const k8sArgs = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=sandbox-1;K8S_POD_UID=u-1"
 
 func TestParseCNIArgsDuplicates(t *testing.T) {
-	for _, key := range []string{"K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID", "K8S_POD_INFRA_CONTAINER_ID"} {
+	for _, key := range []string{"K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID"} {
 		for _, args := range []string{
 			k8sArgs + ";" + key + "=other",
 			key + "=other;" + k8sArgs,
 			k8sArgs + ";" + key + "=",                               // an empty second value is still a second value
 			strings.Replace(k8sArgs, key+"=", key+"=x;"+key+"=", 1), // twice in a row
 		} {
-			_, err := parseCNIArgs(args, "cid")
+			_, err := parseCNIArgs(args)
 			wantConfigError(t, args, err, "CNI_ARGS", `"`+key+`"`, "duplicate")
 		}
 	}
 	// A value CNI's own parser refuses.
-	_, err := parseCNIArgs("K8S_POD_NAME=web=0", "cid")
+	_, err := parseCNIArgs("K8S_POD_NAME=web=0")
 	wantConfigError(t, "K8S_POD_NAME=web=0", err, `"K8S_POD_NAME"`)
 }
 
@@ -38,17 +38,18 @@ func TestParseCNIArgsExactKeys(t *testing.T) {
 		want podIdentity
 	}{
 		// Unknown keys, even repeated or malformed, are not ours.
-		{k8sArgs + ";X=1;X=2;Y;;=z;W=a=b", podIdentity{"shop", "web-0", "u-1", "sandbox-1"}},
+		{k8sArgs + ";X=1;X=2;Y;;=z;W=a=b", podIdentity{"shop", "web-0", "u-1"}},
+		// The sandbox id is CNI_CONTAINERID's; this key is not read, so
+		// repeating it is not pktmeta's business.
+		{k8sArgs + ";K8S_POD_INFRA_CONTAINER_ID=other", podIdentity{"shop", "web-0", "u-1"}},
 		// Keys match exactly, as CNI's LoadArgs matches struct fields:
 		// no trimming, no case folding. These are unknown keys.
-		{"k8s_pod_name=a; K8S_POD_NAME=b;K8S_POD_NAME =c;K8S_POD_NAMESPACE\t=d", podIdentity{ContainerID: "cid"}},
+		{"k8s_pod_name=a; K8S_POD_NAME=b;K8S_POD_NAME =c;K8S_POD_NAMESPACE\t=d", podIdentity{}},
 		// Values are taken as they are (CNI does not trim them either).
-		{"K8S_POD_NAMESPACE= shop ;K8S_POD_NAME=", podIdentity{Namespace: " shop ", ContainerID: "cid"}},
-		// An empty infra container id keeps CNI_CONTAINERID.
-		{"K8S_POD_INFRA_CONTAINER_ID=", podIdentity{ContainerID: "cid"}},
-		{"", podIdentity{ContainerID: "cid"}},
+		{"K8S_POD_NAMESPACE= shop ;K8S_POD_NAME=", podIdentity{Namespace: " shop "}},
+		{"", podIdentity{}},
 	} {
-		id, err := parseCNIArgs(c.args, "cid")
+		id, err := parseCNIArgs(c.args)
 		if err != nil || id != c.want {
 			t.Errorf("%q: %+v %v, want %+v", c.args, id, err, c.want)
 		}

@@ -174,8 +174,8 @@ func (e *recordingExec) ExecPlugin(_ context.Context, pluginPath string, stdin [
 		return nil, fmt.Errorf("%s: pktmeta rejected what libcni sent: %w\n%s", cmd, err, stdin)
 	}
 	if cmd == "ADD" || cmd == "CHECK" || cmd == "DEL" {
-		id, err := parseCNIArgs(env["CNI_ARGS"], env["CNI_CONTAINERID"])
-		if err != nil || id.Namespace != "shop" || id.Name != "web-0" || id.UID != "u-1" || id.ContainerID != "sandbox-1" {
+		id, err := parseCNIArgs(env["CNI_ARGS"])
+		if err != nil || id.Namespace != "shop" || id.Name != "web-0" || id.UID != "u-1" || env["CNI_CONTAINERID"] != "sandbox-1" {
 			return nil, fmt.Errorf("%s: CNI_ARGS %q: %+v %v", cmd, env["CNI_ARGS"], id, err)
 		}
 	}

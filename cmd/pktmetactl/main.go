@@ -259,7 +259,7 @@ func cmdEvents(pinPath, socket string, args []string, out io.Writer) error {
 		if *output == "json" {
 			writeErr = enc.Encode(v)
 		} else {
-			line := fmt.Sprintf("%s %-9s %s %s -> %s conn=%d origin=%s tags=%s", v.Time, v.Event, v.Proto, v.Src, v.Dst, v.ConnID, v.Origin.Name(), tagString(v.Tags))
+			line := fmt.Sprintf("%s %-9s %s %s -> %s conn=%d origin=%s tags=%s", v.Time, v.Event, v.Proto, v.Src, v.Dst, v.ConnID, v.Origin.Name(), allTags(v.Tags, v.PodTags))
 			if v.Seen != nil {
 				line += fmt.Sprintf(" peer=%s saw=%s->%s nat=%v", v.Peer.Name(), v.Seen.Src, v.Seen.Dst, v.NAT)
 			}

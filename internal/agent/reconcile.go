@@ -20,8 +20,9 @@ import (
 // reconcile makes the attachments match the pods on the node: it attaches
 // to pod veths that have none (pods from before install, or created while
 // another writer had dropped pktmeta from the CNI config), removes
-// attachments whose veth is gone (a DEL that never came), sweeps idle UDP
-// records and orphaned link pins.
+// attachments whose veth is gone (a DEL that never came), and runs
+// CollectGarbage: the whole record sweep (idle UDP; closed, forgotten or
+// half-open TCP; aliases) and orphaned link pins and endpoints.
 func (a *Agent) reconcile(ctx context.Context, pinPath string) error {
 	d, err := datapath.OpenExisting(pinPath, a.log)
 	if err != nil {

@@ -12,6 +12,7 @@ package metrics
 import (
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/pktmeta/pktmeta/internal/datapath"
@@ -167,7 +168,7 @@ func (c *DatapathCollector) SetDatapath(d *datapath.Datapath) {
 }
 
 var (
-	statDesc = prometheus.NewDesc("pktmeta_datapath_total", "Datapath counters summed over CPUs (pktmeta_stats), by counter: originPackets, deliverPackets, notParsed, tagged, synRetransmits, unregistered, updateErrors, deliveries, natResolved, misses, udpReplies, closed, strictDrops, eventsDropped, ctUnavailable, spoofed, linkLocal, overBudget, tableFull, aliasesFull, notParty, simultaneousOpens, unverifiedCloses, eventsLimited, udpPreexisting.", []string{"counter"}, nil)
+	statDesc = prometheus.NewDesc("pktmeta_datapath_total", "Datapath counters summed over CPUs (pktmeta_stats), by counter: "+statNames()+".", []string{"counter"}, nil)
 	fillDesc = prometheus.NewDesc("pktmeta_map_entries", "Entries in a pinned map.", []string{"map"}, nil)
 	maxDesc  = prometheus.NewDesc("pktmeta_map_max_entries", "Capacity of a pinned map.", []string{"map"}, nil)
 
@@ -263,4 +264,14 @@ func collectPods(d *datapath.Datapath, ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(podCounterDesc, prometheus.CounterValue, r.v, k.ns, k.pod, r.reason)
 		}
 	}
+}
+
+// statNames lists the counters for the help text, from the same fields
+// the collector exports, so that the two cannot disagree.
+func statNames() string {
+	var names []string
+	for _, f := range (datapath.Stats{}).Fields() {
+		names = append(names, f.Name)
+	}
+	return strings.Join(names, ", ")
 }
