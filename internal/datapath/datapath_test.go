@@ -124,6 +124,39 @@ func TestHandleHoldsTheLockForItsLife(t *testing.T) {
 	}
 }
 
+// A process waiting for the node lock while Destroy removes the pin
+// directory locks the directory that is there once it gets the lock, not
+// the removed one: otherwise it and a process that made the directory
+// again would both hold the node lock.
+func TestNodeLockFollowsARemovedDirectory(t *testing.T) {
+	pin := testutil.PinPath(t)
+	held, err := lockNode(pin, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *nodeLock, 1)
+	go func() {
+		l, err := lockNode(pin, false)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- l
+	}()
+	time.Sleep(100 * time.Millisecond) // let it block on the old directory
+	if err := os.Remove(pin); err != nil {
+		t.Fatal(err)
+	}
+	held.unlock()
+	l := <-got
+	if l == nil {
+		return
+	}
+	defer l.unlock()
+	if !sameFile(l.f, pin) {
+		t.Fatal("the waiter holds the lock of a removed directory")
+	}
+}
+
 // Every state a pin path can be in, and what Open, OpenExisting and
 // OpenReader make of it.
 func TestPinnedStates(t *testing.T) {

@@ -11,6 +11,10 @@ import (
 
 // nodeLock is an flock on the pin directory: shared while attachments are
 // changed, exclusive while the datapath is loaded, upgraded or destroyed.
+// Destroy removes the directory while holding the lock, so a waiter checks
+// that the path still names the directory it locked (as containerLock
+// does); otherwise it and a process that made the directory again would
+// both hold "the" lock.
 type nodeLock struct {
 	f *os.File
 }
@@ -19,22 +23,38 @@ func lockNode(pinPath string, exclusive bool) (*nodeLock, error) {
 	if err := CheckBPFFS(pinPath); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(pinPath, 0o700); err != nil {
-		return nil, fmt.Errorf("create pin directory: %w", err)
-	}
-	f, err := os.Open(pinPath)
-	if err != nil {
-		return nil, fmt.Errorf("open pin directory: %w", err)
-	}
 	how := unix.LOCK_SH
 	if exclusive {
 		how = unix.LOCK_EX
 	}
-	if err := flock(f, how); err != nil {
+	for range 100 {
+		if err := os.MkdirAll(pinPath, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin directory: %w", err)
+		}
+		f, err := os.Open(pinPath)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed between mkdir and open
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open pin directory: %w", err)
+		}
+		if err := flock(f, how); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", pinPath, err)
+		}
+		if sameFile(f, pinPath) {
+			return &nodeLock{f: f}, nil
+		}
 		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", pinPath, err)
 	}
-	return &nodeLock{f: f}, nil
+	return nil, fmt.Errorf("lock %s: it keeps being removed", pinPath)
+}
+
+// sameFile reports whether path still names the file f has open.
+func sameFile(f *os.File, path string) bool {
+	var held, now unix.Stat_t
+	return unix.Fstat(int(f.Fd()), &held) == nil && unix.Stat(path, &now) == nil &&
+		held.Ino == now.Ino && held.Dev == now.Dev
 }
 
 func flock(f *os.File, how int) error {
@@ -87,8 +107,7 @@ func (d *Datapath) lockContainerPinName(name string) (*containerLock, error) {
 			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
-		var held, now unix.Stat_t
-		if unix.Fstat(int(f.Fd()), &held) == nil && unix.Stat(path, &now) == nil && held.Ino == now.Ino {
+		if sameFile(f, path) {
 			return &containerLock{f: f, path: path}, nil
 		}
 		f.Close()
