@@ -22,12 +22,13 @@ RUN --mount=type=cache,target=/go/pkg/mod go mod download
 COPY . .
 ARG TARGETOS=linux
 ARG TARGETARCH
+ARG VERSION=dev
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     set -eu; \
     for c in pktmeta-agent pktmetactl; do \
-        GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -buildid=" -o /out/usr/local/bin/$c ./cmd/$c; \
+        GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -buildid= -X github.com/pktmeta/pktmeta/internal/version.Version=$VERSION" -o /out/usr/local/bin/$c ./cmd/$c; \
     done; \
-    GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -buildid=" -o /out/opt/pktmeta/bin/pktmeta ./cmd/pktmeta; \
+    GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -buildid= -X github.com/pktmeta/pktmeta/internal/version.Version=$VERSION" -o /out/opt/pktmeta/bin/pktmeta ./cmd/pktmeta; \
     mkdir -p /out/etc /out/tmp; \
     chmod 1777 /out/tmp; \
     printf 'root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n' >/out/etc/passwd; \

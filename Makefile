@@ -4,7 +4,7 @@ GO ?= go
 CLANG ?= clang-19
 STRIP ?= llvm-strip-19
 CNI_PLUGINS_VERSION := v1.10.0
-CNI_PLUGINS := ptp host-local bandwidth loopback
+CNI_PLUGINS := ptp host-local bandwidth loopback portmap
 BIN := $(CURDIR)/bin
 CNI_BIN := $(BIN)/cni
 GO_SOURCES := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum $(wildcard internal/datapath/*.o)
@@ -14,7 +14,7 @@ export CGO_ENABLED := 0
 # make image (bin/pktmeta-image.tar, without Docker) and make e2e-kind.
 include hack/image.mk
 
-.PHONY: all deps build generate check-generate cni-plugins cri-tools test demo bench bench-quick vet fmt-check fuzz clean
+.PHONY: all deps build generate check-generate cni-plugins cri-tools test test-go e2e-k8s demo bench bench-quick vet fmt-check fuzz clean
 
 all: build
 
@@ -42,7 +42,7 @@ cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS))
 
 $(CNI_BIN)/%:
 	mkdir -p $(CNI_BIN)
-	GOBIN=$(CNI_BIN) $(GO) install github.com/containernetworking/plugins/plugins/$(if $(filter host-local,$*),ipam,$(if $(filter bandwidth,$*),meta,main))/$*@$(CNI_PLUGINS_VERSION)
+	GOBIN=$(CNI_BIN) $(GO) install github.com/containernetworking/plugins/plugins/$(if $(filter host-local,$*),ipam,$(if $(filter bandwidth portmap,$*),meta,main))/$*@$(CNI_PLUGINS_VERSION)
 
 # containerd + runc (apt) and crictl (module proxy) for the CRI e2e tests.
 cri-tools:
@@ -55,9 +55,26 @@ fmt-check:
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './bin/*')); \
 	if [[ -n "$$out" ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
-# Every test, including the ones that need root, netns and BPF.
+# Every test: the Go tests (root, netns, BPF, a private containerd), then
+# e2e-k8s (a real single-node Kubernetes). Both under the host lock, so
+# that no other make test or e2e-k8s shares the machine's CNI directories,
+# containerd socket and ports with them meanwhile.
 test: deps build cni-plugins cri-tools fmt-check vet check-generate
-	PKTMETA_BIN=$(BIN) PKTMETA_CNI_BIN=$(CNI_BIN) $(GO) test -count=1 -timeout 30m ./...
+	./hack/hostlock.sh "make test" $(MAKE) --no-print-directory test-go e2e-k8s
+
+# The Go tests alone (e2e/k8s skips: it needs the cluster e2e-k8s makes).
+test-go:
+	./hack/hostlock.sh "make test-go" env PKTMETA_BIN=$(BIN) PKTMETA_CNI_BIN=$(CNI_BIN) $(GO) test -count=1 -timeout 30m ./...
+
+# A real single-node Kubernetes on this machine (etcd, kube-apiserver,
+# controller-manager, scheduler, kubelet, kube-proxy in nftables mode,
+# Debian's containerd), deploy/ applied with kubectl apply -k, and the Go
+# suite in e2e/k8s against it; torn down on every exit, host restored. The
+# first run builds Kubernetes from the module proxy (13-25 min on 2 cores,
+# cached in /var/cache/pktmeta-e2e); later runs take about 5 minutes.
+# It takes the host lock: never at the same time as make test's tests.
+e2e-k8s:
+	./hack/hostlock.sh "make e2e-k8s" ./e2e/k8s/node/run.sh
 
 # Go native fuzzing of what the CNI plugin reads before it touches the
 # system (config on stdin, CNI_ARGS and the other CNI_* variables), each

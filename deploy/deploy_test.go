@@ -59,12 +59,14 @@ var wantAgentMounts = map[string]wantMount{
 	"/host/etc/cni/net.d": {"cni-conf", "/etc/cni/net.d", corev1.HostPathDirectoryOrCreate, false, ""},
 	"/host/opt/cni/bin":   {"cni-bin", "/opt/cni/bin", corev1.HostPathDirectoryOrCreate, false, ""},
 	"/sys/fs/bpf":         {"bpffs", "/sys/fs/bpf", corev1.HostPathDirectory, false, corev1.MountPropagationHostToContainer},
-	"/var/run/netns":      {"netns", "/var/run/netns", corev1.HostPathDirectoryOrCreate, true, corev1.MountPropagationHostToContainer},
-	"/run/containerd":     {"cri", "/run/containerd", corev1.HostPathDirectoryOrCreate, true, ""},
-	"/run/pktmeta":        {"run", "/run/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
-	"/var/lib/pktmeta":    {"state", "/var/lib/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
-	"/etc/pktmeta":        {"config", "", "", true, ""},
-	"/tmp":                {"tmp", "", "", false, ""},
+	// Spelt /run/netns on the host: containerd 1.6 checks the propagation
+	// of a HostToContainer source without resolving /var/run -> /run.
+	"/var/run/netns":   {"netns", "/run/netns", corev1.HostPathDirectoryOrCreate, true, corev1.MountPropagationHostToContainer},
+	"/run/containerd":  {"cri", "/run/containerd", corev1.HostPathDirectoryOrCreate, true, ""},
+	"/run/pktmeta":     {"run", "/run/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
+	"/var/lib/pktmeta": {"state", "/var/lib/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
+	"/etc/pktmeta":     {"config", "", "", true, ""},
+	"/tmp":             {"tmp", "", "", false, ""},
 }
 
 // manifests decodes every resource the kustomization lists.
@@ -403,6 +405,12 @@ func TestDaemonSet(t *testing.T) {
 			t.Errorf("mount %s: volume %s readOnly %v propagation %q subPath %q; want %s %v %q", path, m.Name, m.ReadOnly, prop, m.SubPath, w.volume, w.readOnly, w.propagation)
 		}
 		v := volumes[m.Name]
+		// containerd 1.6 checks a propagated mount's source without
+		// resolving symlinks: a source below /var/run (a symlink to
+		// /run) is looked up on "/", private on many nodes, and refused.
+		if prop != "" && v.HostPath != nil && strings.HasPrefix(v.HostPath.Path, "/var/run/") {
+			t.Errorf("volume %s: hostPath %s with %s propagation: spell it %s", v.Name, v.HostPath.Path, prop, strings.TrimPrefix(v.HostPath.Path, "/var"))
+		}
 		switch {
 		case w.hostPath != "":
 			if v.HostPath == nil || v.HostPath.Path != w.hostPath || v.HostPath.Type == nil || *v.HostPath.Type != w.hostType {

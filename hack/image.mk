@@ -7,9 +7,9 @@
 #                     ctr -n k8s.io images import bin/pktmeta-image.tar
 #                     kind load image-archive bin/pktmeta-image.tar
 #                     docker load -i bin/pktmeta-image.tar
-#   make e2e-kind   e2e/kind/run.sh: a kind cluster, the DaemonSet from
-#                   deploy/, traffic, assertions. Needs Docker and kind;
-#                   without them it says so and exits 0.
+#   make e2e-kind   e2e/kind/run.sh: the e2e/k8s suite (the one make
+#                   e2e-k8s runs) against a one-node kind cluster. Needs
+#                   Docker and kind; without them it says so and exits 0.
 #
 # The image is reproducible: same commit, same IMAGE_VERSION and the same Go
 # toolchain give the same digest. Every timestamp in it is SOURCE_DATE_EPOCH
@@ -27,7 +27,9 @@ IMAGE_ROOT := $(BIN)/image-root/linux-$(IMAGE_ARCH)
 # -buildvcs=false the state of the work tree (the commit is in the image's
 # revision label instead): the same sources give the same bytes, whatever
 # GOFLAGS says. The Dockerfile builds the same way.
-IMAGE_GO_FLAGS := -trimpath -buildvcs=false -ldflags "-s -w -buildid="
+# IMAGE_VERSION is also the binaries' version (internal/version), which the
+# agent logs and exports as pktmeta_build_info.
+IMAGE_GO_FLAGS = -trimpath -buildvcs=false -ldflags "-s -w -buildid= -X github.com/pktmeta/pktmeta/internal/version.Version=$(IMAGE_VERSION)"
 # The binaries in the image and where they come from.
 IMAGE_CMDS := pktmeta-agent pktmetactl pktmeta
 
@@ -49,7 +51,7 @@ image:
 		--version $(IMAGE_VERSION) \
 		--output $(IMAGE_TAR)
 
-# run.sh checks for Docker and kind first and builds the image itself
-# (make image IMAGE_VERSION=e2e) only when it can go on.
+# run.sh checks for Docker and kind first and builds the images itself
+# only when it can go on.
 e2e-kind:
-	MAKE="$(MAKE)" IMAGE_TAR="$(IMAGE_TAR)" ./e2e/kind/run.sh
+	MAKE="$(MAKE)" ./e2e/kind/run.sh

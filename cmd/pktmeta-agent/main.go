@@ -25,6 +25,8 @@ import (
 	"syscall"
 
 	"github.com/pktmeta/pktmeta/internal/agent"
+	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/version"
 )
 
 const usage = `usage: pktmeta-agent <run|install|uninstall|mount-bpffs> [flags]
@@ -102,6 +104,7 @@ func main() {
 		os.Exit(2)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log.Info("pktmeta-agent "+cmd, "version", version.Version, "datapathRelease", datapath.Release)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -16,6 +16,7 @@ import (
 	"sync"
 
 	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/version"
 	"github.com/pktmeta/pktmeta/internal/view"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -74,7 +75,13 @@ func New(maxSeries int) *Metrics {
 			Help: "Existing pods the agent failed to attach to.",
 		}),
 	}
-	m.Registry.MustRegister(m.opened, m.delivered, m.closed, m.events, m.actions, m.attachErr)
+	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "pktmeta_build_info",
+		Help:        "Always 1: the agent's build (version) and the BPF datapath release it loads.",
+		ConstLabels: prometheus.Labels{"version": version.Version, "release": strconv.Itoa(datapath.Release)},
+	})
+	buildInfo.Set(1)
+	m.Registry.MustRegister(m.opened, m.delivered, m.closed, m.events, m.actions, m.attachErr, buildInfo)
 	return m
 }
 
