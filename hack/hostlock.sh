@@ -37,4 +37,6 @@ if ! flock -n 9; then
 fi
 printf '%s (pid %d, since %s, in %s)\n' "$what" $$ "$(date -u +%FT%TZ)" "$PWD" >"$lock.owner"
 export PKTMETA_HOST_LOCKED=$lock
-"$@"
+# exec: the lock's descriptor stays open in CMD, the owner's pid is CMD's,
+# and a signal meant for this run reaches CMD.
+exec "$@"

@@ -13,8 +13,10 @@ source "$here/env.sh"
 E2E_WHO=down
 repo=$(cd "$here/../../.." && pwd)
 
-if [[ ! -d $E2E_STATE ]]; then
-	e2e_log "nothing to do: no $E2E_STATE"
+# up.sh writes host.env before it changes anything, and the last step
+# here removes it: without it there is nothing of ours to undo.
+if [[ ! -f $RUN/host.env ]]; then
+	e2e_log "nothing to do: no cluster state in $E2E_STATE"
 	exit 0
 fi
 KUBE_BIN=${KUBE_BIN:-$(ls -d "$E2E_CACHE"/bin/kubernetes-* 2>/dev/null | grep -v '\.tmp\.' | head -n1)}
@@ -122,7 +124,10 @@ done
 
 # ---- 5. pktmeta, if a test left it installed --------------------------------------
 # The DaemonSet's deletion above uninstalls it; this covers an API server
-# that was already gone. Pods are gone, so only files and pins are left.
+# that was already gone, or an agent that never started. Pods are gone, so
+# only files and pins are left (a plugin binary of another build than
+# bin/pktmeta-agent's is left by it, and removed below as a file up.sh
+# found missing).
 if [[ -e /sys/fs/bpf/pktmeta || -e /opt/cni/bin/pktmeta ]] && [[ -x $repo/bin/pktmeta-agent ]]; then
 	"$repo/bin/pktmeta-agent" uninstall --cni-conf-dir=/etc/cni/net.d --cni-bin-dir=/opt/cni/bin \
 		--pin-path=/sys/fs/bpf/pktmeta --state-dir=/var/lib/pktmeta >/dev/null 2>&1 &&

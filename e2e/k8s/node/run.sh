@@ -39,11 +39,34 @@ eval "$("$here/build.sh" "$E2E_CACHE" | grep -E '^(KUBE|ETCD)_BIN=')"
 export KUBE_BIN ETCD_BIN CNI_BIN=$repo/bin/cni CRICTL=$repo/bin/tools/crictl
 e2e_log "binaries ready after $((SECONDS - start)) s"
 
+# host_state prints what a run must leave as it found it: the files and
+# directories the node uses, sysctls, mount propagation, nftables tables,
+# cgroups, veths and network namespaces.
+host_state() {
+	local p
+	for p in /etc/cni /etc/cni/net.d /opt/cni /opt/cni/bin /run/containerd /var/lib/cni \
+		/run/pktmeta /var/lib/pktmeta /run/netns /var/lib/kubelet /sys/fs/bpf/pktmeta \
+		/etc/kubernetes /var/log/containers /var/log/pods /usr/libexec/kubernetes /sys/fs/cgroup/cpu/kubepods \
+		/sys/fs/cgroup/memory/kubepods /sys/fs/cgroup/kubepods; do
+		[[ -e $p ]] && echo "exists $p $(ls -A "$p" 2>/dev/null | LC_ALL=C sort | tr '\n' ' ')"
+	done
+	for p in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops \
+		kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward \
+		net/ipv4/conf/all/forwarding net/ipv6/conf/all/forwarding; do
+		[[ -e /proc/sys/$p ]] && echo "sysctl $p $(cat "/proc/sys/$p")"
+	done
+	echo "propagation /sys/fs/bpf $(findmnt -n -o PROPAGATION /sys/fs/bpf)"
+	echo "mount /run/netns $(findmnt -n -o PROPAGATION /run/netns || echo none)"
+	nft list tables 2>/dev/null | LC_ALL=C sort | sed 's/^/nft /'
+	ip -o link show type veth 2>/dev/null | awk -F': ' '{print "veth " $2}' | LC_ALL=C sort
+}
+
 # A cluster a killed run left behind goes first (down.sh empties the state
 # directory, where the images are built next). Logs of the previous run go
 # too; this run's stay after its down.sh, for a failure.
 "$here/down.sh"
 rm -rf "$LOGS"
+before=$(host_state)
 
 # ---- 2. Images --------------------------------------------------------------------------
 work=$E2E_STATE/build
@@ -59,9 +82,33 @@ rm -rf "$work/next"
 e2e_log "images ready after $((SECONDS - start)) s"
 
 # ---- 3. The cluster and the tests ----------------------------------------------------------
+# Long steps run in the background and are waited for: bash runs a trap
+# only between commands, and `wait` is the one it interrupts. So a SIGTERM
+# (a CI timeout) or Ctrl-C reaches teardown at once, which stops the step
+# and tears the cluster down.
+child=""
+kill_tree() {
+	local p
+	for p in $(pgrep -P "$1"); do kill_tree "$p"; done
+	kill -TERM "$1" 2>/dev/null
+}
+run_step() {
+	"$@" &
+	child=$!
+	wait "$child"
+	child=""
+}
 teardown() {
 	local rc=$?
 	trap - EXIT INT TERM
+	# Everything below runs whatever fails: a step that already exited, a
+	# teardown command that finds nothing to do.
+	set +e
+	if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
+		e2e_log "stopping the running step (pid $child) and what it started"
+		kill_tree "$child"
+		wait "$child" 2>/dev/null
+	fi
 	if ((rc != 0)); then
 		e2e_log "failed (status $rc); the last lines of each node process's log:"
 		for f in "$LOGS"/*.log; do
@@ -74,6 +121,14 @@ teardown() {
 		e2e_log "E2E_KEEP=1: the cluster stays up (KUBECONFIG=$KUBECONFIG); e2e/k8s/node/down.sh removes it"
 	else
 		"$here/down.sh"
+		# The host as it was: anything else fails the run, named.
+		local after
+		after=$(host_state)
+		if [[ $after != "$before" ]]; then
+			e2e_log "the host is not as this run found it (< before, > after):"
+			diff <(echo "$before") <(echo "$after") >&2 || true
+			((rc != 0)) || rc=1
+		fi
 	fi
 	e2e_log "done after $((SECONDS - start)) s, status $rc"
 	exit "$rc"
@@ -81,7 +136,7 @@ teardown() {
 trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-IMAGES="$work/pause.tar $work/e2e-tool.tar $work/pktmeta.tar $work/pktmeta-next.tar" "$here/up.sh"
+IMAGES="$work/pause.tar $work/e2e-tool.tar $work/pktmeta.tar $work/pktmeta-next.tar" run_step "$here/up.sh"
 e2e_log "cluster up after $((SECONDS - start)) s"
 
 PKTMETA_E2E_KUBECONFIG=$KUBECONFIG \
@@ -93,4 +148,4 @@ PKTMETA_E2E_KUBECONFIG=$KUBECONFIG \
 	PKTMETA_E2E_PLUGIN_SHA256=$plugin_sha \
 	PKTMETA_E2E_NEXT_PLUGIN_SHA256=$next_plugin_sha \
 	PKTMETA_E2E_TOOL_IMAGE=pktmeta.test/e2e-tool:1 \
-	go test -count=1 -timeout 40m -v -run "${E2E_RUN:-.}" ./e2e/k8s/
+	run_step go test -count=1 -timeout 40m -v -run "${E2E_RUN:-.}" ./e2e/k8s/

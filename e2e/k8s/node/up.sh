@@ -95,7 +95,9 @@ if [[ ! -f $RUN/host.env ]]; then
 			/etc/kubernetes /var/log/containers /var/log/pods /usr/libexec/kubernetes; do
 			[[ -e $d ]] || echo "created $d"
 		done
-		for p in "${CNI_PLUGINS_NEEDED[@]}"; do
+		# pktmeta's too: the agent installs it, and an uninstall that could
+		# not run (an agent that never started) leaves it behind.
+		for p in "${CNI_PLUGINS_NEEDED[@]}" pktmeta; do
 			[[ -e /opt/cni/bin/$p ]] || echo "created /opt/cni/bin/$p"
 		done
 		echo "bpffs-propagation $(findmnt -n -o PROPAGATION /sys/fs/bpf)"
