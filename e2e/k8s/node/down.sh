@@ -177,9 +177,16 @@ if [[ -f $RUN/host.env ]]; then
 		[[ $cur == "$v" ]] && continue
 		echo "$v" >"/proc/sys/$s" && e2e_log "restored $s: $cur -> $v"
 	done <"$RUN/host.env"
-	if [[ $(hostenv bpffs-propagation) == private && $(findmnt -n -o PROPAGATION /sys/fs/bpf) != private ]]; then
-		mount --make-private /sys/fs/bpf && e2e_log "/sys/fs/bpf private again"
-	fi
+	case $(hostenv bpffs-propagation) in
+	none)
+		findmnt -n -t bpf /sys/fs/bpf >/dev/null && umount /sys/fs/bpf && e2e_log "unmounted the bpffs up.sh mounted"
+		;;
+	private)
+		if [[ $(findmnt -n -t bpf -o PROPAGATION /sys/fs/bpf) != private ]]; then
+			mount --make-private /sys/fs/bpf && e2e_log "/sys/fs/bpf private again"
+		fi
+		;;
+	esac
 	if [[ $(hostenv netns-mount) == none ]] && findmnt -n /run/netns >/dev/null; then
 		if ! awk '{print $5}' /proc/self/mountinfo | grep -q '^/run/netns/'; then
 			umount /run/netns && e2e_log "removed the /run/netns bind mount"

@@ -55,7 +55,7 @@ host_state() {
 		net/ipv4/conf/all/forwarding net/ipv6/conf/all/forwarding; do
 		[[ -e /proc/sys/$p ]] && echo "sysctl $p $(cat "/proc/sys/$p")"
 	done
-	echo "propagation /sys/fs/bpf $(findmnt -n -o PROPAGATION /sys/fs/bpf)"
+	echo "bpffs /sys/fs/bpf $(findmnt -n -t bpf -o PROPAGATION /sys/fs/bpf || echo none)"
 	echo "mount /run/netns $(findmnt -n -o PROPAGATION /run/netns || echo none)"
 	nft list tables 2>/dev/null | LC_ALL=C sort | sed 's/^/nft /'
 	ip -o link show type veth 2>/dev/null | awk -F': ' '{print "veth " $2}' | LC_ALL=C sort

@@ -100,7 +100,11 @@ if [[ ! -f $RUN/host.env ]]; then
 		for p in "${CNI_PLUGINS_NEEDED[@]}" pktmeta; do
 			[[ -e /opt/cni/bin/$p ]] || echo "created /opt/cni/bin/$p"
 		done
-		echo "bpffs-propagation $(findmnt -n -o PROPAGATION /sys/fs/bpf)"
+		if findmnt -n -t bpf /sys/fs/bpf >/dev/null; then
+			echo "bpffs-propagation $(findmnt -n -t bpf -o PROPAGATION /sys/fs/bpf)"
+		else
+			echo "bpffs-propagation none"
+		fi
 		if findmnt -n /run/netns >/dev/null; then echo "netns-mount existed"; else echo "netns-mount none"; fi
 		nft list tables 2>/dev/null | sed 's/^/nft-table-existed /'
 	} >"$RUN/host.env.tmp"
@@ -159,9 +163,8 @@ wait_for "kube-scheduler /healthz" 120 curl -fsSk https://127.0.0.1:10259/health
 # on hosts without systemd. bpffs must be shared (the agent's init container
 # mounts it Bidirectional), and /run/netns a shared mount of its own, as
 # `ip netns add` makes it.
-if ! findmnt -n -t bpf /sys/fs/bpf >/dev/null; then
-	e2e_die "no bpffs on /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)"
-fi
+# Where nothing mounted bpffs yet, mount it (down.sh unmounts it again).
+findmnt -n -t bpf /sys/fs/bpf >/dev/null || mount -t bpf bpf /sys/fs/bpf
 [[ $(findmnt -n -o PROPAGATION /sys/fs/bpf) == shared ]] || mount --make-shared /sys/fs/bpf
 mkdir -p /run/netns
 findmnt -n /run/netns >/dev/null || mount --bind /run/netns /run/netns
