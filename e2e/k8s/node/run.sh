@@ -35,7 +35,9 @@ if ((${#need[@]})); then
 		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
 fi
 make --no-print-directory deps build cni-plugins cri-tools >&2
-eval "$("$here/build.sh" "$E2E_CACHE" | grep -E '^(KUBE|ETCD)_BIN=')"
+# An assignment, so that a failed build stops the run here (set -e).
+bins=$("$here/build.sh" "$E2E_CACHE")
+eval "$(grep -E '^(KUBE|ETCD)_BIN=' <<<"$bins")"
 export KUBE_BIN ETCD_BIN CNI_BIN=$repo/bin/cni CRICTL=$repo/bin/tools/crictl
 e2e_log "binaries ready after $((SECONDS - start)) s"
 
