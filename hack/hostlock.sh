@@ -24,7 +24,7 @@ mkdir -p "$(dirname "$lock")"
 exec 9<>"$lock"
 if ! flock -n 9; then
 	owner=$(cat "$lock.owner" 2>/dev/null || echo "unknown")
-	pid=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' "$lock.owner" 2>/dev/null)
+	pid=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' "$lock.owner" 2>/dev/null || true)
 	if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
 		echo "$what: $owner is gone but its cluster still holds the host: tearing it down" >&2
 		"$(cd "$(dirname "$0")/.." && pwd)/e2e/k8s/node/down.sh" >&2 || true

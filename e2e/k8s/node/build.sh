@@ -9,13 +9,14 @@
 # Each set lands in $CACHE/bin/<name>-<key>/, where the key covers the
 # wrapper module (go.mod, go.sum), the Go toolchain and the ldflags: a
 # changed pin rebuilds, an unchanged one costs a stat. A build from nothing
-# takes 13-25 minutes on 2 cores (docs: e2e/k8s/README.md); GOCACHE and
+# took about 5 minutes on the 2-core machines here (README.md); GOCACHE and
 # GOMODCACHE live in the cache too, so a rebuild after a pin change is
 # quicker.
 #
 # Usage: build.sh CACHE   (prints the two bin directories, one a line:
 #                          KUBE_BIN=... and ETCD_BIN=...)
 set -euo pipefail
+shopt -s inherit_errexit
 cache=${1:?usage: build.sh CACHE}
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -46,7 +47,9 @@ build() {
 	mkdir -p "$tmp"
 	local start=$SECONDS
 	echo "building $name (go build ${*##*/}); from nothing this takes many minutes" >&2
-	(cd "$mod" && go build -ldflags "$ld" -o "$tmp/" "$@") >&2
+	# Explicit: build() runs in a command substitution, where bash turns
+	# set -e off, and a failed build must never be cached as complete.
+	(cd "$mod" && go build -ldflags "$ld" -o "$tmp/" "$@") >&2 || exit 1
 	touch "$tmp/.complete"
 	rm -rf "$out"
 	mv "$tmp" "$out"
