@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/pktmeta/pktmeta/internal/testutil"
 )
 
 // fixtures are the primary configs in testdata, and their plugin types.
@@ -55,12 +56,12 @@ type env struct {
 	t     *testing.T
 	conf  string
 	state string
-	logs  *syncBuffer
+	logs  *testutil.SyncBuffer
 }
 
 func newEnv(t *testing.T) *env {
 	root := t.TempDir()
-	e := &env{t: t, conf: filepath.Join(root, "net.d"), state: filepath.Join(root, "state"), logs: &syncBuffer{}}
+	e := &env{t: t, conf: filepath.Join(root, "net.d"), state: filepath.Join(root, "state"), logs: &testutil.SyncBuffer{}}
 	if err := os.Mkdir(e.conf, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -1168,22 +1169,4 @@ func TestEventKindString(t *testing.T) {
 			t.Errorf("%d: %q", k, s)
 		}
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for the logger and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
