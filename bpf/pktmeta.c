@@ -560,7 +560,11 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 	struct pktmeta_record rec, old, *e;
 	__u64 now, timeout;
 	__s64 claim;
-	long err;
+	/* int, not long: before Linux 6.4 ("bpf: return long from
+	 * bpf_map_ops funcs") the map op a map helper call is rewritten to
+	 * returns int, the upper half of the 64-bit result is zero, and
+	 * -EEXIST reads as 4294967279. Found on 6.1 by make test-kernels. */
+	int err;
 
 	now = bpf_ktime_get_ns();
 	__builtin_memset(&rec, 0, sizeof(rec));
@@ -1023,7 +1027,7 @@ static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, 
 	struct pktmeta_tuple rev, orig;
 	struct pktmeta_record rec;
 	struct pktmeta_alias alias;
-	long err;
+	int err; /* 32 bits: see tag() */
 	int dir;
 
 	/* The packet is already translated; conntrack knows it as the reverse

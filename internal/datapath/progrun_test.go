@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/pktmeta/pktmeta/internal/testutil"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 // These tests run the programs on crafted packets with BPF_PROG_TEST_RUN,
@@ -840,9 +841,20 @@ func TestConcurrentFirstUDPPacketsYieldOneID(t *testing.T) {
 		}
 		defer rd.Close()
 		const flows = 300
+		ns, err := netns.Get()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ns.Close()
 		errs := make(chan error, 2)
 		for range 2 {
 			go func() {
+				// The test run resolves the context's ifindex in the
+				// sender's namespace: it must be the pod's.
+				if err := testutil.EnterNetns(ns); err != nil {
+					errs <- err
+					return
+				}
 				for i := range flows {
 					pkt := udp(podA, netip.AddrPortFrom(podB.Addr(), uint16(1000+i))).Bytes()
 					if _, err := e.d.Origin.Run(&ebpf.RunOptions{Data: pkt, Context: skbCtx(a.ifindex)}); err != nil {

@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 2
+const Release = 3
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "8ea465e5fbae56677c9df52db023753a571acfd6057c768b973102cb3a12d00c"
+const releaseObject = "4066fe0b1c5eed9f8313cc94f00e5f5627ff1add5427fd91467c7554e9f899f5"

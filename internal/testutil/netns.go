@@ -38,3 +38,14 @@ func InNewNetns(t testing.TB, fn func()) {
 	}()
 	fn()
 }
+
+// EnterNetns moves the calling goroutine, locked to its OS thread, into ns
+// for the rest of its life. A goroutine starts in the process's namespace,
+// not in the one its creator's thread is in; one that must act inside the
+// test's namespace (a second sender on another CPU) calls this first. The
+// thread is never unlocked, so the runtime retires it when the goroutine
+// exits and the namespace never reaches another goroutine.
+func EnterNetns(ns netns.NsHandle) error {
+	runtime.LockOSThread()
+	return netns.Set(ns)
+}

@@ -1,0 +1,127 @@
+#!/bin/bash
+# make test-kernels: boots each kernel of matrix.tsv under qemu (TCG: no KVM
+# here) with the host's userland as its root, runs the kernel suite
+# (suite.tsv) inside, and prints one line per kernel: version, the attach
+# mode auto chose, tests passed/failed/skipped, and why each skip skipped.
+# The host's own kernel runs the same suite natively, first.
+#
+#   KERNELS="6.1 5.10"   which kernels of the matrix (default: all of them)
+#   KERNEL_RUN=regexp    only the suite entries whose name matches
+#   KERNEL_KEEP=1        keep the scratch directory (results, dmesg, logs)
+#
+# Fails when any kernel fails a test, does not finish, or the suite ran
+# nothing.
+set -euo pipefail
+shopt -s inherit_errexit
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cd "$repo"
+log() { printf '%s test-kernels: %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+	log "FATAL: $*"
+	exit 1
+}
+[[ $EUID -eq 0 ]] || die "run as root: the suite creates netns, veths and BPF programs"
+
+need=()
+for c in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio xz:xz-utils curl:curl; do
+	command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
+done
+if ((${#need[@]})); then
+	log "apt-get install ${need[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get install -y --no-install-recommends "${need[@]}" >/dev/null ||
+		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
+fi
+
+kernels=${KERNELS:-$(grep -v '^#' "$here/matrix.tsv" | cut -f1 | xargs)}
+# Each kernel's directory in the cache first: a download or a bad digest
+# fails here, before anything is built.
+declare -A kdir
+for k in $kernels; do
+	kdir[$k]=$("$here/prepare.sh" "$k")
+done
+
+scratch=$(mktemp -d /var/tmp/pktmeta-kernels.XXXXXX)
+qemu_pid=
+cleanup() {
+	[[ -n $qemu_pid ]] && kill "$qemu_pid" 2>/dev/null
+	if [[ ${KERNEL_KEEP:-} == 1 ]]; then
+		log "kept $scratch"
+	else
+		rm -rf "$scratch"
+	fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The suite's test binaries, built once for every kernel. The guest runs
+# them from the scratch dir with the host's CNI plugins and pktmeta builds.
+log "building the suite"
+mkdir -p "$scratch/bin"
+grep -v '^#' "$here/suite.tsv" | cut -f2,3 | sort -u | while IFS=$'\t' read -r bin pkg; do
+	[[ -f $scratch/bin/$bin ]] || go test -c -o "$scratch/bin/$bin" "$pkg"
+done
+go build -o "$scratch/bin/test2json" cmd/test2json
+go build -o "$scratch/bin/summary" ./e2e/kernels/summary
+
+suite_for() { # the suite.tsv lines KERNEL_RUN selects, as guest.sh reads them
+	grep -v '^#' "$here/suite.tsv" | awk -F'\t' -v re="${KERNEL_RUN:-.}" '$1 ~ re { print $1 "\t" $2 "\t" $4 }'
+}
+
+# One guest's run directory: suite, results, the dmesg, a work dir.
+newrun() {
+	local run=$scratch/$1
+	mkdir -p "$run/results" "$run/work"
+	ln -s ../bin "$run/bin"
+	suite_for >"$run/suite.tsv"
+	printf 'export PKTMETA_BIN=%q PKTMETA_CNI_BIN=%q\n' "$repo/bin" "$repo/bin/cni" >"$run/env"
+	echo "$run"
+}
+
+status=0
+lines=()
+
+run=$(newrun host)
+log "host kernel $(uname -r), natively"
+PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 "$here/guest.sh" >"$run/console.log" 2>&1 || true
+if line=$("$scratch/bin/summary" -kernel "host $(uname -r)" "$run"); then
+	lines+=("$line")
+else
+	lines+=("$line")
+	status=1
+fi
+
+for k in $kernels; do
+	d=${kdir[$k]}
+	run=$(newrun "$k")
+	log "kernel $k ($(cat "$d/kver")) under qemu"
+	start=$(date +%s)
+	# TCG, one thread per vCPU: two vCPUs on a two-core host. The guest
+	# powers itself off; the timeout is for a guest that hangs.
+	timeout --kill-after=10 "${KERNEL_TIMEOUT:-1500}" qemu-system-x86_64 \
+		-machine q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
+		-nographic -no-reboot -nic none \
+		-kernel "$d/vmlinuz" -initrd "$d/initrd.gz" \
+		-append "console=ttyS0 panic=-1 quiet loglevel=4 pktmeta.guest=$here/guest.sh pktmeta.scratch=$run" \
+		-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
+		-virtfs "local,path=$d/lib/modules,mount_tag=modules,security_model=none,readonly=on" \
+		-virtfs "local,path=$run,mount_tag=scratch,security_model=none" \
+		</dev/null >"$run/console.log" 2>&1 &
+	qemu_pid=$!
+	wait "$qemu_pid" || true
+	qemu_pid=
+	echo "wall $(( $(date +%s) - start ))s" >>"$run/guest.info"
+	if line=$("$scratch/bin/summary" -kernel "$k $(cat "$d/kver")" "$run"); then
+		lines+=("$line")
+	else
+		lines+=("$line")
+		status=1
+		tail -n 40 "$run/console.log" >&2
+	fi
+done
+
+echo
+for l in "${lines[@]}"; do echo "$l"; done
+exit $status
