@@ -96,7 +96,12 @@ extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_
 					 __u32 opts__sz) __ksym __weak;
 extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
 
-/* libbpf >= 1.2 has bpf_ksym_exists(); Debian 12 ships 1.1. */
-#define pktmeta_ksym_exists(sym) (!!(sym))
+/* 1 when the loader found the kfuncs above in the kernel's BTF (vmlinux,
+ * or nf_conntrack's once loaded): the loader sets it from the same BTF the
+ * kfuncs are resolved against. Not bpf_ksym_exists(): cilium/ebpf encodes
+ * the address load of a module's kfunc with the module's BTF fd index in
+ * the instruction's offset, which Linux 6.1 rejects ("BPF_LD_IMM64 uses
+ * reserved fields"). With 0 the verifier drops the calls as dead code. */
+volatile const __u32 pktmeta_have_ct_kfuncs = 0;
 
 #endif /* __PKTMETA_CONNTRACK_H__ */

@@ -163,6 +163,9 @@ struct pktmeta_sweep_args {
 
 /* Config flags. */
 #define PKTMETA_CFG_NO_EVENTS (1U << 0)
+/* Set by userspace, read by status only: the programs were loaded where
+ * the conntrack kfuncs did not resolve. */
+#define PKTMETA_CFG_NO_CONNTRACK (1U << 1)
 
 /* Map "pktmeta_cfg": one slot, written by userspace when the datapath
  * is created or upgraded. A non-zero layout_version commits the maps: a

@@ -405,7 +405,7 @@ static __always_inline struct nf_conn *ct_lookup(struct __sk_buff *skb, const st
 	__u32 len;
 
 	*unavailable = 0;
-	if (!pktmeta_ksym_exists(bpf_skb_ct_lookup) || !pktmeta_ksym_exists(bpf_ct_release)) {
+	if (!pktmeta_have_ct_kfuncs) {
 		*unavailable = 1;
 		return NULL;
 	}
@@ -480,11 +480,17 @@ static __always_inline struct nf_conn *ct_entry(struct __sk_buff *skb, const str
 	struct pktmeta_tuple rev;
 	struct nf_conn *ct;
 
+	/* One NULL test per lookup result: Linux 6.1's verifier does not know
+	 * a non-NULL nf_conn stays non-NULL, so a second test (as "ct ||
+	 * *unavailable" made) sends it down a path where the reference
+	 * leaks ("Unreleased reference"). */
 	ct = ct_lookup(skb, t, &opts, unavailable);
-	if (ct || *unavailable) {
+	if (ct) {
 		*dir = opts.dir;
 		return ct;
 	}
+	if (*unavailable)
+		return NULL;
 	tuple_reverse(&rev, t);
 	ct = ct_lookup(skb, &rev, &opts, unavailable);
 	*dir = !opts.dir;

@@ -46,6 +46,14 @@ type attachmentStatus struct {
 	EventsLimited  uint64   `json:"eventsLimited"`
 }
 
+// kernelStatus is what the running kernel lets the datapath do: tcx is
+// probed now, the conntrack kfuncs are as the programs were loaded.
+type kernelStatus struct {
+	Release         string `json:"release"`
+	TCX             bool   `json:"tcx"`
+	ConntrackKfuncs bool   `json:"conntrackKfuncs"`
+}
+
 type status struct {
 	PinPath       string             `json:"pinPath"`
 	LayoutVersion uint32             `json:"layoutVersion"`
@@ -53,6 +61,7 @@ type status struct {
 	DatapathID    string             `json:"datapathID"`
 	Current       bool               `json:"current"`
 	UDPTimeout    string             `json:"udpTimeout"`
+	Kernel        kernelStatus       `json:"kernel"`
 	Programs      []programStatus    `json:"programs"`
 	Attachments   []attachmentStatus `json:"attachments"`
 	Maps          []datapath.MapFill `json:"maps"`
@@ -102,6 +111,11 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		Current:       cfg.DatapathID == id && cfg.Release == datapath.Release,
 		UDPTimeout:    cfg.UDPTimeout.String(),
 		Counters:      map[string]uint64{},
+	}
+	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack}
+	st.Kernel = kernelStatus{Release: datapath.KernelRelease(), TCX: kf.TCX, ConntrackKfuncs: kf.ConntrackKfuncs}
+	for _, m := range kf.Missing() {
+		st.Problems = append(st.Problems, "the datapath was loaded with "+m)
 	}
 	switch {
 	case cfg.Release > datapath.Release:
@@ -268,6 +282,7 @@ func printStatus(out io.Writer, st *status) {
 	fmt.Fprintf(tw, "release\t%d\n", st.Release)
 	fmt.Fprintf(tw, "datapath id\t%s (this build: %v)\n", st.DatapathID, st.Current)
 	fmt.Fprintf(tw, "udp timeout\t%s\n", st.UDPTimeout)
+	fmt.Fprintf(tw, "kernel\t%s (tcx: %s, conntrack kfuncs: %s)\n", st.Kernel.Release, yesNo(st.Kernel.TCX), yesNo(st.Kernel.ConntrackKfuncs))
 	tw.Flush()
 
 	fmt.Fprintln(out, "\nPROGRAMS")
@@ -320,4 +335,11 @@ func printStatus(out io.Writer, st *status) {
 			fmt.Fprintln(out, "  "+p)
 		}
 	}
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
 }

@@ -9,11 +9,14 @@ package attach
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -105,6 +108,27 @@ func Attach(ifindex int, progs Programs, mode Mode, linkDir string) (Result, err
 
 // attachTCXFunc is attachTCX; tests swap it to play a kernel without tcx.
 var attachTCXFunc = attachTCX
+
+// HaveTCX reports whether the kernel has tcx links (Linux 6.6), probed
+// once: a trivial program attached to an ifindex no device has fails with
+// ENODEV where tcx exists and is not supported where it does not.
+var HaveTCX = sync.OnceValue(func() bool {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SchedCLS,
+		License:      "Dual BSD/GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
+	if err != nil {
+		return false
+	}
+	defer prog.Close()
+	l, err := link.AttachTCX(link.TCXOptions{Interface: math.MaxInt32, Program: prog, Attach: ebpf.AttachTCXIngress})
+	if err == nil {
+		l.Close()
+		return true
+	}
+	return !errors.Is(err, ebpf.ErrNotSupported)
+})
 
 func linkPath(linkDir string, h Hook) string { return filepath.Join(linkDir, string(h)) }
 
@@ -244,6 +268,11 @@ func Query(ifindex int) (Attached, error) {
 		hook Hook
 		typ  ebpf.AttachType
 	}{{Ingress, ebpf.AttachTCXIngress}, {Egress, ebpf.AttachTCXEgress}} {
+		if !HaveTCX() {
+			// Before 6.6 the query fails with EINVAL, not "not
+			// supported": there is nothing to find.
+			break
+		}
 		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.typ})
 		if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
 			return a, fmt.Errorf("query tcx %s of ifindex %d: %w", h.hook, ifindex, err)

@@ -54,6 +54,9 @@ func veth(t *testing.T) int {
 }
 
 func TestTCXAttachPinsAndDetaches(t *testing.T) {
+	if !HaveTCX() {
+		t.Skip("this kernel has no tcx (6.6); TestNoTCXKernel covers the fallback")
+	}
 	pin := testutil.PinPath(t)
 	testutil.InNewNetns(t, func() {
 		ifindex := veth(t)

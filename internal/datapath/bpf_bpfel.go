@@ -183,21 +183,22 @@ type bpfPktmetaWorkload struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bpfMapPktmetaAliases     = "pktmeta_aliases"
-	bpfMapPktmetaCfg         = "pktmeta_cfg"
-	bpfMapPktmetaConns       = "pktmeta_conns"
-	bpfMapPktmetaEps         = "pktmeta_eps"
-	bpfMapPktmetaEvents      = "pktmeta_events"
-	bpfMapPktmetaInbound     = "pktmeta_inbound"
-	bpfMapPktmetaStats       = "pktmeta_stats"
-	bpfMapPktmetaWloads      = "pktmeta_wloads"
-	bpfProgPktmetaDeliver    = "pktmeta_deliver"
-	bpfProgPktmetaOrigin     = "pktmeta_origin"
-	bpfProgPktmetaStrict     = "pktmeta_strict"
-	bpfProgPktmetaSweep      = "pktmeta_sweep"
-	bpfVarBenchNoSourceCheck = "bench_no_source_check"
-	bpfVarUnusedEvent        = "unused_event"
-	bpfVarUnusedSweep        = "unused_sweep"
+	bpfMapPktmetaAliases      = "pktmeta_aliases"
+	bpfMapPktmetaCfg          = "pktmeta_cfg"
+	bpfMapPktmetaConns        = "pktmeta_conns"
+	bpfMapPktmetaEps          = "pktmeta_eps"
+	bpfMapPktmetaEvents       = "pktmeta_events"
+	bpfMapPktmetaInbound      = "pktmeta_inbound"
+	bpfMapPktmetaStats        = "pktmeta_stats"
+	bpfMapPktmetaWloads       = "pktmeta_wloads"
+	bpfProgPktmetaDeliver     = "pktmeta_deliver"
+	bpfProgPktmetaOrigin      = "pktmeta_origin"
+	bpfProgPktmetaStrict      = "pktmeta_strict"
+	bpfProgPktmetaSweep       = "pktmeta_sweep"
+	bpfVarBenchNoSourceCheck  = "bench_no_source_check"
+	bpfVarPktmetaHaveCtKfuncs = "pktmeta_have_ct_kfuncs"
+	bpfVarUnusedEvent         = "unused_event"
+	bpfVarUnusedSweep         = "unused_sweep"
 )
 
 // loadBpf returns the embedded CollectionSpec for bpf.
@@ -266,9 +267,10 @@ type bpfMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfVariableSpecs struct {
-	BenchNoSourceCheck *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
-	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedSweep        *ebpf.VariableSpec `ebpf:"unused_sweep"`
+	BenchNoSourceCheck  *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
+	PktmetaHaveCtKfuncs *ebpf.VariableSpec `ebpf:"pktmeta_have_ct_kfuncs"`
+	UnusedEvent         *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedSweep         *ebpf.VariableSpec `ebpf:"unused_sweep"`
 }
 
 // bpfObjects contains all objects after they have been loaded into the kernel.
@@ -318,9 +320,10 @@ func (m *bpfMaps) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfVariables struct {
-	BenchNoSourceCheck *ebpf.Variable `ebpf:"bench_no_source_check"`
-	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
-	UnusedSweep        *ebpf.Variable `ebpf:"unused_sweep"`
+	BenchNoSourceCheck  *ebpf.Variable `ebpf:"bench_no_source_check"`
+	PktmetaHaveCtKfuncs *ebpf.Variable `ebpf:"pktmeta_have_ct_kfuncs"`
+	UnusedEvent         *ebpf.Variable `ebpf:"unused_event"`
+	UnusedSweep         *ebpf.Variable `ebpf:"unused_sweep"`
 }
 
 // bpfPrograms contains all programs after they have been loaded into the kernel.

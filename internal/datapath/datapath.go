@@ -265,8 +265,11 @@ type Config struct {
 	LayoutVersion uint32
 	Release       uint32
 	EventsOff     bool
-	UDPTimeout    time.Duration
-	DatapathID    [32]byte
+	// NoConntrack: the programs were loaded without the conntrack kfuncs
+	// (KernelFeatures.ConntrackKfuncs), so they resolve no NAT.
+	NoConntrack bool
+	UDPTimeout  time.Duration
+	DatapathID  [32]byte
 }
 
 // ReadConfig reads the config slot.
@@ -283,12 +286,16 @@ func readConfig(m *ebpf.Map) (Config, error) {
 		LayoutVersion: raw.LayoutVersion,
 		Release:       raw.Release,
 		EventsOff:     raw.Flags&cfgNoEvents != 0,
+		NoConntrack:   raw.Flags&cfgNoConntrack != 0,
 		UDPTimeout:    time.Duration(raw.UdpTimeoutNs),
 		DatapathID:    raw.DatapathId,
 	}, nil
 }
 
-const cfgNoEvents = 1 << 0
+const (
+	cfgNoEvents    = 1 << 0 // PKTMETA_CFG_NO_EVENTS
+	cfgNoConntrack = 1 << 1 // PKTMETA_CFG_NO_CONNTRACK
+)
 
 // WriteConfig replaces the config slot. Tests use it to play an older or
 // newer datapath; everything else goes through Open.
@@ -308,6 +315,9 @@ func writeConfig(m *ebpf.Map, c Config) error {
 	}
 	if c.EventsOff {
 		raw.Flags |= cfgNoEvents
+	}
+	if c.NoConntrack {
+		raw.Flags |= cfgNoConntrack
 	}
 	if err := m.Update(uint32(0), &raw, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write %s: %w", mapConfig, err)

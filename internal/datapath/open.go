@@ -376,10 +376,23 @@ func ensure(o Options) (OpenResult, error) {
 // load loads the bundled object against the pinned maps (creating missing
 // ones), moves every attachment to its programs, pins them, and commits.
 func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
+	// A kernel the programs cannot run on is refused before anything is
+	// created.
+	if err := prepareKernel(); err != nil {
+		return err
+	}
+	if err := requiredFeatures(); err != nil {
+		return err
+	}
 	for _, dir := range []string{d.mapsDir(), d.progsDir(), d.LinksDir(), d.locksDir()} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return fmt.Errorf("create %s: %w", dir, err)
 		}
+	}
+	kf := KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: probeConntrackKfuncs()}
+	o.Log.Info("kernel features", "kernel", KernelRelease(), "tcx", kf.TCX, "conntrackKfuncs", kf.ConntrackKfuncs)
+	for _, m := range kf.Missing() {
+		o.Log.Warn("the datapath runs without a kernel feature", "kernel", KernelRelease(), "missing", m)
 	}
 	spec, err := loadBpf()
 	if err != nil {
@@ -389,6 +402,11 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	delete(spec.Maps, ".bss")
 	delete(spec.Variables, bpfVarUnusedEvent)
 	delete(spec.Variables, bpfVarUnusedSweep)
+	if kf.ConntrackKfuncs {
+		if err := spec.Variables[bpfVarPktmetaHaveCtKfuncs].Set(uint32(1)); err != nil {
+			return fmt.Errorf("conntrack kfunc switch: %w", err)
+		}
+	}
 	if o.BenchNoSourceCheck {
 		if err := spec.Variables[bpfVarBenchNoSourceCheck].Set(uint32(1)); err != nil {
 			return fmt.Errorf("bench switch: %w", err)
@@ -432,7 +450,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		delete(coll.Programs, progNames[name])
 	}
 
-	cfg := Config{LayoutVersion: LayoutVersion, UDPTimeout: o.UDPTimeout}
+	cfg := Config{LayoutVersion: LayoutVersion, UDPTimeout: o.UDPTimeout, NoConntrack: !kf.ConntrackKfuncs}
 	if st.kind != stateNone {
 		// Keep the settings and, until the end, the old identity: a crash
 		// before the commit below makes the next Open redo the upgrade.

@@ -10,4 +10,4 @@ package datapath
 const Release = 3
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "4066fe0b1c5eed9f8313cc94f00e5f5627ff1add5427fd91467c7554e9f899f5"
+const releaseObject = "e4f2f3d9c904f16b88b7664578cb67c1ccbca2218fc1da9c62515d34b849f0fe"
