@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"io"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -12,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf/link"
 	"github.com/pktmeta/pktmeta/examples/origincount"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/view"
@@ -22,6 +22,7 @@ import (
 // receiving pod's own eth0 — the other side of the netns crossing, after
 // DNAT — reads the right origin through pktmeta.h.
 func TestExampleConsumerReadsOriginInsideThePod(t *testing.T) {
+	requireConntrackKfuncs(t) // it counts connections through Services too
 	tp := newTwoPods(t, envOptions{})
 	c3 := tp.addPod("shop", "batch", nil)
 	d := tp.open()
@@ -32,7 +33,7 @@ func TestExampleConsumerReadsOriginInsideThePod(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer counter.Close()
-	var l link.Link
+	var l io.Closer
 	if err := tp.b.Do(func() error {
 		ifc, err := net.InterfaceByName("eth0")
 		if err != nil {
@@ -92,6 +93,7 @@ func (e *countsError) Error() string {
 // TestCLIConnsAndEvents: `pktmetactl conns -o json` and `events -o json`
 // carry the documented fields.
 func TestCLIConnsAndEvents(t *testing.T) {
+	requireConntrackKfuncs(t) // it reads a Service connection's delivery
 	tp := newTwoPods(t, envOptions{})
 
 	// Follow events while making one connection through the Service.
