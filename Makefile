@@ -14,7 +14,7 @@ export CGO_ENABLED := 0
 # make image (bin/pktmeta-image.tar, without Docker) and make e2e-kind.
 include hack/image.mk
 
-.PHONY: all deps build generate check-generate cni-plugins cri-tools test test-go e2e-k8s demo bench bench-quick vet fmt-check fuzz clean
+.PHONY: all deps build generate check-generate cni-plugins cri-tools test test-go e2e-k8s test-kernels demo bench bench-quick vet fmt-check fuzz clean
 
 all: build
 
@@ -60,7 +60,7 @@ fmt-check:
 # that no other make test or e2e-k8s shares the machine's CNI directories,
 # containerd socket and ports with them meanwhile.
 test: deps build cni-plugins cri-tools fmt-check vet check-generate
-	./hack/hostlock.sh "make test" $(MAKE) --no-print-directory test-go e2e-k8s
+	./hack/hostlock.sh "make test" $(MAKE) --no-print-directory test-go e2e-k8s test-kernels
 
 # The Go tests alone (e2e/k8s skips: it needs the cluster e2e-k8s makes).
 test-go:
@@ -75,6 +75,15 @@ test-go:
 # It takes the host lock: never at the same time as make test's tests.
 e2e-k8s:
 	./hack/hostlock.sh "make e2e-k8s" ./e2e/k8s/node/run.sh
+
+# The kernel matrix (e2e/kernels/matrix.tsv: Debian's 5.10, 6.1 and
+# 6.12, Ubuntu 22.04's 5.15), each booted under qemu (TCG) with this
+# host's userland, running e2e/kernels/suite.tsv; the host's own kernel
+# runs the same suite natively. One line per kernel. Kernels are cached in
+# /var/cache/pktmeta-kernels. KERNELS="6.1" picks kernels, KERNEL_RUN=re
+# suite entries. Under the host lock: the native part uses netns and veths.
+test-kernels: deps build cni-plugins
+	./hack/hostlock.sh "make test-kernels" ./e2e/kernels/run.sh
 
 # Go native fuzzing of what the CNI plugin reads before it touches the
 # system (config on stdin, CNI_ARGS and the other CNI_* variables), each
@@ -105,8 +114,11 @@ demo: deps build cni-plugins
 # What pktmeta costs, next to the alternatives, in one run on this machine:
 # tables on stdout, figures in bench/results/latest.json. Not tests: nothing
 # in make test depends on timing. See docs/BENCHMARKS.md.
+# Then the per-packet figures again on Debian 12's 6.1 under qemu TCG, as
+# ratios to that run's floor only (bench/results/kernel-6.1-per-packet.json).
 bench: deps build cni-plugins
 	$(GO) run ./bench --cni-path $(CNI_BIN):$(BIN) --out bench/results/latest.json
+	KERNELS=6.1 KERNEL_NATIVE=0 KERNEL_SUITE=e2e/kernels/bench.tsv KERNEL_OUT=bench/results ./e2e/kernels/run.sh
 
 bench-quick: deps build cni-plugins
 	$(GO) run ./bench --quick --cni-path $(CNI_BIN):$(BIN) --out bench/results/quick.json

@@ -103,6 +103,7 @@ func TestSecondADDReusesPinnedPrograms(t *testing.T) {
 // records and aliases are gone after DEL; a second DEL and a DEL with a
 // gone netns succeed.
 func TestDELRemovesEveryTrace(t *testing.T) {
+	requireConntrackKfuncs(t) // a Service connection's alias is among the traces
 	tp := newTwoPods(t, envOptions{})
 	d := tp.open()
 	wa := tp.workloadOf(d, tp.a)
@@ -217,6 +218,7 @@ func cniCode(err error) (uint, string) {
 func TestCHECKFailsWhenDetached(t *testing.T) {
 	for _, mode := range []string{"tcx", "legacy"} {
 		t.Run(mode, func(t *testing.T) {
+			requireMode(t, mode)
 			e := newEnv(t, envOptions{conf: map[string]any{"attachMode": mode}})
 			p := e.addPod("default", "a", nil)
 			if err := e.node.CheckPod(e.ctx, p); err != nil {
@@ -386,6 +388,7 @@ func TestBadInputErrors(t *testing.T) {
 func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 	for _, mode := range []string{"tcx", "legacy"} {
 		t.Run(mode, func(t *testing.T) {
+			requireMode(t, mode)
 			tp := newTwoPods(t, envOptions{conf: map[string]any{"attachMode": mode}})
 			d := tp.open()
 			oldOrigin := progID(t, d.Origin)
@@ -463,6 +466,9 @@ func TestLegacyAttach(t *testing.T) {
 	}
 	for _, c := range trafficCases {
 		t.Run(c.name, func(t *testing.T) {
+			if c.vip {
+				requireConntrackKfuncs(t)
+			}
 			origin, seen, conn := tp.connect(c)
 			defer conn.Close()
 			rec, err := d.Lookup(seen)
@@ -494,6 +500,7 @@ func TestLegacyAttach(t *testing.T) {
 func TestBandwidthChainedBefore(t *testing.T) {
 	bw := map[string]any{"type": "bandwidth", "ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000}
 	t.Run("tcx", func(t *testing.T) {
+		requireMode(t, "tcx")
 		tp := newTwoPods(t, envOptions{before: []map[string]any{bw}})
 		d := tp.open()
 		out, _ := tp.node.Run(tp.ctx, "tc", "qdisc", "show", "dev", tp.a.HostVeth)

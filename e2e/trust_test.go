@@ -377,6 +377,7 @@ func (e *env) withConntrack() {
 // with a wrong sequence number leaves the record; the peer's real RST
 // removes it.
 func TestDeliverySideClosesNeedConntrack(t *testing.T) {
+	requireConntrackKfuncs(t)
 	e := newEnv(t, envOptions{})
 	e.withConntrack()
 	a := e.addPod("shop", "client", nil)
@@ -449,6 +450,7 @@ func TestDeliverySideClosesNeedConntrack(t *testing.T) {
 // pktmeta could see (here: conntrack forgot it) is removed by the sweep
 // once conntrack no longer has it; a live one is kept.
 func TestSweepAsksConntrack(t *testing.T) {
+	requireConntrackKfuncs(t)
 	e := newEnv(t, envOptions{})
 	e.withConntrack()
 	a := e.addPod("shop", "client", nil)

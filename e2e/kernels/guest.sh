@@ -57,9 +57,17 @@ while IFS=$'\t' read -r name bin args; do
 	[[ -z "$name" || "$name" == \#* ]] && continue
 	echo "== $name"
 	start=$(date +%s)
-	# shellcheck disable=SC2086 # args is a list of flags
-	(cd "$scratch/work" && "$scratch/bin/$bin" -test.v=test2json $args) 2>&1 |
-		"$scratch/bin/test2json" -t -p "$name" >"$scratch/results/$name.json"
+	args=${args//@RESULTS@/$scratch/results}
+	if [[ $bin == *.test ]]; then
+		# shellcheck disable=SC2086 # args is a list of flags
+		(cd "$scratch/work" && "$scratch/bin/$bin" -test.v=test2json $args) 2>&1 |
+			"$scratch/bin/test2json" -t -p "$name" >"$scratch/results/$name.json"
+	else
+		# A command (the benchmark): its output, and its exit status.
+		# shellcheck disable=SC2086
+		(cd "$scratch/work" && "$scratch/bin/$bin" $args) >"$scratch/results/$name.log" 2>&1
+		echo $? >"$scratch/results/$name.exit"
+	fi
 	echo "$name $(( $(date +%s) - start ))s" >>guest.info
 done <suite.tsv
 [[ ${PKTMETA_GUEST_NATIVE:-} == 1 ]] || dmesg >dmesg.txt

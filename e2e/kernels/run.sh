@@ -5,9 +5,14 @@
 # mode auto chose, tests passed/failed/skipped, and why each skip skipped.
 # The host's own kernel runs the same suite natively, first.
 #
-#   KERNELS="6.1 5.10"   which kernels of the matrix (default: all of them)
+#   KERNELS="6.1 5.10"   which kernels of the matrix (default: all of them;
+#                        KERNELS= runs the host's alone)
 #   KERNEL_RUN=regexp    only the suite entries whose name matches
 #   KERNEL_KEEP=1        keep the scratch directory (results, dmesg, logs)
+#   KERNEL_SUITE=file    another suite (make bench: e2e/kernels/bench.tsv)
+#   KERNEL_NATIVE=0      skip the host's own kernel
+#   KERNEL_OUT=dir       copy each kernel's results/*.out.json there as
+#                        kernel-NAME-*.json (make bench's figures)
 #
 # Fails when any kernel fails a test, does not finish, or the suite ran
 # nothing.
@@ -35,7 +40,7 @@ if ((${#need[@]})); then
 		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
 fi
 
-kernels=${KERNELS:-$(grep -v '^#' "$here/matrix.tsv" | cut -f1 | xargs)}
+kernels=${KERNELS-$(grep -v '^#' "$here/matrix.tsv" | cut -f1 | xargs)}
 # Each kernel's directory in the cache first: a download or a bad digest
 # fails here, before anything is built.
 declare -A kdir
@@ -60,14 +65,29 @@ trap 'exit 130' INT TERM
 # them from the scratch dir with the host's CNI plugins and pktmeta builds.
 log "building the suite"
 mkdir -p "$scratch/bin"
-grep -v '^#' "$here/suite.tsv" | cut -f2,3 | sort -u | while IFS=$'\t' read -r bin pkg; do
-	[[ -f $scratch/bin/$bin ]] || go test -c -o "$scratch/bin/$bin" "$pkg"
+suite=${KERNEL_SUITE:-$here/suite.tsv}
+grep -v '^#' "$suite" | cut -f2,3 | sort -u | while IFS=$'\t' read -r bin pkg; do
+	[[ -f $scratch/bin/$bin ]] && continue
+	case "$bin" in
+	*.test) go test -c -o "$scratch/bin/$bin" "$pkg" ;;
+	*) go build -o "$scratch/bin/$bin" "$pkg" ;;
+	esac
 done
 go build -o "$scratch/bin/test2json" cmd/test2json
 go build -o "$scratch/bin/summary" ./e2e/kernels/summary
+# The binaries under test, from this tree: never a stale bin/.
+for cmd in pktmeta pktmetactl pktmeta-agent pktmeta-demo; do
+	go build -trimpath -o "$scratch/bin/$cmd" "./cmd/$cmd"
+done
+[[ -x $repo/bin/cni/ptp ]] || die "no CNI reference plugins in bin/cni: run make cni-plugins (make test-kernels does)"
 
-suite_for() { # the suite.tsv lines KERNEL_RUN selects, as guest.sh reads them
-	grep -v '^#' "$here/suite.tsv" | awk -F'\t' -v re="${KERNEL_RUN:-.}" '$1 ~ re { print $1 "\t" $2 "\t" $4 }'
+# The suite.tsv lines a kernel runs (its matrix entry's pick, and
+# KERNEL_RUN's), as guest.sh reads them.
+suite_for() {
+	local pick=.
+	[[ $1 == host ]] || pick=$(grep -v '^#' "$here/matrix.tsv" | awk -F'\t' -v n="$1" '$1 == n { print $6 }')
+	grep -v '^#' "$suite" |
+		awk -F'\t' -v pick="${pick:-.}" -v re="${KERNEL_RUN:-.}" '$1 ~ pick && $1 ~ re { print $1 "\t" $2 "\t" $4 }'
 }
 
 # One guest's run directory: suite, results, the dmesg, a work dir.
@@ -75,22 +95,24 @@ newrun() {
 	local run=$scratch/$1
 	mkdir -p "$run/results" "$run/work"
 	ln -s ../bin "$run/bin"
-	suite_for >"$run/suite.tsv"
-	printf 'export PKTMETA_BIN=%q PKTMETA_CNI_BIN=%q\n' "$repo/bin" "$repo/bin/cni" >"$run/env"
+	suite_for "$1" >"$run/suite.tsv"
+	printf 'export PKTMETA_BIN=%q PKTMETA_CNI_BIN=%q\n' "$scratch/bin" "$repo/bin/cni" >"$run/env"
 	echo "$run"
 }
 
 status=0
 lines=()
 
-run=$(newrun host)
-log "host kernel $(uname -r), natively"
-PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 "$here/guest.sh" >"$run/console.log" 2>&1 || true
-if line=$("$scratch/bin/summary" -kernel "host $(uname -r)" "$run"); then
-	lines+=("$line")
-else
-	lines+=("$line")
-	status=1
+if [[ ${KERNEL_NATIVE:-1} != 0 ]]; then
+	run=$(newrun host)
+	log "host kernel $(uname -r), natively"
+	PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 "$here/guest.sh" >"$run/console.log" 2>&1 || true
+	if line=$("$scratch/bin/summary" -kernel "host $(uname -r)" "$run"); then
+		lines+=("$line")
+	else
+		lines+=("$line")
+		status=1
+	fi
 fi
 
 for k in $kernels; do
@@ -113,6 +135,14 @@ for k in $kernels; do
 	wait "$qemu_pid" || true
 	qemu_pid=
 	echo "wall $(( $(date +%s) - start ))s" >>"$run/guest.info"
+	if [[ -n ${KERNEL_OUT:-} ]]; then
+		for f in "$run"/results/*.out.json; do
+			[[ -f $f ]] && cp "$f" "$KERNEL_OUT/kernel-$k-$(basename "$f" .out.json).json"
+		done
+		for f in "$run"/results/*.log; do
+			[[ -f $f ]] && { echo "== kernel $k: $(basename "$f" .log)"; cat "$f"; }
+		done
+	fi
 	if line=$("$scratch/bin/summary" -kernel "$k $(cat "$d/kver")" "$run"); then
 		lines+=("$line")
 	else

@@ -16,6 +16,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -36,6 +37,7 @@ type result struct {
 	passed, failed, skipped []string
 	skips                   map[string]string // test -> reason
 	features                string
+	took                    string   // the guest's wall time, boot to power-off
 	problems                []string // entries that did not finish
 }
 
@@ -72,6 +74,9 @@ func (r *result) line(kernel string) string {
 		b.WriteString(r.features + "; ")
 	}
 	fmt.Fprintf(&b, "%d passed, %d failed, %d skipped", len(r.passed), len(r.failed), len(r.skipped))
+	if r.took != "" {
+		fmt.Fprintf(&b, " in %s", r.took)
+	}
 	if len(r.failed) > 0 {
 		fmt.Fprintf(&b, "; failed: %s", strings.Join(r.failed, ", "))
 	}
@@ -79,11 +84,20 @@ func (r *result) line(kernel string) string {
 		fmt.Fprintf(&b, "; %s", p)
 	}
 	if len(r.skipped) > 0 {
-		var why []string
+		// Grouped by reason: a kernel without a feature skips several
+		// tests for the same one.
+		var reasons []string
+		byReason := map[string][]string{}
 		for _, t := range r.skipped {
-			why = append(why, fmt.Sprintf("%s (%s)", t, r.skips[t]))
+			why := r.skips[t]
+			if byReason[why] == nil {
+				reasons = append(reasons, why)
+			}
+			byReason[why] = append(byReason[why], t)
 		}
-		fmt.Fprintf(&b, "; skipped: %s", strings.Join(why, ", "))
+		for _, why := range reasons {
+			fmt.Fprintf(&b, "; skipped, %s: %s", why, strings.Join(byReason[why], ", "))
+		}
 	}
 	return b.String()
 }
@@ -94,7 +108,12 @@ func summarize(dir string) (*result, error) {
 		return nil, fmt.Errorf("the guest never started the suite (%w); see %s", err, filepath.Join(dir, "console.log"))
 	}
 	r := &result{skips: map[string]string{}}
-	if !strings.Contains(string(info), "\ndone\n") {
+	for _, l := range strings.Split(string(info), "\n") {
+		if w, ok := strings.CutPrefix(l, "wall "); ok {
+			r.took = w
+		}
+	}
+	if !slices.Contains(strings.Split(string(info), "\n"), "done") {
 		r.problems = append(r.problems, "the guest did not finish the suite (timeout or crash; see console.log)")
 	}
 	suite, err := os.ReadFile(filepath.Join(dir, "suite.tsv"))
@@ -102,8 +121,12 @@ func summarize(dir string) (*result, error) {
 		return nil, err
 	}
 	for _, l := range strings.Split(strings.TrimSpace(string(suite)), "\n") {
-		name, _, _ := strings.Cut(l, "\t")
+		name, rest, _ := strings.Cut(l, "\t")
 		if name == "" {
+			continue
+		}
+		if bin, _, _ := strings.Cut(rest, "\t"); !strings.HasSuffix(bin, ".test") {
+			r.command(dir, name)
 			continue
 		}
 		if err := r.read(filepath.Join(dir, "results", name+".json")); err != nil {
@@ -187,6 +210,20 @@ func (r *result) read(path string) error {
 		return fmt.Errorf("the test binary failed outside a test")
 	}
 	return nil
+}
+
+// command adds an entry that is a command, not a test binary: it passed
+// when it exited 0.
+func (r *result) command(dir, name string) {
+	b, err := os.ReadFile(filepath.Join(dir, "results", name+".exit"))
+	switch {
+	case err != nil:
+		r.problems = append(r.problems, fmt.Sprintf("%s: did not finish", name))
+	case strings.TrimSpace(string(b)) == "0":
+		r.passed = append(r.passed, name)
+	default:
+		r.failed = append(r.failed, fmt.Sprintf("%s (exit %s; see results/%s.log)", name, strings.TrimSpace(string(b)), name))
+	}
 }
 
 func anySubFailed(final map[string]string, parent string) bool {
