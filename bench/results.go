@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -110,6 +111,25 @@ func (r *Report) compare() {
 	}
 }
 
+// ratiosOnly turns every per-packet figure into its ratio to the floor of
+// the same run and drops the nanoseconds: under emulation only how one
+// program compares with another run beside it means anything.
+func (r *Report) ratiosOnly() {
+	floor := r.find(nameFloor)
+	if floor == nil || floor.Median <= 0 {
+		return
+	}
+	f := floor.Median
+	for i := range r.Results {
+		res := &r.Results[i]
+		if res.Unit != "ns/pkt" {
+			continue
+		}
+		res.Median, res.Min, res.Max = res.Median/f, res.Min/f, res.Max/f
+		res.Unit, res.OverFloor, res.Ratio, res.Baseline = "x floor", nil, 0, ""
+	}
+}
+
 func (r *Report) writeJSON(path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
@@ -122,6 +142,9 @@ func (r *Report) writeJSON(path string) error {
 }
 
 func (r *Report) printSection(w io.Writer, section, title string) {
+	if !slices.ContainsFunc(r.Results, func(res Result) bool { return res.Section == section }) {
+		return // not run (--only, --emulated)
+	}
 	fmt.Fprintf(w, "\n== %s\n", title)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "measurement\tmedian\tmin\tmax\tunit\truns\tover floor\tvs baseline\tvs data_meta\t")
