@@ -83,11 +83,12 @@ fi
 for ((i = ${#NODE_PROCESSES[@]} - 1; i >= 0; i--)); do
 	stop "${NODE_PROCESSES[i]}" 20
 done
-# Shims of our containerd (they name its socket) and container processes
-# (in the /kubepods cgroups) outlive it.
+# Shims of our containerd's CRI (they name its socket and the k8s.io
+# namespace: Docker on the same socket uses "moby", and its containers are
+# left alone) and container processes (in the /kubepods cgroups) outlive it.
 for d in /proc/[0-9]*; do
 	c=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null) || continue
-	[[ $c == *containerd-shim-runc-v2\ * && $c == *"-address $CTR_SOCK "* ]] || continue
+	[[ $c == *containerd-shim-runc-v2\ * && $c == *"-namespace k8s.io "* && $c == *"-address $CTR_SOCK "* ]] || continue
 	e2e_log "killing leftover shim ${d#/proc/}"
 	kill -KILL "${d#/proc/}" 2>/dev/null
 done
