@@ -236,10 +236,11 @@ func (n *nodeProbe) status(t *testing.T) nodeStatus {
 }
 
 type httpResult struct {
-	OK     bool   `json:"ok"`
-	Status int    `json:"status"`
-	Err    string `json:"err"`
-	Body   string `json:"body"`
+	OK        bool   `json:"ok"`
+	Status    int    `json:"status"`
+	Err       string `json:"err"`
+	Body      string `json:"body"`
+	Truncated bool   `json:"truncated"`
 }
 
 // httpGet fetches a URL from a pod (the probe: the node's network).
@@ -252,6 +253,9 @@ func (c *cluster) httpGet(t *testing.T, ns, pod, url string) httpResult {
 	var r httpResult
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatalf("http-get: %v in %q", err, out)
+	}
+	if r.Truncated {
+		t.Fatalf("http-get %s: the body was cut at %d bytes", url, len(r.Body))
 	}
 	return r
 }

@@ -226,14 +226,14 @@ func (s *suite) identity(t *testing.T) {
 	})
 	client := s.c.runPod(t, s.ns, podSpec{
 		name:        "client",
-		args:        []string{"dial", "--tcp", s.webAddr(8080), "--count", "1"},
+		args:        []string{"dial", "--tcp", s.webAddr(t, 8080), "--count", "1"},
 		labels:      map[string]string{"app.kubernetes.io/name": "client", "app.kubernetes.io/component": "frontend"},
 		annotations: map[string]string{"pktmeta.dev/team": "payments"},
 	})
 	local := s.c.waitEvent(t, s.ns, "client", "connected", 1)[0]["local"].(string)
 	sandbox := s.probe.sandboxID(t, client)
 	poll(t, "client's connection tagged with what the kubelet and the API server say", 2*time.Minute, func() error {
-		c, ok := findConn(s.probe.conns(t), "tcp", local, s.webAddr(8080))
+		c, ok := findConn(s.probe.conns(t), "tcp", local, s.webAddr(t, 8080))
 		if !ok {
 			return errNotYet
 		}
@@ -255,7 +255,13 @@ func (s *suite) identity(t *testing.T) {
 	})
 }
 
-func (s *suite) webAddr(port int) string {
+// webAddr is the address of step 2's web pod; a step that needs it skips
+// when step 2 failed to start it (step 2's failure fails the run).
+func (s *suite) webAddr(t *testing.T, port int) string {
+	t.Helper()
+	if s.web == nil {
+		t.Skip("step 2's web pod does not exist (step 2 failed): this step needs it")
+	}
 	return net.JoinHostPort(s.web.Status.PodIP, strconv.Itoa(port))
 }
 
@@ -269,12 +275,12 @@ func (s *suite) services(t *testing.T) {
 	t.Run("tcp", func(t *testing.T) {
 		pod := s.c.runPod(t, s.ns, podSpec{name: "svc-tcp", args: []string{"dial", "--tcp", net.JoinHostPort(s.webSvc, "80"), "--count", "1", "--every", "1s"}})
 		local := s.c.waitEvent(t, s.ns, pod.Name, "connected", 1)[0]["local"].(string)
-		s.wantNAT(t, "tcp", pod, local, net.JoinHostPort(s.webSvc, "80"), s.webAddr(8080))
+		s.wantNAT(t, "tcp", pod, local, net.JoinHostPort(s.webSvc, "80"), s.webAddr(t, 8080))
 	})
 	t.Run("udp", func(t *testing.T) {
 		pod := s.c.runPod(t, s.ns, podSpec{name: "svc-udp", args: []string{"udp", "--addr", net.JoinHostPort(s.dnsSvc, "53"), "--count", "3", "--every", "1s", "--hold", "-1s"}})
 		local := s.c.waitEvent(t, s.ns, pod.Name, "answered", 1)[0]["local"].(string)
-		s.wantNAT(t, "udp", pod, local, net.JoinHostPort(s.dnsSvc, "53"), s.webAddr(5353))
+		s.wantNAT(t, "udp", pod, local, net.JoinHostPort(s.dnsSvc, "53"), s.webAddr(t, 5353))
 	})
 }
 
@@ -416,11 +422,11 @@ func (s *suite) conflistRewritten(t *testing.T) {
 // connection's record names it.
 func (s *suite) newPodTagged(t *testing.T, name string) *corev1.Pod {
 	t.Helper()
-	pod := s.c.runPod(t, s.ns, podSpec{name: name, args: []string{"dial", "--tcp", s.webAddr(8080), "--count", "1"}})
+	pod := s.c.runPod(t, s.ns, podSpec{name: name, args: []string{"dial", "--tcp", s.webAddr(t, 8080), "--count", "1"}})
 	local := s.c.waitEvent(t, s.ns, name, "connected", 1)[0]["local"].(string)
 	sandbox := s.probe.sandboxID(t, pod)
 	poll(t, name+"'s connection tagged", 2*time.Minute, func() error {
-		c, ok := findConn(s.probe.conns(t), "tcp", local, s.webAddr(8080))
+		c, ok := findConn(s.probe.conns(t), "tcp", local, s.webAddr(t, 8080))
 		if !ok {
 			return errNotYet
 		}
@@ -771,7 +777,7 @@ func (s *suite) uninstall(t *testing.T) {
 		}
 	}
 	// New pods start and talk without pktmeta.
-	plain := s.c.runPod(t, s.ns, podSpec{name: "plain", args: []string{"dial", "--tcp", s.webAddr(8080), "--count", "1"}})
+	plain := s.c.runPod(t, s.ns, podSpec{name: "plain", args: []string{"dial", "--tcp", s.webAddr(t, 8080), "--count", "1"}})
 	s.c.waitEvent(t, s.ns, plain.Name, "connected", 1)
 
 	t.Run("install_again", func(t *testing.T) {

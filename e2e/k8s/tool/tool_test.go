@@ -759,7 +759,11 @@ func TestHTTPGet(t *testing.T) {
 		t.Fatalf("exit %d, %v", code, lines)
 	}
 	code, lines, _ = runSync(t, "", "http-get", "--token-file", tok, srv.URL)
-	if h := lines[0]; code != 0 || h["ok"] != true || h["status"] != 200.0 || len(h["body"].(string)) != 4096 || h["err"] != "" {
+	if h := lines[0]; code != 0 || h["ok"] != true || h["status"] != 200.0 || len(h["body"].(string)) != 5000 || h["truncated"] != false || h["err"] != "" {
+		t.Fatalf("exit %d, %v", code, lines)
+	}
+	code, lines, _ = runSync(t, "", "http-get", "--token-file", tok, "--max-body", "4096", srv.URL)
+	if h := lines[0]; code != 0 || h["ok"] != true || len(h["body"].(string)) != 4096 || h["truncated"] != true {
 		t.Fatalf("exit %d, %v", code, lines)
 	}
 	code, lines, _ = runSync(t, "", "http-get", "http://127.0.0.1:1/")

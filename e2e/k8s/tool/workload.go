@@ -399,6 +399,8 @@ func cmdHTTPGet(ctx context.Context, e *env, args []string) error {
 	timeout := flags.Duration("timeout", 3*time.Second, "limit of the whole request")
 	insecure := flags.Bool("insecure", false, "do not verify the server's TLS certificate (so a refusal is the server's, not ours)")
 	tokenFile := flags.String("token-file", "", "send the file's content as a bearer token (e.g. the pod's service account token)")
+	// A whole /metrics page: the line a test looks for may be anywhere in it.
+	maxBody := flags.Int64("max-body", 4<<20, "keep at most this many bytes of the body (the rest is read and dropped; truncated says so)")
 	pos, err := parseFlags(flags, args, 1)
 	if err != nil {
 		return err
@@ -431,7 +433,12 @@ func cmdHTTPGet(ctx context.Context, e *env, args []string) error {
 		return nil
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, *maxBody))
+	if err == nil {
+		var rest int64
+		rest, err = io.Copy(io.Discard, resp.Body)
+		res["truncated"] = rest > 0
+	}
 	res["status"] = resp.StatusCode
 	res["body"] = string(body)
 	res["err"] = errString(err)
