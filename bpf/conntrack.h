@@ -17,7 +17,7 @@
 #define IP_CT_DIR_ORIGINAL 0
 #define IP_CT_DIR_REPLY 1
 
-/* The 12-byte form every kernel since 6.0 accepts (newer ones also take a
+/* The 12-byte form every kernel since 5.18 accepts (newer ones also take a
  * 16-byte form with a zone). */
 struct bpf_ct_opts {
 	__s32 netns_id;
@@ -100,8 +100,8 @@ extern void bpf_ct_release(struct nf_conn *ct) __ksym __weak;
  * or nf_conntrack's once loaded): the loader sets it from the same BTF the
  * kfuncs are resolved against. Not bpf_ksym_exists(): cilium/ebpf encodes
  * the address load of a module's kfunc with the module's BTF fd index in
- * the instruction's offset, which Linux 6.1 rejects ("BPF_LD_IMM64 uses
- * reserved fields"). With 0 the verifier drops the calls as dead code. */
+ * the instruction's offset, which the verifier rejects ("BPF_LD_IMM64 uses
+ * reserved fields"; seen on 6.1 and 6.12). With 0 the verifier drops the calls as dead code. */
 volatile const __u32 pktmeta_have_ct_kfuncs = 0;
 
 #endif /* __PKTMETA_CONNTRACK_H__ */

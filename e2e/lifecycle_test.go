@@ -103,7 +103,6 @@ func TestSecondADDReusesPinnedPrograms(t *testing.T) {
 // records and aliases are gone after DEL; a second DEL and a DEL with a
 // gone netns succeed.
 func TestDELRemovesEveryTrace(t *testing.T) {
-	requireConntrackKfuncs(t) // a Service connection's alias is among the traces
 	tp := newTwoPods(t, envOptions{})
 	d := tp.open()
 	wa := tp.workloadOf(d, tp.a)
@@ -113,8 +112,9 @@ func TestDELRemovesEveryTrace(t *testing.T) {
 	defer tcpConn.Close()
 	udpConn := tp.dialUDP(tp.a, netip.AddrPortFrom(tp.b.IPv6, udpPort))
 	defer udpConn.Close()
-	aliases, _ := d.Aliases()
-	if len(aliases) == 0 {
+	// A Service connection's alias is among the traces, where the kernel
+	// has the conntrack kfuncs to resolve it.
+	if aliases, _ := d.Aliases(); len(aliases) == 0 && haveConntrackKfuncs(t) {
 		t.Fatal("no alias for the Service connection")
 	}
 

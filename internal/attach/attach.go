@@ -109,26 +109,39 @@ func Attach(ifindex int, progs Programs, mode Mode, linkDir string) (Result, err
 // attachTCXFunc is attachTCX; tests swap it to play a kernel without tcx.
 var attachTCXFunc = attachTCX
 
-// HaveTCX reports whether the kernel has tcx links (Linux 6.6), probed
-// once: a trivial program attached to an ifindex no device has fails with
-// ENODEV where tcx exists and is not supported where it does not.
-var HaveTCX = sync.OnceValue(func() bool {
+// HaveTCX reports whether the kernel has tcx links (Linux 6.6): a trivial
+// program attached to an ifindex no device has fails with ENODEV where tcx
+// exists and is not supported where it does not. Only a definite answer
+// is kept; one the probe could not give (no program could be loaded) is
+// "yes", so that callers go on to ask the kernel themselves rather than
+// take a failure for a kernel without tcx.
+func HaveTCX() bool {
+	haveTCX.Lock()
+	defer haveTCX.Unlock()
+	if haveTCX.known {
+		return haveTCX.have
+	}
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Type:         ebpf.SchedCLS,
 		License:      "Dual BSD/GPL",
 		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
 	})
 	if err != nil {
-		return false
+		return true
 	}
 	defer prog.Close()
 	l, err := link.AttachTCX(link.TCXOptions{Interface: math.MaxInt32, Program: prog, Attach: ebpf.AttachTCXIngress})
 	if err == nil {
 		l.Close()
-		return true
 	}
-	return !errors.Is(err, ebpf.ErrNotSupported)
-})
+	haveTCX.known, haveTCX.have = true, !errors.Is(err, ebpf.ErrNotSupported)
+	return haveTCX.have
+}
+
+var haveTCX struct {
+	sync.Mutex
+	known, have bool
+}
 
 func linkPath(linkDir string, h Hook) string { return filepath.Join(linkDir, string(h)) }
 

@@ -4,22 +4,22 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
-	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
-	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
 
 // MinKernel is the oldest Linux the datapath loads on. What sets it is
 // bpf_for_each_map_elem (5.13), which the in-kernel sweep needs; BPF
 // compare-and-exchange (5.12), which every claim on a record needs, and
-// bpf_ktime_get_coarse_ns (5.11) come before it. make test-kernels boots
-// 5.10 to show the refusal and 5.15/6.1 to show the rest working.
+// bpf_ktime_get_coarse_ns (5.11, also the first with BPF memory charged to
+// memcg instead of RLIMIT_MEMLOCK) come before it. make test-kernels boots
+// 5.10 to show the refusal; the oldest kernel it shows working is 5.15.
 const MinKernel = "5.13"
 
 // ErrKernelTooOld is returned by Open on a kernel older than MinKernel.
@@ -31,8 +31,10 @@ type KernelFeatures struct {
 	// TCX: tcx links (6.6). Without them attach mode auto uses clsact +
 	// cls_bpf, which is then the main path, not a fallback.
 	TCX bool
-	// ConntrackKfuncs: bpf_skb_ct_lookup and bpf_ct_release resolve (6.0,
-	// with nf_conntrack built in or loaded). Without them the programs
+	// ConntrackKfuncs: bpf_skb_ct_lookup and bpf_ct_release resolve, and
+	// bpf_ct_opts reports the direction (5.19; the kfuncs alone came in
+	// 5.18, where dir reads ORIGINAL for every packet), with nf_conntrack
+	// built in or loaded. Without them the programs
 	// still load (the calls are weak), but Service NAT is not resolved,
 	// closes seen at delivery hooks are not verified and the sweep cannot
 	// ask conntrack.
@@ -43,25 +45,9 @@ type KernelFeatures struct {
 func (k KernelFeatures) Missing() []string {
 	var m []string
 	if !k.ConntrackKfuncs {
-		m = append(m, "no conntrack kfuncs (bpf_skb_ct_lookup: Linux 6.0 with nf_conntrack): Service NAT is not resolved, closes at the destination are not verified (unverifiedCloses), the sweep cannot ask conntrack")
+		m = append(m, "no conntrack kfuncs (bpf_skb_ct_lookup with bpf_ct_opts.dir: Linux 5.19, with nf_conntrack): Service NAT is not resolved, closes at the destination are not verified (unverifiedCloses), the sweep cannot ask conntrack")
 	}
 	return m
-}
-
-var (
-	memlockOnce sync.Once
-	memlockErr  error
-)
-
-// prepareKernel makes a load possible where the kernel needs help: before
-// 5.11 BPF memory is charged to RLIMIT_MEMLOCK (64 KiB by default), which
-// the tables exceed. rlimit.RemoveMemlock raises it only on such kernels.
-func prepareKernel() error {
-	memlockOnce.Do(func() { memlockErr = rlimit.RemoveMemlock() })
-	if memlockErr != nil {
-		return fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps (kernel before 5.11): %w", memlockErr)
-	}
-	return nil
 }
 
 // requiredFeatures refuses a kernel the datapath cannot run on, naming
@@ -95,23 +81,44 @@ func requiredFeatures() error {
 // the way any conntrack tool gets it: a ctnetlink request makes the
 // kernel load nf_conntrack_netlink and with it nf_conntrack (no modprobe
 // binary is needed in the caller's container).
-func probeConntrackKfuncs() bool {
+func probeConntrackKfuncs(log *slog.Logger) bool {
 	if _, err := os.Stat("/sys/module/nf_conntrack"); errors.Is(err, os.ErrNotExist) {
-		_ = RequestConntrackModule()
-	}
-	const kfunc = "bpf_skb_ct_lookup"
-	var fn *btf.Func
-	if spec, err := btf.LoadKernelSpec(); err == nil {
-		if spec.TypeByName(kfunc, &fn) == nil {
-			return true
+		if err := RequestConntrackModule(); err != nil {
+			log.Warn("could not have the kernel load nf_conntrack", "err", err)
 		}
 	}
-	if spec, err := btf.LoadKernelModuleSpec("nf_conntrack"); err == nil {
-		if spec.TypeByName(kfunc, &fn) == nil {
-			return true
+	for _, spec := range kernelBTF() {
+		var fn *btf.Func
+		var opts *btf.Struct
+		if spec.TypeByName("bpf_skb_ct_lookup", &fn) != nil || spec.TypeByName("bpf_ct_opts", &opts) != nil {
+			continue
 		}
+		// 5.18's bpf_ct_opts has no dir: every packet would look like
+		// the original direction, and NAT would resolve the wrong way.
+		for _, m := range opts.Members {
+			if m.Name == "dir" {
+				return true
+			}
+		}
+		log.Warn("the conntrack kfuncs do not report the direction (Linux 5.18): not using them")
+		return false
 	}
 	return false
+}
+
+// kernelBTF is the BTF the loader resolves kfuncs against: vmlinux's, and
+// nf_conntrack's where it is a loaded module.
+func kernelBTF() []*btf.Spec {
+	var specs []*btf.Spec
+	if spec, err := btf.LoadKernelSpec(); err == nil {
+		specs = append(specs, spec)
+	}
+	if _, err := os.Stat("/sys/kernel/btf/nf_conntrack"); err == nil {
+		if spec, err := btf.LoadKernelModuleSpec("nf_conntrack"); err == nil {
+			specs = append(specs, spec)
+		}
+	}
+	return specs
 }
 
 // RequestConntrackModule has the kernel load nf_conntrack where it is a

@@ -378,9 +378,6 @@ func ensure(o Options) (OpenResult, error) {
 func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	// A kernel the programs cannot run on is refused before anything is
 	// created.
-	if err := prepareKernel(); err != nil {
-		return err
-	}
 	if err := requiredFeatures(); err != nil {
 		return err
 	}
@@ -389,7 +386,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 			return fmt.Errorf("create %s: %w", dir, err)
 		}
 	}
-	kf := KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: probeConntrackKfuncs()}
+	kf := KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: probeConntrackKfuncs(o.Log)}
 	o.Log.Info("kernel features", "kernel", KernelRelease(), "tcx", kf.TCX, "conntrackKfuncs", kf.ConntrackKfuncs)
 	for _, m := range kf.Missing() {
 		o.Log.Warn("the datapath runs without a kernel feature", "kernel", KernelRelease(), "missing", m)

@@ -43,6 +43,7 @@ type result struct {
 
 func main() {
 	kernel := flag.String("kernel", "", "the kernel's name for the line")
+	expect := flag.String("expect", "", "how TestKernelFeatures must find the kernel: the start of its features line")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: summary -kernel NAME RUN_DIR")
@@ -53,6 +54,7 @@ func main() {
 		fmt.Printf("%s: %v\n", *kernel, err)
 		os.Exit(1)
 	}
+	r.expect(*expect)
 	fmt.Println(r.line(*kernel))
 	if !r.ok() {
 		os.Exit(1)
@@ -210,6 +212,14 @@ func (r *result) read(path string) error {
 		return fmt.Errorf("the test binary failed outside a test")
 	}
 	return nil
+}
+
+// expect adds a problem when the kernel's features are not what the
+// matrix says the kernel has.
+func (r *result) expect(want string) {
+	if want != "" && !strings.HasPrefix(r.features, want) {
+		r.problems = append(r.problems, fmt.Sprintf("the matrix expects %q, the kernel was found %q", want, r.features))
+	}
 }
 
 // command adds an entry that is a command, not a test binary: it passed

@@ -82,3 +82,21 @@ func TestSummaryFailsWhatDidNotFinish(t *testing.T) {
 		})
 	}
 }
+
+// A kernel found with less than the matrix says it has fails, even when
+// every test passed or skipped.
+func TestSummaryChecksTheExpectedFeatures(t *testing.T) {
+	dir := writeRun(t, "done\n", "e2e\te2e.test\t\n", map[string]string{"e2e.json": stream})
+	r, err := summarize(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.expect("attach=legacy tcx=no conntrack-kfuncs=yes")
+	if !r.ok() {
+		t.Fatalf("the expected features failed: %s", r.line("6.1"))
+	}
+	r.expect("attach=tcx")
+	if line := r.line("6.1"); r.ok() || !strings.Contains(line, `the matrix expects "attach=tcx"`) {
+		t.Fatalf("ok %v: %s", r.ok(), line)
+	}
+}
