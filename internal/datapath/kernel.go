@@ -34,10 +34,9 @@ type KernelFeatures struct {
 	// ConntrackKfuncs: bpf_skb_ct_lookup and bpf_ct_release resolve, and
 	// bpf_ct_opts reports the direction (5.19; the kfuncs alone came in
 	// 5.18, where dir reads ORIGINAL for every packet), with nf_conntrack
-	// built in or loaded. Without them the programs
-	// still load (the calls are weak), but Service NAT is not resolved,
-	// closes seen at delivery hooks are not verified and the sweep cannot
-	// ask conntrack.
+	// built in or loaded. Without them the programs still load (the calls
+	// are weak), but Service NAT is not resolved, closes seen at delivery
+	// hooks are not verified and the sweep cannot ask conntrack.
 	ConntrackKfuncs bool
 }
 
