@@ -37,7 +37,11 @@ for i in "${!pool[@]}"; do
 	debs+=("$deb")
 	echo "${sha[$i]}  $deb" | sha256sum -c --status 2>/dev/null && continue
 	echo "prepare: downloading $(basename "$deb") from $archive" >&2
-	curl -fsS --retry 3 -m 1800 -o "$deb.part" "$base/${pool[$i]}"
+	if ! curl -fsS --retry 3 -m 1800 -o "$deb.part" "$base/${pool[$i]}"; then
+		rm -f "$deb.part"
+		echo "prepare: cannot download $base/${pool[$i]}: if the archive dropped this version, move the pin (matrix.tsv says how)" >&2
+		exit 1
+	fi
 	if ! echo "${sha[$i]}  $deb.part" | sha256sum -c --status; then
 		rm -f "$deb.part"
 		echo "prepare: $(basename "$deb") does not have the pinned sha256 ${sha[$i]}" >&2
