@@ -127,12 +127,20 @@ func summarize(dir string) (*result, error) {
 		if name == "" {
 			continue
 		}
-		if bin, _, _ := strings.Cut(rest, "\t"); !strings.HasSuffix(bin, ".test") {
+		bin, args, _ := strings.Cut(rest, "\t")
+		if !strings.HasSuffix(bin, ".test") {
 			r.command(dir, name)
 			continue
 		}
-		if err := r.read(filepath.Join(dir, "results", name+".json")); err != nil {
+		ran, err := r.read(filepath.Join(dir, "results", name+".json"))
+		if err != nil {
 			r.problems = append(r.problems, fmt.Sprintf("%s: %v", name, err))
+			continue
+		}
+		for _, t := range namedTests(args) {
+			if !ran[t] {
+				r.problems = append(r.problems, fmt.Sprintf("%s: %s did not run (renamed or gone? suite.tsv names it)", name, t))
+			}
 		}
 	}
 	sort.Strings(r.passed)
@@ -143,10 +151,10 @@ func summarize(dir string) (*result, error) {
 
 // read adds one entry's leaf tests: a test with subtests counts through
 // its subtests only.
-func (r *result) read(path string) error {
+func (r *result) read(path string) (ran map[string]bool, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return fmt.Errorf("no result: %w", err)
+		return nil, fmt.Errorf("no result: %w", err)
 	}
 	defer f.Close()
 	final := map[string]string{}
@@ -160,7 +168,7 @@ func (r *result) read(path string) error {
 			if errors.Is(err, io.EOF) {
 				break
 			}
-			return fmt.Errorf("reading %s: %w", path, err)
+			return nil, fmt.Errorf("reading %s: %w", path, err)
 		}
 		if e.Test == "" {
 			if e.Action == "pass" || e.Action == "fail" {
@@ -206,10 +214,37 @@ func (r *result) read(path string) error {
 		}
 	}
 	if pkgDone == "" {
-		return fmt.Errorf("the test binary did not finish")
+		return nil, fmt.Errorf("the test binary did not finish")
 	}
 	if pkgDone == "fail" && len(r.failed) == 0 {
-		return fmt.Errorf("the test binary failed outside a test")
+		return nil, fmt.Errorf("the test binary failed outside a test")
+	}
+	ran = map[string]bool{}
+	for t := range final {
+		ran[t] = true
+	}
+	return ran, nil
+}
+
+// namedTests are the top-level tests an entry's -test.run names when it
+// is a plain list (^(TestA|TestB)$ or ^TestA$): each must have run.
+func namedTests(args string) []string {
+	for _, a := range strings.Fields(args) {
+		re, ok := strings.CutPrefix(a, "-test.run=")
+		if !ok {
+			continue
+		}
+		re = strings.TrimSuffix(strings.TrimPrefix(re, "^"), "$")
+		re = strings.TrimSuffix(strings.TrimPrefix(re, "("), ")")
+		names := strings.Split(re, "|")
+		for _, n := range names {
+			if n == "" || strings.ContainsFunc(n, func(c rune) bool {
+				return !(c == '_' || c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z')
+			}) {
+				return nil // a real regexp: nothing to check by name
+			}
+		}
+		return names
 	}
 	return nil
 }

@@ -36,7 +36,7 @@ const stream = `{"Action":"start","Package":"e2e"}
 `
 
 func TestSummaryCountsLeavesAndGivesSkipReasons(t *testing.T) {
-	dir := writeRun(t, "kernel 6.1\ndone\n", "e2e\te2e.test\t-test.run=x\n", map[string]string{"e2e.json": stream})
+	dir := writeRun(t, "kernel 6.1\ndone\n", "e2e\te2e.test\t-test.run=^(TestKernelFeatures|TestUpgrade)$\n", map[string]string{"e2e.json": stream})
 	r, err := summarize(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -98,5 +98,27 @@ func TestSummaryChecksTheExpectedFeatures(t *testing.T) {
 	r.expect("attach=tcx")
 	if line := r.line("6.1"); r.ok() || !strings.Contains(line, `the matrix expects "attach=tcx"`) {
 		t.Fatalf("ok %v: %s", r.ok(), line)
+	}
+}
+
+// A test suite.tsv names that no longer exists is a failure, not a
+// quietly smaller suite.
+func TestSummaryNeedsEveryNamedTest(t *testing.T) {
+	for _, c := range []struct {
+		args string
+		ok   bool
+	}{
+		{"-test.run=^(TestKernelFeatures|TestUpgrade)$ -test.timeout=1m", true},
+		{"-test.run=^TestKernelFeatures$", true},
+		{"-test.run=^(TestKernelFeatures|TestRenamed)$", false},
+		{"-test.run=Test.* -test.timeout=1m", true}, // a regexp: not checked by name
+	} {
+		r, err := summarize(writeRun(t, "done\n", "e2e\te2e.test\t"+c.args+"\n", map[string]string{"e2e.json": stream}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if line := r.line("k"); r.ok() != c.ok || (!c.ok && !strings.Contains(line, "TestRenamed did not run")) {
+			t.Errorf("%s: ok %v, want %v: %s", c.args, r.ok(), c.ok, line)
+		}
 	}
 }
