@@ -281,13 +281,15 @@ func Query(ifindex int) (Attached, error) {
 		hook Hook
 		typ  ebpf.AttachType
 	}{{Ingress, ebpf.AttachTCXIngress}, {Egress, ebpf.AttachTCXEgress}} {
-		if !HaveTCX() {
-			// Before 6.6 the query fails with EINVAL, not "not
-			// supported": there is nothing to find.
+		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.typ})
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, ebpf.ErrNotSupported) {
+			// Before 6.6 the kernel has no tcx attach types and answers
+			// EINVAL: there is nothing to find. (Asked per call rather
+			// than through HaveTCX, whose probe loads a program: an ADD
+			// on a legacy node queries once and should not pay that.)
 			break
 		}
-		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.typ})
-		if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		if err != nil {
 			return a, fmt.Errorf("query tcx %s of ifindex %d: %w", h.hook, ifindex, err)
 		}
 		if res != nil {

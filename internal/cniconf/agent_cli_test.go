@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/pktmeta/pktmeta/internal/testutil"
 	"github.com/pktmeta/pktmeta/plugin"
 )
 
@@ -307,7 +308,7 @@ func (n *node) killAtPoint(point string) {
 		n.t.Fatal(err)
 	}
 	paused := make(chan struct{})
-	out := &lockedBuffer{b: &bytes.Buffer{}}
+	out := &testutil.SyncBuffer{}
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
@@ -479,7 +480,7 @@ func TestInstallNoUsablePrimary(t *testing.T) {
 
 	// While it waits, the primary CNI writes its config: installed.
 	cmd := n.command(n.args("install", "--wait-for-primary", "2m"))
-	stderr := &lockedBuffer{b: &bytes.Buffer{}}
+	stderr := &testutil.SyncBuffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -497,23 +498,6 @@ func TestInstallNoUsablePrimary(t *testing.T) {
 	if has, _ := n.checkPrimary(); !has {
 		t.Error("not installed")
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  *bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func TestDefaultPluginBinary(t *testing.T) {
