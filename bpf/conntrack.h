@@ -61,6 +61,7 @@ struct nf_conntrack_tuple_hash {
 } __attribute__((preserve_access_index));
 
 /* TCP tracking state: enum tcp_conntrack (uapi nf_conntrack_tcp.h). */
+#define PKTMETA_CT_TCP_ESTABLISHED 3
 #define PKTMETA_CT_TCP_FIN_WAIT 4
 #define PKTMETA_CT_TCP_CLOSE_WAIT 5
 #define PKTMETA_CT_TCP_LAST_ACK 6

@@ -188,4 +188,80 @@ struct pktmeta_inbound_flow {
 	__u32 _pad;
 };
 
+/* ---- Across nodes. ---- */
+
+/* The pktmeta TCP option, on the SYN of a connection leaving the node for
+ * another cluster member: an RFC 6994 experimental option (kind 253, a
+ * 16-bit ExID), 20 bytes, all fields big-endian:
+ *
+ *   0      kind 253
+ *   1      length 20
+ *   2-3    ExID 0x706d ("pm")
+ *   4-9    version (high 4 bits) | origin conn_id (low 44 bits)
+ *   10-11  origin node id
+ *   12-15  origin workload id (on the origin node)
+ *   16-19  MAC: SipHash-2-4 under the cluster key of the tuple as sent,
+ *          the SYN's sequence number and bytes 4-15, truncated to 32 bits;
+ *          zero where the cluster has no key
+ *
+ * Appended to the SYN's options, never inside them, so that the receiver
+ * can cut it off again. */
+#define PKTMETA_TCPOPT_KIND 253
+#define PKTMETA_TCPOPT_LEN 20
+#define PKTMETA_TCPOPT_EXID 0x706d
+#define PKTMETA_TCPOPT_VERSION 1
+#define PKTMETA_TCPOPT_MAC_LEN 4
+/* TCP header: 20 bytes, plus at most 40 of options. */
+#define PKTMETA_TCP_MAX_OPTS 40
+
+/* Node flags. */
+#define PKTMETA_NODE_MAC (1U << 0) /* a cluster key is set: add MACs, and honour only options with a valid one */
+
+/* Map "pktmeta_node": one slot, written by userspace only (pktmetactl
+ * node). node_id 0: this node takes no part in carrying origins across
+ * nodes (options are still neutralised and stripped, never honoured).
+ * Map "pktmeta_remote_live", one __s64 slot the datapath alone writes,
+ * counts the remote records in the table against max_remote. */
+struct pktmeta_node_config {
+	__u8 version; /* PKTMETA_RECORD_VERSION */
+	__u8 _pad;
+	__u16 node_id;
+	__u32 flags; /* PKTMETA_NODE_* */
+	__u32 max_remote; /* remote records this node holds at once; 0: no limit */
+	__u32 _pad2;
+	__u64 key[2]; /* SipHash key, with PKTMETA_NODE_MAC */
+};
+
+/* Map "pktmeta_members" (LPM trie): the cluster's node addresses and pod
+ * CIDRs. Options go only to them, and are honoured only from them. IPv4
+ * prefixes are stored IPv4-mapped, with 96 added to the length. */
+struct pktmeta_member_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Map "pktmeta_xstats": per-CPU, one slot. The uplink programs' counters
+ * (a map of their own, so the pktmeta_counters layout stays as it was). */
+struct pktmeta_remote_counters {
+	__u64 out_syns; /* SYNs leaving through an uplink */
+	__u64 opt_added; /* options put on */
+	__u64 opt_no_room; /* SYNs that had no room for the option (or carried data): left as they were */
+	__u64 opt_neutralised; /* pktmeta options found on a leaving SYN (not ours): overwritten with NOPs */
+	__u64 out_no_record; /* SYNs to a member with no record (host traffic, untagged pods, NAT unresolved without the conntrack kfuncs) */
+	__u64 out_not_member; /* SYNs to a destination outside the cluster: no option */
+	__u64 in_syns; /* SYNs entering through an uplink */
+	__u64 in_options; /* of those, with a pktmeta option */
+	__u64 remote_tagged; /* remote records created */
+	__u64 untrusted; /* options from a source that is no cluster member: stripped, not honoured */
+	__u64 bad_mac; /* options whose MAC did not verify: stripped, not honoured */
+	__u64 malformed; /* unknown version, bad length, two options: stripped, not honoured */
+	__u64 stripped_nop; /* options that could not be cut off, overwritten with NOPs instead */
+	__u64 remote_retransmits; /* SYN for a remote record that already exists */
+	__u64 remote_over_budget; /* remote records refused: max_remote reached */
+	__u64 remote_table_full;
+	__u64 remote_not_party; /* option for a tuple a local record holds: not honoured */
+	__u64 node_off; /* options stripped on a node with no node id */
+	__u64 out_list_cut; /* leaving SYNs whose options end early (EOL, a bad length): no option added after them */
+};
+
 #endif /* __PKTMETA_DATAPATH_H__ */

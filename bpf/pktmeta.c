@@ -120,6 +120,41 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pktmeta_inbound SEC(".maps");
 
+/* Across nodes: this node's id and key, the cluster's members, and the
+ * uplink programs' counters (bpf/uplink.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pktmeta_node_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_node SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pktmeta_member_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_members SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pktmeta_remote_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_xstats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_remote_live SEC(".maps");
+
 /* Set only by `make bench`, to measure what source validation costs: a
  * frozen constant, so on a node (where it is 0) the verifier removes the
  * branch and the programs carry no trace of it. */
@@ -128,12 +163,29 @@ volatile const __u32 bench_no_source_check = 0;
 /* Keep these layouts in BTF for bpf2go. */
 const struct pktmeta_event *unused_event __attribute__((unused));
 const struct pktmeta_sweep_args *unused_sweep __attribute__((unused));
+const struct pktmeta_node_config *unused_node __attribute__((unused));
+const struct pktmeta_member_key *unused_member __attribute__((unused));
+const struct pktmeta_remote_counters *unused_xc __attribute__((unused));
 
 static __always_inline struct pktmeta_counters *counters(void)
 {
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&pktmeta_stats, &zero);
+}
+
+static __always_inline struct pktmeta_node_config *node_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&pktmeta_node, &zero);
+}
+
+static __always_inline __s64 *remote_live(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&pktmeta_remote_live, &zero);
 }
 
 static __always_inline struct pktmeta_config *config(void)
@@ -213,22 +265,41 @@ static __always_inline int tcp_closing(__u32 flags)
 
 /* ---- Per-pod state. ---- */
 
+/* Whether this node's workload opened r: workload ids are the node's own,
+ * and a remote record's belongs to another node. */
+static __always_inline int opened_by(const struct pktmeta_record *r, __u32 workload)
+{
+	return !(r->flags & PKTMETA_F_REMOTE) && r->origin_workload == workload;
+}
+
 /* The pod's own endpoint, if the record's origin is still registered. */
 static __always_inline struct pktmeta_endpoint *origin_endpoint(const struct pktmeta_record *r)
 {
 	__u32 ifindex = r->origin_ifindex;
-	struct pktmeta_endpoint *ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
+	struct pktmeta_endpoint *ep;
 
+	if (r->flags & PKTMETA_F_REMOTE)
+		return NULL;
+	ep = bpf_map_lookup_elem(&pktmeta_eps, &ifindex);
 	if (ep && ep->workload == r->origin_workload)
 		return ep;
 	return NULL;
 }
 
-/* A record of r's origin left the table. */
+/* A record of r's origin left the table: a pod's, or the node's budget
+ * for remote records. */
 static __always_inline void release_budget(const struct pktmeta_record *r)
 {
-	struct pktmeta_endpoint *ep = origin_endpoint(r);
+	struct pktmeta_endpoint *ep;
+	__s64 *live;
 
+	if (r->flags & PKTMETA_F_REMOTE) {
+		live = remote_live();
+		if (live)
+			__sync_fetch_and_add(live, -1);
+		return;
+	}
+	ep = origin_endpoint(r);
 	if (ep)
 		__sync_fetch_and_add(&ep->live, -1);
 }
@@ -606,7 +677,7 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		e = snapshot(&p->t, &old);
 		if (!e)
 			return; /* changing under us: leave it to the packet's retransmit */
-		if (old.origin_workload != ep->workload) {
+		if (!opened_by(&old, ep->workload)) {
 			/* Another workload's record on a tuple with our address: a
 			 * stale one of a pod that is gone may be replaced, a live
 			 * one is not ours to touch. */
@@ -638,7 +709,7 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_EXIST);
 		if (err)
 			clear_flags(e, old.conn_id, F_REPLACING);
-		if (!err && old.origin_workload != ep->workload) {
+		if (!err && !opened_by(&old, ep->workload)) {
 			release_budget(&old);
 			__sync_fetch_and_add(&ep->live, 1);
 		}
@@ -746,7 +817,7 @@ static __always_inline void close_from_pod(struct __sk_buff *skb, struct packet 
 	if (!find_for_close(&p->t, &ct))
 		return;
 	if (ct.from_origin)
-		party = ct.rec.origin_workload == ep->workload;
+		party = opened_by(&ct.rec, ep->workload);
 	else
 		/* The receiver's side; a receiver with no delivery hook is
 		 * never recorded as the peer. */
@@ -894,6 +965,25 @@ static __always_inline void syn_from_pod(struct __sk_buff *skb, struct packet *p
 	tag(skb, p, c, ep);
 }
 
+/* A pod answers the SYN of a connection a pod on another node opened: the
+ * handshake completed (a remote record has no origin veth on this node to
+ * see the SYN-ACK at). Only the pod it was delivered to counts. */
+static __always_inline void synack_from_pod(struct __sk_buff *skb, struct packet *p)
+{
+	struct close_target ct;
+	struct pktmeta_tuple rev;
+
+	/* The reverse of the answer is the tuple the pod saw: the record's
+	 * key, or an alias of it behind this node's DNAT. */
+	tuple_reverse(&rev, &p->t);
+	if (!find_one(&rev, &ct))
+		return;
+	if (!(ct.rec.flags & PKTMETA_F_REMOTE) || (ct.rec.flags & PKTMETA_F_ESTABLISHED) ||
+	    !(ct.rec.flags & PKTMETA_F_DELIVERED) || ct.rec.peer_ifindex != skb->ifindex)
+		return;
+	set_flags(ct.elem, ct.rec.conn_id, PKTMETA_F_ESTABLISHED);
+}
+
 static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 {
 	struct pktmeta_endpoint *ep = NULL;
@@ -943,6 +1033,8 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 			 * SYN|ACK is the answer to someone else's. */
 			if (!(flags & (TCP_FLAG_ACK | TCP_FLAG_FIN | TCP_FLAG_RST)))
 				syn_from_pod(skb, &p, c, ep);
+			else if ((flags & TCP_FLAG_ACK) && !(flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+				synack_from_pod(skb, &p);
 		} else if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
 			close_from_pod(skb, &p, c, ep);
 		}
@@ -1234,6 +1326,8 @@ int pktmeta_deliver(struct __sk_buff *skb)
 	return TCX_NEXT;
 }
 
+#include "uplink.h"
+
 /* ---- The sweep. ---- */
 
 struct sweep_state {
@@ -1261,7 +1355,7 @@ static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_re
 	__builtin_memcpy(&r, val, sizeof(r));
 	st->args.visited++;
 	age = st->now - r.first_seen_ns;
-	if (id && (r.origin_workload == id || r.peer_workload == id)) {
+	if (id && (opened_by(&r, id) || r.peer_workload == id)) {
 		removed = &st->args.removed_workload;
 	} else if (r.flags & PKTMETA_F_UDP) {
 		if (st->args.udp_idle_ns && (__s64)(st->now - r.last_seen_ns) > (__s64)st->args.udp_idle_ns)
@@ -1276,6 +1370,15 @@ static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_re
 				st->args.ct_checked++;
 				if (state > 0 && !(r.flags & PKTMETA_F_CT_SEEN))
 					set_flags(val, r.conn_id, PKTMETA_F_CT_SEEN);
+				/* A remote record sees no SYN-ACK where the connection
+				 * does not end in a pod of this node (a NodePort
+				 * forwarded on, a host service): conntrack's word that
+				 * the handshake completed stands in for it. */
+				if ((r.flags & PKTMETA_F_REMOTE) && !(r.flags & PKTMETA_F_ESTABLISHED) &&
+				    state >= PKTMETA_CT_TCP_ESTABLISHED && state <= PKTMETA_CT_TCP_TIME_WAIT) {
+					set_flags(val, r.conn_id, PKTMETA_F_ESTABLISHED);
+					r.flags |= PKTMETA_F_ESTABLISHED;
+				}
 				/* Over: closed or timing out in conntrack, or gone from
 				 * it after a sweep saw it there. Without that sighting,
 				 * a missing entry proves nothing (conntrack may not

@@ -41,7 +41,9 @@ func OpenIdentities(pinPath string) (*Identities, error) {
 }
 
 // Lookup returns the identity of a workload id; false when no pod on the
-// node has it (any more).
+// node has it (any more). A record with PKTMETA_F_REMOTE set names a
+// workload of another node (origin_node): its origin_workload is not this
+// node's, and must not be looked up here.
 func (i *Identities) Lookup(id uint32) (Identity, bool, error) {
 	w, ok, err := i.d.Workload(id)
 	if err != nil || !ok {

@@ -49,7 +49,7 @@
 #include <linux/types.h>
 
 #define PKTMETA_LAYOUT_VERSION 2
-#define PKTMETA_RECORD_VERSION 2
+#define PKTMETA_RECORD_VERSION 3
 
 /* Connection tuple, as a map key. IPv4 addresses are stored IPv4-mapped
  * (::ffff:a.b.c.d) so one map serves both families; the datapath never
@@ -74,10 +74,23 @@ struct pktmeta_tuple {
 #define PKTMETA_F_ESTABLISHED (1U << 5) /* TCP: the peer answered the SYN */
 #define PKTMETA_F_CT_SEEN     (1U << 6) /* a sweep found the connection in conntrack */
 #define PKTMETA_F_QUIET       (1U << 7) /* no events: the origin was over its event rate */
+#define PKTMETA_F_REMOTE      (1U << 8) /* opened on another node (origin_node); see below */
+
+/* conn_id of a remote record: this bit, the origin node in bits 44-59 and
+ * the origin node's own conn_id (its low 44 bits) below them. Local ids
+ * never have it set. */
+#define PKTMETA_CONN_REMOTE (1ULL << 63)
+#define PKTMETA_CONN_ORIGIN_BITS 44
 
 /* One record per connection, in map "pktmeta_conns", keyed by the tuple as
  * the origin pod sent it. Written at the connection's first packet; the
- * flags change afterwards, and the peer fields once, at delivery. */
+ * flags change afterwards, and the peer fields once, at delivery.
+ *
+ * A remote record (PKTMETA_F_REMOTE) is one a pod on another node opened:
+ * it is written where the first packet enters this node, keyed by the
+ * tuple as it arrived, from the pktmeta TCP option the origin node put on
+ * the SYN. Its origin_workload is a workload id of node origin_node, not
+ * of this one, and origin_ifindex is the interface it came in on. */
 struct pktmeta_record {
 	/* flags and conn_gen form one 64-bit word that pktmeta changes only
 	 * with a compare-and-swap: conn_gen (the low 32 bits of conn_id) makes
@@ -87,8 +100,9 @@ struct pktmeta_record {
 	__u32 conn_gen;
 	__u64 conn_id; /* unique on the node, never 0 */
 	__u8 version; /* PKTMETA_RECORD_VERSION */
-	__u8 _pad[3];
-	__u32 origin_workload; /* pktmeta workload id of the sender */
+	__u8 _pad;
+	__u16 origin_node; /* remote records: the origin's node id; 0 on this node's own */
+	__u32 origin_workload; /* pktmeta workload id of the sender (on origin_node if remote) */
 	__u32 origin_ifindex; /* host-side veth the first packet came from */
 	__u32 peer_workload; /* receiving workload once delivered, 0 if none */
 	__u32 peer_ifindex; /* host-side veth it was delivered to */

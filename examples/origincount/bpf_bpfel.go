@@ -34,7 +34,8 @@ type bpfPktmetaRecord struct {
 	ConnGen        uint32
 	ConnId         uint64
 	Version        uint8
-	Pad            [3]uint8
+	Pad            uint8
+	OriginNode     uint16
 	OriginWorkload uint32
 	OriginIfindex  uint32
 	PeerWorkload   uint32
@@ -64,6 +65,7 @@ const (
 	bpfMapCounts         = "counts"
 	bpfMapPktmetaAliases = "pktmeta_aliases"
 	bpfMapPktmetaConns   = "pktmeta_conns"
+	bpfMapRemote         = "remote"
 	bpfMapUnknown        = "unknown"
 	bpfProgOrigincount   = "origincount"
 )
@@ -121,6 +123,7 @@ type bpfMapSpecs struct {
 	Counts         *ebpf.MapSpec `ebpf:"counts"`
 	PktmetaAliases *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
 	PktmetaConns   *ebpf.MapSpec `ebpf:"pktmeta_conns"`
+	Remote         *ebpf.MapSpec `ebpf:"remote"`
 	Unknown        *ebpf.MapSpec `ebpf:"unknown"`
 }
 
@@ -154,6 +157,7 @@ type bpfMaps struct {
 	Counts         *ebpf.Map `ebpf:"counts"`
 	PktmetaAliases *ebpf.Map `ebpf:"pktmeta_aliases"`
 	PktmetaConns   *ebpf.Map `ebpf:"pktmeta_conns"`
+	Remote         *ebpf.Map `ebpf:"remote"`
 	Unknown        *ebpf.Map `ebpf:"unknown"`
 }
 
@@ -163,6 +167,7 @@ func (m *bpfMaps) Close() error {
 		m.Counts,
 		m.PktmetaAliases,
 		m.PktmetaConns,
+		m.Remote,
 		m.Unknown,
 	)
 }

@@ -134,6 +134,13 @@ func (c *Counter) Counts() (map[uint32]uint64, error) {
 	return out, it.Err()
 }
 
+// Remote returns how many connections pods on other nodes opened.
+func (c *Counter) Remote() (uint64, error) {
+	var n uint64
+	err := c.objs.Remote.Lookup(uint32(0), &n)
+	return n, err
+}
+
 // Unknown returns how many packets pktmeta had no record for.
 func (c *Counter) Unknown() (uint64, error) {
 	var n uint64

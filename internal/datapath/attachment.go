@@ -369,6 +369,23 @@ func pinName(s string) string {
 	return string(b)
 }
 
+// unpinName undoes pinName.
+func unpinName(s string) string {
+	var b []byte
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			var c byte
+			if _, err := fmt.Sscanf(s[i+1:i+3], "%02x", &c); err == nil {
+				b = append(b, c)
+				i += 2
+				continue
+			}
+		}
+		b = append(b, s[i])
+	}
+	return string(b)
+}
+
 // LinkPins lists the link pin directories (container/ifname), for leak
 // checks and status.
 func (d *Datapath) LinkPins() ([]string, error) {

@@ -107,13 +107,31 @@ type bpfPktmetaInboundFlow struct {
 	Pad     uint32
 }
 
+type bpfPktmetaMemberKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      [16]uint8
+}
+
+type bpfPktmetaNodeConfig struct {
+	_         structs.HostLayout
+	Version   uint8
+	Pad       uint8
+	NodeId    uint16
+	Flags     uint32
+	MaxRemote uint32
+	Pad2      uint32
+	Key       [2]uint64
+}
+
 type bpfPktmetaRecord struct {
 	_              structs.HostLayout
 	Flags          uint32
 	ConnGen        uint32
 	ConnId         uint64
 	Version        uint8
-	Pad            [3]uint8
+	Pad            uint8
+	OriginNode     uint16
 	OriginWorkload uint32
 	OriginIfindex  uint32
 	PeerWorkload   uint32
@@ -123,6 +141,29 @@ type bpfPktmetaRecord struct {
 	LastSeenNs     uint64
 	DeliveredNs    uint64
 	PeerTuple      bpfPktmetaTuple
+}
+
+type bpfPktmetaRemoteCounters struct {
+	_                 structs.HostLayout
+	OutSyns           uint64
+	OptAdded          uint64
+	OptNoRoom         uint64
+	OptNeutralised    uint64
+	OutNoRecord       uint64
+	OutNotMember      uint64
+	InSyns            uint64
+	InOptions         uint64
+	RemoteTagged      uint64
+	Untrusted         uint64
+	BadMac            uint64
+	Malformed         uint64
+	StrippedNop       uint64
+	RemoteRetransmits uint64
+	RemoteOverBudget  uint64
+	RemoteTableFull   uint64
+	RemoteNotParty    uint64
+	NodeOff           uint64
+	OutListCut        uint64
 }
 
 type bpfPktmetaSweepArgs struct {
@@ -189,16 +230,25 @@ const (
 	bpfMapPktmetaEps          = "pktmeta_eps"
 	bpfMapPktmetaEvents       = "pktmeta_events"
 	bpfMapPktmetaInbound      = "pktmeta_inbound"
+	bpfMapPktmetaMembers      = "pktmeta_members"
+	bpfMapPktmetaNode         = "pktmeta_node"
+	bpfMapPktmetaRemoteLive   = "pktmeta_remote_live"
 	bpfMapPktmetaStats        = "pktmeta_stats"
 	bpfMapPktmetaWloads       = "pktmeta_wloads"
+	bpfMapPktmetaXstats       = "pktmeta_xstats"
 	bpfProgPktmetaDeliver     = "pktmeta_deliver"
 	bpfProgPktmetaOrigin      = "pktmeta_origin"
 	bpfProgPktmetaStrict      = "pktmeta_strict"
 	bpfProgPktmetaSweep       = "pktmeta_sweep"
+	bpfProgPktmetaUplinkIn    = "pktmeta_uplink_in"
+	bpfProgPktmetaUplinkOut   = "pktmeta_uplink_out"
 	bpfVarBenchNoSourceCheck  = "bench_no_source_check"
 	bpfVarPktmetaHaveCtKfuncs = "pktmeta_have_ct_kfuncs"
 	bpfVarUnusedEvent         = "unused_event"
+	bpfVarUnusedMember        = "unused_member"
+	bpfVarUnusedNode          = "unused_node"
 	bpfVarUnusedSweep         = "unused_sweep"
+	bpfVarUnusedXc            = "unused_xc"
 )
 
 // loadBpf returns the embedded CollectionSpec for bpf.
@@ -243,24 +293,30 @@ type bpfSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
-	PktmetaDeliver *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
-	PktmetaOrigin  *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
-	PktmetaStrict  *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
-	PktmetaSweep   *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
+	PktmetaDeliver   *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
+	PktmetaOrigin    *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
+	PktmetaStrict    *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
+	PktmetaSweep     *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
+	PktmetaUplinkIn  *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_in"`
+	PktmetaUplinkOut *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_out"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfMapSpecs struct {
-	PktmetaAliases *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
-	PktmetaCfg     *ebpf.MapSpec `ebpf:"pktmeta_cfg"`
-	PktmetaConns   *ebpf.MapSpec `ebpf:"pktmeta_conns"`
-	PktmetaEps     *ebpf.MapSpec `ebpf:"pktmeta_eps"`
-	PktmetaEvents  *ebpf.MapSpec `ebpf:"pktmeta_events"`
-	PktmetaInbound *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
-	PktmetaStats   *ebpf.MapSpec `ebpf:"pktmeta_stats"`
-	PktmetaWloads  *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
+	PktmetaAliases    *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
+	PktmetaCfg        *ebpf.MapSpec `ebpf:"pktmeta_cfg"`
+	PktmetaConns      *ebpf.MapSpec `ebpf:"pktmeta_conns"`
+	PktmetaEps        *ebpf.MapSpec `ebpf:"pktmeta_eps"`
+	PktmetaEvents     *ebpf.MapSpec `ebpf:"pktmeta_events"`
+	PktmetaInbound    *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
+	PktmetaMembers    *ebpf.MapSpec `ebpf:"pktmeta_members"`
+	PktmetaNode       *ebpf.MapSpec `ebpf:"pktmeta_node"`
+	PktmetaRemoteLive *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
+	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
+	PktmetaWloads     *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
+	PktmetaXstats     *ebpf.MapSpec `ebpf:"pktmeta_xstats"`
 }
 
 // bpfVariableSpecs contains global variables before they are loaded into the kernel.
@@ -270,7 +326,10 @@ type bpfVariableSpecs struct {
 	BenchNoSourceCheck  *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.VariableSpec `ebpf:"pktmeta_have_ct_kfuncs"`
 	UnusedEvent         *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedMember        *ebpf.VariableSpec `ebpf:"unused_member"`
+	UnusedNode          *ebpf.VariableSpec `ebpf:"unused_node"`
 	UnusedSweep         *ebpf.VariableSpec `ebpf:"unused_sweep"`
+	UnusedXc            *ebpf.VariableSpec `ebpf:"unused_xc"`
 }
 
 // bpfObjects contains all objects after they have been loaded into the kernel.
@@ -293,14 +352,18 @@ func (o *bpfObjects) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfMaps struct {
-	PktmetaAliases *ebpf.Map `ebpf:"pktmeta_aliases"`
-	PktmetaCfg     *ebpf.Map `ebpf:"pktmeta_cfg"`
-	PktmetaConns   *ebpf.Map `ebpf:"pktmeta_conns"`
-	PktmetaEps     *ebpf.Map `ebpf:"pktmeta_eps"`
-	PktmetaEvents  *ebpf.Map `ebpf:"pktmeta_events"`
-	PktmetaInbound *ebpf.Map `ebpf:"pktmeta_inbound"`
-	PktmetaStats   *ebpf.Map `ebpf:"pktmeta_stats"`
-	PktmetaWloads  *ebpf.Map `ebpf:"pktmeta_wloads"`
+	PktmetaAliases    *ebpf.Map `ebpf:"pktmeta_aliases"`
+	PktmetaCfg        *ebpf.Map `ebpf:"pktmeta_cfg"`
+	PktmetaConns      *ebpf.Map `ebpf:"pktmeta_conns"`
+	PktmetaEps        *ebpf.Map `ebpf:"pktmeta_eps"`
+	PktmetaEvents     *ebpf.Map `ebpf:"pktmeta_events"`
+	PktmetaInbound    *ebpf.Map `ebpf:"pktmeta_inbound"`
+	PktmetaMembers    *ebpf.Map `ebpf:"pktmeta_members"`
+	PktmetaNode       *ebpf.Map `ebpf:"pktmeta_node"`
+	PktmetaRemoteLive *ebpf.Map `ebpf:"pktmeta_remote_live"`
+	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
+	PktmetaWloads     *ebpf.Map `ebpf:"pktmeta_wloads"`
+	PktmetaXstats     *ebpf.Map `ebpf:"pktmeta_xstats"`
 }
 
 func (m *bpfMaps) Close() error {
@@ -311,8 +374,12 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaEps,
 		m.PktmetaEvents,
 		m.PktmetaInbound,
+		m.PktmetaMembers,
+		m.PktmetaNode,
+		m.PktmetaRemoteLive,
 		m.PktmetaStats,
 		m.PktmetaWloads,
+		m.PktmetaXstats,
 	)
 }
 
@@ -323,17 +390,22 @@ type bpfVariables struct {
 	BenchNoSourceCheck  *ebpf.Variable `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.Variable `ebpf:"pktmeta_have_ct_kfuncs"`
 	UnusedEvent         *ebpf.Variable `ebpf:"unused_event"`
+	UnusedMember        *ebpf.Variable `ebpf:"unused_member"`
+	UnusedNode          *ebpf.Variable `ebpf:"unused_node"`
 	UnusedSweep         *ebpf.Variable `ebpf:"unused_sweep"`
+	UnusedXc            *ebpf.Variable `ebpf:"unused_xc"`
 }
 
 // bpfPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
-	PktmetaDeliver *ebpf.Program `ebpf:"pktmeta_deliver"`
-	PktmetaOrigin  *ebpf.Program `ebpf:"pktmeta_origin"`
-	PktmetaStrict  *ebpf.Program `ebpf:"pktmeta_strict"`
-	PktmetaSweep   *ebpf.Program `ebpf:"pktmeta_sweep"`
+	PktmetaDeliver   *ebpf.Program `ebpf:"pktmeta_deliver"`
+	PktmetaOrigin    *ebpf.Program `ebpf:"pktmeta_origin"`
+	PktmetaStrict    *ebpf.Program `ebpf:"pktmeta_strict"`
+	PktmetaSweep     *ebpf.Program `ebpf:"pktmeta_sweep"`
+	PktmetaUplinkIn  *ebpf.Program `ebpf:"pktmeta_uplink_in"`
+	PktmetaUplinkOut *ebpf.Program `ebpf:"pktmeta_uplink_out"`
 }
 
 func (p *bpfPrograms) Close() error {
@@ -342,6 +414,8 @@ func (p *bpfPrograms) Close() error {
 		p.PktmetaOrigin,
 		p.PktmetaStrict,
 		p.PktmetaSweep,
+		p.PktmetaUplinkIn,
+		p.PktmetaUplinkOut,
 	)
 }
 

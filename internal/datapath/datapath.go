@@ -4,7 +4,8 @@
 // Layout under the pin path (default /sys/fs/bpf/pktmeta):
 //
 //	maps/<name>                          the maps, pinned by name (see bpf/)
-//	progs/{origin,strict,deliver,sweep}  the programs
+//	progs/{origin,strict,deliver,sweep,uplink_out,uplink_in}  the programs
+//	uplinks/<ifname>/{ingress,egress}    tcx links of a node uplink (across nodes; uplink.go)
 //	links/<containerID>/<ifname>/{ingress,egress}   tcx links of one attachment
 //	locks/<containerID>/                 per-container lock (a directory: bpffs holds no files)
 //
@@ -42,7 +43,7 @@ const DefaultPinPath = "/sys/fs/bpf/pktmeta"
 const LayoutVersion = 2
 
 // RecordVersion is PKTMETA_RECORD_VERSION of the bundled BPF object.
-const RecordVersion = 2
+const RecordVersion = 3
 
 // Limits of the fixed-size layouts (bpf/datapath.h).
 const (
@@ -72,6 +73,10 @@ const (
 	ProgDeliver = "deliver"
 	// ProgSweep sweeps the connection table in the kernel (BPF_PROG_TEST_RUN).
 	ProgSweep = "sweep"
+	// ProgUplinkOut and ProgUplinkIn carry origins across nodes, on the
+	// egress and ingress of a node's uplinks (bpf/uplink.h).
+	ProgUplinkOut = "uplink_out"
+	ProgUplinkIn  = "uplink_in"
 )
 
 var (
@@ -124,19 +129,26 @@ func (o *Options) withDefaults() Options {
 type Datapath struct {
 	PinPath string
 
-	ConnsMap     *ebpf.Map
-	AliasesMap   *ebpf.Map
-	EndpointsMap *ebpf.Map
-	WorkloadsMap *ebpf.Map
-	StatsMap     *ebpf.Map
-	ConfigMap    *ebpf.Map
-	EventsMap    *ebpf.Map
-	InboundMap   *ebpf.Map
+	ConnsMap      *ebpf.Map
+	AliasesMap    *ebpf.Map
+	EndpointsMap  *ebpf.Map
+	WorkloadsMap  *ebpf.Map
+	StatsMap      *ebpf.Map
+	ConfigMap     *ebpf.Map
+	EventsMap     *ebpf.Map
+	InboundMap    *ebpf.Map
+	NodeMap       *ebpf.Map
+	MembersMap    *ebpf.Map
+	XStatsMap     *ebpf.Map
+	RemoteLiveMap *ebpf.Map
 
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
 	Deliver *ebpf.Program
 	Sweeper *ebpf.Program
+	// The uplink programs (across nodes), attached to a node's uplinks.
+	UplinkOut *ebpf.Program
+	UplinkIn  *ebpf.Program
 
 	log  *slog.Logger
 	lock *nodeLock // nil for a reader
@@ -217,46 +229,58 @@ func CheckBPFFS(dir string) error {
 
 // Map names, as in bpf/pktmeta.c.
 const (
-	mapConns     = "pktmeta_conns"
-	mapAliases   = "pktmeta_aliases"
-	mapEndpoints = "pktmeta_eps"
-	mapWorkloads = "pktmeta_wloads"
-	mapStats     = "pktmeta_stats"
-	mapConfig    = "pktmeta_cfg"
-	mapEvents    = "pktmeta_events"
-	mapInbound   = "pktmeta_inbound"
+	mapConns      = "pktmeta_conns"
+	mapAliases    = "pktmeta_aliases"
+	mapEndpoints  = "pktmeta_eps"
+	mapWorkloads  = "pktmeta_wloads"
+	mapStats      = "pktmeta_stats"
+	mapConfig     = "pktmeta_cfg"
+	mapEvents     = "pktmeta_events"
+	mapInbound    = "pktmeta_inbound"
+	mapNode       = "pktmeta_node"
+	mapMembers    = "pktmeta_members"
+	mapXStats     = "pktmeta_xstats"
+	mapRemoteLive = "pktmeta_remote_live"
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapConfig}
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapConfig}
 
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
-	ProgOrigin:  bpfProgPktmetaOrigin,
-	ProgStrict:  bpfProgPktmetaStrict,
-	ProgDeliver: bpfProgPktmetaDeliver,
-	ProgSweep:   bpfProgPktmetaSweep,
+	ProgOrigin:    bpfProgPktmetaOrigin,
+	ProgStrict:    bpfProgPktmetaStrict,
+	ProgDeliver:   bpfProgPktmetaDeliver,
+	ProgSweep:     bpfProgPktmetaSweep,
+	ProgUplinkOut: bpfProgPktmetaUplinkOut,
+	ProgUplinkIn:  bpfProgPktmetaUplinkIn,
 }
 
 func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
-		mapConns:     &d.ConnsMap,
-		mapAliases:   &d.AliasesMap,
-		mapEndpoints: &d.EndpointsMap,
-		mapWorkloads: &d.WorkloadsMap,
-		mapStats:     &d.StatsMap,
-		mapConfig:    &d.ConfigMap,
-		mapEvents:    &d.EventsMap,
-		mapInbound:   &d.InboundMap,
+		mapConns:      &d.ConnsMap,
+		mapAliases:    &d.AliasesMap,
+		mapEndpoints:  &d.EndpointsMap,
+		mapWorkloads:  &d.WorkloadsMap,
+		mapStats:      &d.StatsMap,
+		mapConfig:     &d.ConfigMap,
+		mapEvents:     &d.EventsMap,
+		mapInbound:    &d.InboundMap,
+		mapNode:       &d.NodeMap,
+		mapMembers:    &d.MembersMap,
+		mapXStats:     &d.XStatsMap,
+		mapRemoteLive: &d.RemoteLiveMap,
 	}
 }
 
 func (d *Datapath) progSlots() map[string]**ebpf.Program {
 	return map[string]**ebpf.Program{
-		ProgOrigin:  &d.Origin,
-		ProgStrict:  &d.Strict,
-		ProgDeliver: &d.Deliver,
-		ProgSweep:   &d.Sweeper,
+		ProgOrigin:    &d.Origin,
+		ProgStrict:    &d.Strict,
+		ProgDeliver:   &d.Deliver,
+		ProgSweep:     &d.Sweeper,
+		ProgUplinkOut: &d.UplinkOut,
+		ProgUplinkIn:  &d.UplinkIn,
 	}
 }
 

@@ -102,5 +102,8 @@ func TestPinNameEscapesDots(t *testing.T) {
 		if got := pinName(in); got != want {
 			t.Errorf("pinName(%q) = %q, want %q", in, got, want)
 		}
+		if back := unpinName(pinName(in)); back != in {
+			t.Errorf("unpinName(pinName(%q)) = %q", in, back)
+		}
 	}
 }

@@ -87,6 +87,18 @@ func resetDatapath(t *testing.T, d *Datapath) {
 	if err := d.StatsMap.Put(uint32(0), zero); err != nil {
 		t.Fatal(err)
 	}
+	if err := d.XStatsMap.Put(uint32(0), make([]bpfPktmetaRemoteCounters, ebpf.MustPossibleCPU())); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.RemoteLiveMap.Put(uint32(0), int64(0)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.NodeMap.Put(uint32(0), bpfPktmetaNodeConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetNode(NodeConfig{}); err != nil {
+		t.Fatal(err)
+	}
 	if err := writeConfig(d.ConfigMap, Config{LayoutVersion: LayoutVersion, Release: Release, UDPTimeout: DefaultUDPTimeout, DatapathID: bundledID()}); err != nil {
 		t.Fatal(err)
 	}

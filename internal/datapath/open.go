@@ -399,6 +399,9 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	delete(spec.Maps, ".bss")
 	delete(spec.Variables, bpfVarUnusedEvent)
 	delete(spec.Variables, bpfVarUnusedSweep)
+	delete(spec.Variables, bpfVarUnusedNode)
+	delete(spec.Variables, bpfVarUnusedMember)
+	delete(spec.Variables, bpfVarUnusedXc)
 	if kf.ConntrackKfuncs {
 		if err := spec.Variables[bpfVarPktmetaHaveCtKfuncs].Set(uint32(1)); err != nil {
 			return fmt.Errorf("conntrack kfunc switch: %w", err)
@@ -458,6 +461,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		if err != nil {
 			return err
 		}
+		d.upgradeUplinks()
 	}
 	if err := d.pinPrograms(); err != nil {
 		return err
@@ -528,6 +532,7 @@ func (d *Datapath) removePins() error {
 	if err := os.Remove(filepath.Join(d.mapsDir(), mapConfig)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
+	errs = append(errs, d.detachUplinks())
 	if dirs, err := os.ReadDir(d.LinksDir()); err == nil {
 		for _, c := range dirs {
 			ifaces, _ := os.ReadDir(filepath.Join(d.LinksDir(), c.Name()))

@@ -97,19 +97,32 @@ const (
 	FlagEstablished = 1 << 5
 	FlagCTSeen      = 1 << 6
 	FlagQuiet       = 1 << 7
+	FlagRemote      = 1 << 8
+)
+
+// A remote record's ConnID: connRemote, the origin node in bits 44-59 and
+// the origin node's own conn id (its low 44 bits) below them.
+const (
+	connRemote     = 1 << 63
+	connOriginBits = 44
+	// ConnOriginMask selects the bits of a conn id the option carries.
+	ConnOriginMask = 1<<connOriginBits - 1
 )
 
 // Record is one connection's stash entry.
 type Record struct {
-	Version        uint8
-	Tuple          Tuple // as the origin sent it (the key)
-	Flags          uint32
-	ConnID         uint64
-	FirstSeen      time.Time
-	LastSeen       time.Time
-	Delivered      time.Time // zero until delivered
+	Version   uint8
+	Tuple     Tuple // as the origin sent it (the key)
+	Flags     uint32
+	ConnID    uint64
+	FirstSeen time.Time
+	LastSeen  time.Time
+	Delivered time.Time // zero until delivered
+	// OriginNode is the node a remote record's connection was opened on
+	// (0: this node). OriginWorkload is a workload id of that node.
+	OriginNode     uint16
 	OriginWorkload uint32
-	OriginIfindex  uint32
+	OriginIfindex  uint32 // the host veth, or for a remote record the uplink it came in by
 	PeerWorkload   uint32
 	PeerIfindex    uint32
 	PeerTuple      Tuple // as the receiver saw it, once delivered
@@ -118,6 +131,29 @@ type Record struct {
 
 // IsDelivered reports whether the first packet reached a pod on this node.
 func (r *Record) IsDelivered() bool { return r.Flags&FlagDelivered != 0 }
+
+// ConnOriginNode is the origin node a remote record's conn id names (0 for
+// this node's own).
+func ConnOriginNode(connID uint64) uint16 {
+	if connID&connRemote == 0 {
+		return 0
+	}
+	return uint16(connID >> connOriginBits)
+}
+
+// IsRemote reports whether a pod on another node opened the connection.
+func (r *Record) IsRemote() bool { return r.Flags&FlagRemote != 0 }
+
+// OriginConnID is the connection's id on the node that opened it: ConnID
+// for this node's own records; for a remote one, the low 44 bits of the
+// origin node's id for it (all of it until a CPU there has opened 2^32
+// connections).
+func (r *Record) OriginConnID() uint64 {
+	if r.IsRemote() {
+		return r.ConnID & ConnOriginMask
+	}
+	return r.ConnID
+}
 
 // flagsInternal are the datapath's claims in progress (bits 30 and 31),
 // never part of what a record says.
@@ -131,6 +167,7 @@ func decodeRecord(k *bpfPktmetaTuple, v *bpfPktmetaRecord, clk monoClock) Record
 		ConnID:         v.ConnId,
 		FirstSeen:      clk.wall(v.FirstSeenNs),
 		LastSeen:       clk.wall(v.LastSeenNs),
+		OriginNode:     v.OriginNode,
 		OriginWorkload: v.OriginWorkload,
 		OriginIfindex:  v.OriginIfindex,
 		PeerWorkload:   v.PeerWorkload,

@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 3
+const Release = 4
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "e4f2f3d9c904f16b88b7664578cb67c1ccbca2218fc1da9c62515d34b849f0fe"
+const releaseObject = "8d2a242f4043bd207b76aaa5d90a0d84257e9f22f77abd7a30dd90e3e0f51e18"

@@ -78,7 +78,12 @@ func (d *Datapath) ReadStats() (Stats, error) {
 }
 
 // Fields returns the counters as name/value pairs, in declaration order.
-func (s Stats) Fields() []StatField {
+func (s Stats) Fields() []StatField { return fields(s) }
+
+// Fields returns the counters as name/value pairs, in declaration order.
+func (s RemoteStats) Fields() []StatField { return fields(s) }
+
+func fields(s any) []StatField {
 	v := reflect.ValueOf(s)
 	t := v.Type()
 	out := make([]StatField, t.NumField())

@@ -34,7 +34,9 @@ type Packet struct {
 	// IPv6Ext lists extension headers (0 hop-by-hop, 43 routing,
 	// 60 destination options) put before the L4 header, 8 bytes each.
 	IPv6Ext []uint8
-	Payload []byte
+	// TCPOptions follow the TCP header (padded with NOPs to 4 bytes).
+	TCPOptions []byte
+	Payload    []byte
 }
 
 // Bytes renders Ethernet + IP + L4.
@@ -91,6 +93,13 @@ func (p Packet) l4Checksum(l4 []byte) {
 	binary.BigEndian.PutUint16(l4[off:], sum)
 }
 
+// Checksum is the Internet checksum (RFC 1071).
+func Checksum(b []byte) uint16 { return checksum(b) }
+
+// LinuxSYNOptions are the options Linux puts on a SYN by default (MSS
+// 1460, SACK permitted, timestamps, window scale 7): 20 bytes, leaving 20.
+var LinuxSYNOptions = []byte{2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7}
+
 // checksum is the Internet checksum (RFC 1071).
 func checksum(b []byte) uint16 {
 	var s uint32
@@ -109,12 +118,17 @@ func checksum(b []byte) uint16 {
 func (p Packet) l4() []byte {
 	var h []byte
 	if p.Proto == 6 {
-		h = make([]byte, 20)
+		opts := append([]byte(nil), p.TCPOptions...)
+		for len(opts)%4 != 0 {
+			opts = append(opts, 1) // NOP
+		}
+		h = make([]byte, 20, 20+len(opts))
 		binary.BigEndian.PutUint32(h[4:], p.Seq)
 		binary.BigEndian.PutUint32(h[8:], p.Ack)
-		h[12] = 5 << 4
+		h[12] = byte(5+len(opts)/4) << 4
 		h[13] = p.TCPFlags
 		binary.BigEndian.PutUint16(h[14:], 65535)
+		h = append(h, opts...)
 	} else {
 		h = make([]byte, 8)
 		binary.BigEndian.PutUint16(h[4:], uint16(8+len(p.Payload)))

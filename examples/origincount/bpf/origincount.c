@@ -48,6 +48,16 @@ struct {
 	__type(value, __u64);
 } unknown SEC(".maps");
 
+/* Connections opened on other nodes (PKTMETA_F_REMOTE): their
+ * origin_workload is another node's id, so they are not counted with this
+ * node's workloads. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} remote SEC(".maps");
+
 SEC("tc")
 int origincount(struct __sk_buff *skb)
 {
@@ -99,6 +109,13 @@ int origincount(struct __sk_buff *skb)
 	}
 	if (bpf_map_update_elem(&counted, &rec.conn_id, &one, BPF_NOEXIST))
 		return -1; /* already counted */
+	if (rec.flags & PKTMETA_F_REMOTE) {
+		__u64 *r = bpf_map_lookup_elem(&remote, &zero);
+
+		if (r)
+			__sync_fetch_and_add(r, 1);
+		return -1;
+	}
 	c = bpf_map_lookup_elem(&counts, &rec.origin_workload);
 	if (!c) {
 		bpf_map_update_elem(&counts, &rec.origin_workload, &init, BPF_NOEXIST);
