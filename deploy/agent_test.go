@@ -27,13 +27,16 @@ func TestConfigLoadsInAgent(t *testing.T) {
 	if err := cfg.LoadFile(p); err != nil {
 		t.Fatalf("pktmeta-agent refuses the ConfigMap: %v", err)
 	}
+	// What the DaemonSet adds: --node-name and POD_NAMESPACE.
+	cfg.NodeName, cfg.PodNamespace = "node-1", Namespace
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("pktmeta-agent refuses the ConfigMap: %v", err)
 	}
 	want := agentConfig(t, objs)
 	if cfg.MetricsAddr != want.MetricsAddr || cfg.MetricsAuth != want.MetricsAuth || cfg.Plugin.PinPath != want.Plugin.PinPath || cfg.CRISocket != want.CRISocket ||
 		cfg.UninstallOnExit != want.UninstallOnExit || strings.Join(cfg.LabelTags, ",") != strings.Join(want.LabelTags, ",") ||
-		strings.Join(cfg.NetnsDirs, ",") != strings.Join(want.NetnsDirs, ",") || cfg.Plugin.MaxConnections != want.Plugin.MaxConnections {
+		strings.Join(cfg.NetnsDirs, ",") != strings.Join(want.NetnsDirs, ",") || cfg.Plugin.MaxConnections != want.Plugin.MaxConnections ||
+		cfg.CrossNode.Mode != want.CrossNode.Mode || cfg.CrossNode.NoMAC != want.CrossNode.NoMAC {
 		t.Errorf("the agent read %+v\nfrom %+v", cfg, want)
 	}
 }

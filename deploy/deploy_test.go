@@ -21,6 +21,8 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/pktmeta/pktmeta/internal/kubenode"
 )
 
 // The image layout (hack/mkimage) the DaemonSet relies on.
@@ -523,9 +525,9 @@ func TestRBAC(t *testing.T) {
 	subject := []rbacv1.Subject{{Kind: "ServiceAccount", Name: sa.Name, Namespace: Namespace}}
 
 	cr := only[*rbacv1.ClusterRole](t, objs)
-	wantCR := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}}}
+	wantCR := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods", "nodes"}, Verbs: []string{"get", "list", "watch"}}}
 	if !reflect.DeepEqual(cr.Rules, wantCR) || cr.AggregationRule != nil {
-		t.Errorf("ClusterRole rules %+v, want only read access to pods", cr.Rules)
+		t.Errorf("ClusterRole rules %+v, want only read access to pods and nodes", cr.Rules)
 	}
 	crb := only[*rbacv1.ClusterRoleBinding](t, objs)
 	if crb.RoleRef != (rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: cr.Name}) || !reflect.DeepEqual(crb.Subjects, subject) {
@@ -534,9 +536,17 @@ func TestRBAC(t *testing.T) {
 
 	role := only[*rbacv1.Role](t, objs)
 	ds := only[*appsv1.DaemonSet](t, objs)
-	wantRole := []rbacv1.PolicyRule{{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, ResourceNames: []string{ds.Name}, Verbs: []string{"get"}}}
+	// Its own DaemonSet; the Leases (node ids, workload tables) and the
+	// cluster key Secret by name, plus create for the first agent to make
+	// it. Nothing that writes ConfigMaps (pktmeta's settings).
+	wantRole := []rbacv1.PolicyRule{
+		{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, ResourceNames: []string{ds.Name}, Verbs: []string{"get"}},
+		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"get", "list", "watch", "create", "update", "delete"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{kubenode.KeySecret}, Verbs: []string{"get"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+	}
 	if role.Namespace != Namespace || !reflect.DeepEqual(role.Rules, wantRole) {
-		t.Errorf("Role %s/%s rules %+v, want get on its own DaemonSet only", role.Namespace, role.Name, role.Rules)
+		t.Errorf("Role %s/%s rules %+v, want %+v", role.Namespace, role.Name, role.Rules, wantRole)
 	}
 	rb := only[*rbacv1.RoleBinding](t, objs)
 	if rb.Namespace != Namespace || rb.RoleRef != (rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: role.Name}) || !reflect.DeepEqual(rb.Subjects, subject) {
@@ -567,6 +577,9 @@ func TestConfigMap(t *testing.T) {
 	}
 	if len(c.LabelTags) == 0 {
 		t.Error("no labelTags: the example should show enrichment")
+	}
+	if c.CrossNode.Mode != "kubernetes" || c.CrossNode.NoMAC {
+		t.Errorf("crossNode %+v: want mode kubernetes with the MAC, so a cluster carries origins across nodes as installed", c.CrossNode)
 	}
 }
 

@@ -228,6 +228,20 @@ type AgentConfig struct {
 	NetnsDirs       []string       `json:"netnsDirs"`
 	CRISocket       string         `json:"criSocket"`
 	Plugin          PluginSettings `json:"plugin"`
+	CrossNode       CrossNode      `json:"crossNode"`
+}
+
+// CrossNode is the agent's crossNode section: carrying origins across
+// nodes with settings from the Kubernetes API.
+type CrossNode struct {
+	Mode            string   `json:"mode"`
+	Namespace       string   `json:"namespace"`
+	Uplinks         []string `json:"uplinks"`
+	Members         []string `json:"members"`
+	NoMAC           bool     `json:"noMAC"`
+	MaxRemote       uint32   `json:"maxRemote"`
+	ResyncInterval  string   `json:"resyncInterval"`
+	PublishInterval string   `json:"publishInterval"`
 }
 
 // PluginSettings are the keys of the CNI plugin's configuration that the
@@ -261,6 +275,11 @@ func ParseAgentConfig(data []byte) (*AgentConfig, error) {
 	}
 	if err := checkMetrics(&c); err != nil {
 		return nil, err
+	}
+	switch c.CrossNode.Mode {
+	case "", "off", "kubernetes":
+	default:
+		return nil, fmt.Errorf("crossNode.mode: want off or kubernetes, got %q", c.CrossNode.Mode)
 	}
 	for _, p := range append([]string{c.CRISocket}, c.NetnsDirs...) {
 		if !filepath.IsAbs(p) {

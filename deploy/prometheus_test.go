@@ -153,6 +153,7 @@ func TestPrometheusComponent(t *testing.T) {
 	if err := acfg.LoadFile(p); err != nil {
 		t.Fatal(err)
 	}
+	acfg.NodeName, acfg.PodNamespace = "node-1", Namespace // the DaemonSet's
 	if err := acfg.Validate(); err != nil || acfg.MetricsAuth != agent.MetricsAuthKubernetes {
 		t.Fatalf("pktmeta-agent with the overlay's config: auth %s, %v", acfg.MetricsAuth, err)
 	}

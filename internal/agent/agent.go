@@ -18,8 +18,10 @@ import (
 	"time"
 
 	"github.com/pktmeta/pktmeta/internal/api"
+	"github.com/pktmeta/pktmeta/internal/cluster"
 	"github.com/pktmeta/pktmeta/internal/cniconf"
 	"github.com/pktmeta/pktmeta/internal/datapath"
+	"github.com/pktmeta/pktmeta/internal/kubenode"
 	"github.com/pktmeta/pktmeta/internal/metrics"
 	"github.com/pktmeta/pktmeta/internal/view"
 	"k8s.io/client-go/kubernetes"
@@ -37,6 +39,9 @@ type Agent struct {
 	mu   sync.Mutex
 	d    *datapath.Datapath
 	kube kubernetes.Interface // nil without API access
+
+	// remote names remote origins (Config.ClusterFile); nil without one.
+	remote view.Remote
 
 	datapathReady atomic.Bool
 	installed     atomic.Bool
@@ -102,6 +107,29 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.datapathReady.Store(true)
 
 	apiSrv := api.NewServer(d, a.log)
+	var cross *crossNode
+	a.mu.Lock()
+	a.kube = a.kubeClient()
+	a.mu.Unlock()
+	switch {
+	case a.cfg.CrossNode.Mode != CrossNodeKubernetes:
+	case a.kube == nil:
+		// Like label tags: the same-node datapath needs no API.
+		a.log.Warn("crossNode.mode kubernetes without a Kubernetes API (in-cluster or kubeconfig): origins are not carried across nodes")
+	default:
+		cross = &crossNode{c: kubenode.New(a.kube, a.cfg.CrossNode.namespace(&a.cfg), a.cfg.NodeName, a.log)}
+		a.remote = cross.c
+		apiSrv.Remote = a.remote
+	}
+	if a.cfg.ClusterFile != "" {
+		// Validate loaded it once already.
+		f, err := cluster.Load(a.cfg.ClusterFile)
+		if err != nil {
+			return err
+		}
+		a.remote = cluster.NewDirectory(f)
+		apiSrv.Remote = a.remote
+	}
 	var wg sync.WaitGroup
 	runCtx, stop := context.WithCancel(ctx)
 	defer func() {
@@ -127,11 +155,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer wg.Done()
 		a.reconcileLoop(runCtx)
 	}()
-	if len(a.cfg.LabelTags) > 0 || a.cfg.UninstallOnExit == "auto" {
+	if len(a.cfg.LabelTags) > 0 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			a.kubeLoop(runCtx)
+		}()
+	}
+	if cross != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.crossNodeLoop(runCtx, cross)
 		}()
 	}
 
@@ -142,14 +177,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	stop()
 	wg.Wait()
-	return a.shutdown(d)
+	return a.shutdown(d, cross)
 }
 
 // followEvents is the ring buffer's one reader: it prints each event as a
 // JSON line, counts it, and hands it to API clients.
 func (a *Agent) followEvents(ctx context.Context, d *datapath.Datapath, apiSrv *api.Server) {
 	enc := json.NewEncoder(a.events)
-	err := view.FollowEvents(ctx, d, func(v view.Event) bool {
+	err := view.FollowEvents(ctx, d, a.remote, func(v view.Event) bool {
 		enc.Encode(v)
 		a.metrics.Event(v)
 		apiSrv.Publish(v)

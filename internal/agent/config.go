@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/pktmeta/pktmeta/internal/attach"
+	"github.com/pktmeta/pktmeta/internal/cluster"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/plugin"
 	"sigs.k8s.io/yaml"
@@ -106,6 +107,15 @@ type Config struct {
 	UninstallOnExit string `json:"uninstallOnExit,omitempty"`
 	PodName         string `json:"podName,omitempty"`
 	PodNamespace    string `json:"podNamespace,omitempty"`
+
+	// ClusterFile names the other nodes (internal/cluster) so that events,
+	// metrics and the API name a remote origin's node, and its pod where
+	// that node's pins are readable. Optional.
+	ClusterFile string `json:"clusterFile,omitempty"`
+
+	// CrossNode configures this node for carrying origins across nodes
+	// from the Kubernetes API (crossnode.go).
+	CrossNode CrossNodeSettings `json:"crossNode"`
 }
 
 // The values of Config.MetricsAuth.
@@ -153,6 +163,11 @@ func Defaults() Config {
 		NetnsDirs:       []string{"/var/run/netns"},
 		CRISocket:       "/run/containerd/containerd.sock",
 		UninstallOnExit: "auto",
+		CrossNode: CrossNodeSettings{
+			Mode:            CrossNodeOff,
+			ResyncInterval:  Duration{30 * time.Second},
+			PublishInterval: Duration{5 * time.Second},
+		},
 	}
 }
 
@@ -187,6 +202,14 @@ func (c *Config) Validate() error {
 	}
 	if c.GCInterval.Duration < time.Second {
 		return fmt.Errorf("gcInterval: at least 1s, got %s", c.GCInterval)
+	}
+	if err := c.CrossNode.validate(c); err != nil {
+		return err
+	}
+	if c.ClusterFile != "" {
+		if _, err := cluster.Load(c.ClusterFile); err != nil {
+			return fmt.Errorf("clusterFile: %w", err)
+		}
 	}
 	for _, p := range []string{c.CNIConfDir, c.CNIBinDir, c.StateDir, c.RunDir} {
 		if !filepath.IsAbs(p) {

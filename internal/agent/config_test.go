@@ -43,6 +43,7 @@ gcInterval: 10s
 		func(c *Config) { c.Plugin.Tags = map[string]string{"bad key": "v"} },
 		func(c *Config) { c.MetricsAddr = "9964" },
 		func(c *Config) { c.MetricsAuth = "basic" },
+		func(c *Config) { c.ClusterFile = "/nonexistent/cluster.json" },
 		func(c *Config) { c.MetricsCertFile = "/etc/tls.crt" },
 		func(c *Config) {
 			c.MetricsAuth, c.MetricsCertFile, c.MetricsKeyFile = MetricsAuthInsecure, "/etc/tls.crt", "/etc/tls.key"

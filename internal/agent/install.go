@@ -201,7 +201,7 @@ func removeDatapath(pinPath string, log *slog.Logger) error {
 // shutdown runs after ctx ended: uninstall only when the DaemonSet is
 // going (or configured to always); a rolling upgrade or reboot leaves the
 // chain entry, the plugin and the datapath in place, so tagging goes on.
-func (a *Agent) shutdown(d *datapath.Datapath) error {
+func (a *Agent) shutdown(d *datapath.Datapath, cross *crossNode) error {
 	uninstall := false
 	switch a.cfg.UninstallOnExit {
 	case "always":
@@ -221,6 +221,19 @@ func (a *Agent) shutdown(d *datapath.Datapath) error {
 	a.metrics.Action("uninstall")
 	if err := Uninstall(a.cfg, a.log); err != nil {
 		return fmt.Errorf("uninstall: %w", err)
+	}
+	if cross != nil {
+		// A node without pktmeta holds no id and names nothing. pktmeta's
+		// namespace may be going away with the install (kubectl delete
+		// -k): then there is nothing left to remove.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		cross.mu.Lock()
+		id := cross.id
+		cross.mu.Unlock()
+		if err := cross.c.Unpublish(ctx, id); err != nil {
+			a.log.Warn("uninstall", "err", err)
+		}
 	}
 	return nil
 }

@@ -19,7 +19,8 @@ import (
 )
 
 // kubeClient returns a client for the Kubernetes API, or nil when there is
-// none: the agent works without it (no label tags, no automatic uninstall).
+// none: the agent works without it (no label tags, no automatic uninstall,
+// nothing carried across nodes).
 func (a *Agent) kubeClient() kubernetes.Interface {
 	var (
 		cfg *rest.Config
@@ -34,13 +35,13 @@ func (a *Agent) kubeClient() kubernetes.Interface {
 		return nil
 	}
 	if err != nil {
-		a.log.Warn("no Kubernetes API client; label tags and automatic uninstall are off", "err", err)
+		a.log.Warn("no Kubernetes API client; label tags, automatic uninstall and carrying origins across nodes are off", "err", err)
 		return nil
 	}
 	cfg.UserAgent = "pktmeta-agent"
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
-		a.log.Warn("no Kubernetes API client; label tags and automatic uninstall are off", "err", err)
+		a.log.Warn("no Kubernetes API client; label tags, automatic uninstall and carrying origins across nodes are off", "err", err)
 		return nil
 	}
 	return cs
@@ -49,11 +50,10 @@ func (a *Agent) kubeClient() kubernetes.Interface {
 // kubeLoop watches the pods of this node and copies the configured labels
 // into their workloads' tags.
 func (a *Agent) kubeLoop(ctx context.Context) {
-	cs := a.kubeClient()
 	a.mu.Lock()
-	a.kube = cs
+	cs := a.kube
 	a.mu.Unlock()
-	if cs == nil || len(a.cfg.LabelTags) == 0 {
+	if cs == nil {
 		return
 	}
 	if a.cfg.NodeName == "" {

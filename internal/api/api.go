@@ -36,6 +36,8 @@ const DefaultSocket = "/run/pktmeta/" + SocketName
 type Server struct {
 	d   *datapath.Datapath
 	log *slog.Logger
+	// Remote resolves remote origins (nil: their ids only).
+	Remote view.Remote
 
 	mu      sync.Mutex
 	clients map[chan view.Event]struct{}
@@ -100,7 +102,7 @@ type apiError struct {
 }
 
 func (s *Server) conns(w http.ResponseWriter, _ *http.Request) {
-	conns, err := view.Conns(s.d)
+	conns, err := view.Conns(s.d, s.Remote)
 	if err != nil {
 		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
 		return
@@ -129,6 +131,7 @@ func (s *Server) lookup(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
 		return
 	}
+	res.Remote = s.Remote
 	writeJSON(w, http.StatusOK, res.ConnFromRecord(rec))
 }
 

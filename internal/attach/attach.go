@@ -69,6 +69,10 @@ var ErrNoTCX = errors.New("kernel has no tcx links (Linux >= 6.6); use attach mo
 type Programs struct {
 	Ingress *ebpf.Program
 	Egress  *ebpf.Program
+	// IngressFirst puts the ingress program before the interface's other
+	// tcx programs instead of after them: an uplink's must see arriving
+	// packets before a program that redirects them (a BPF CNI on the NIC).
+	IngressFirst bool
 }
 
 // Result says how an interface was attached.
@@ -165,11 +169,15 @@ func attachTCX(ifindex int, progs Programs, linkDir string) (err error) {
 		typ  ebpf.AttachType
 		prog *ebpf.Program
 	}{{Ingress, ebpf.AttachTCXIngress, progs.Ingress}, {Egress, ebpf.AttachTCXEgress, progs.Egress}} {
+		anchor := link.Tail()
+		if h.hook == Ingress && progs.IngressFirst {
+			anchor = link.Head()
+		}
 		l, err := link.AttachTCX(link.TCXOptions{
 			Interface: ifindex,
 			Program:   h.prog,
 			Attach:    h.typ,
-			Anchor:    link.Tail(),
+			Anchor:    anchor,
 		})
 		if err != nil {
 			return fmt.Errorf("attach tcx %s to ifindex %d: %w", h.hook, ifindex, err)

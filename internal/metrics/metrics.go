@@ -29,6 +29,7 @@ type Metrics struct {
 	Registry *prometheus.Registry
 
 	opened    *prometheus.CounterVec
+	remote    *prometheus.CounterVec
 	delivered *prometheus.CounterVec
 	closed    *prometheus.CounterVec
 	events    *prometheus.CounterVec
@@ -54,6 +55,10 @@ func New(maxSeries int) *Metrics {
 			Name: "pktmeta_connections_opened_total",
 			Help: "Connections tagged at their origin, by origin namespace and workload.",
 		}, []string{"origin_namespace", "origin_workload", "proto"}),
+		remote: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pktmeta_remote_connections_total",
+			Help: "Connections pods on other nodes opened that arrived here with a trusted pktmeta option, by origin node, namespace and workload (origin_node is the node's name where this agent knows it, else node:<id>).",
+		}, []string{"origin_node", "origin_namespace", "origin_workload", "proto"}),
 		delivered: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pktmeta_connections_delivered_total",
 			Help: "Connections whose origin was found at a destination pod on this node, by origin and destination namespace and workload; nat says whether it took a conntrack lookup (Service DNAT).",
@@ -81,7 +86,7 @@ func New(maxSeries int) *Metrics {
 		ConstLabels: prometheus.Labels{"version": version.Version, "release": strconv.Itoa(datapath.Release)},
 	})
 	buildInfo.Set(1)
-	m.Registry.MustRegister(m.opened, m.delivered, m.closed, m.events, m.actions, m.attachErr, buildInfo)
+	m.Registry.MustRegister(m.opened, m.remote, m.delivered, m.closed, m.events, m.actions, m.attachErr, buildInfo)
 	return m
 }
 
@@ -97,6 +102,17 @@ func (m *Metrics) Event(ev view.Event) {
 	switch ev.Event {
 	case "opened":
 		ns, wl := m.labels(ev.Origin)
+		if ev.Origin != nil && ev.Origin.Remote {
+			node := ev.Origin.Node
+			if node == "" {
+				node = "node:" + strconv.Itoa(int(ev.Origin.NodeID))
+			}
+			if !m.admit("r:" + node + "/" + ns + "/" + wl) {
+				wl = "other"
+			}
+			m.remote.WithLabelValues(node, ns, wl, ev.Proto).Inc()
+			return
+		}
 		if !m.admit("o:" + ns + "/" + wl) {
 			wl = "other"
 		}
@@ -175,9 +191,10 @@ func (c *DatapathCollector) SetDatapath(d *datapath.Datapath) {
 }
 
 var (
-	statDesc = prometheus.NewDesc("pktmeta_datapath_total", "Datapath counters summed over CPUs (pktmeta_stats), by counter: "+statNames()+".", []string{"counter"}, nil)
-	fillDesc = prometheus.NewDesc("pktmeta_map_entries", "Entries in a pinned map.", []string{"map"}, nil)
-	maxDesc  = prometheus.NewDesc("pktmeta_map_max_entries", "Capacity of a pinned map.", []string{"map"}, nil)
+	statDesc   = prometheus.NewDesc("pktmeta_datapath_total", "Datapath counters summed over CPUs (pktmeta_stats), by counter: "+statNames()+".", []string{"counter"}, nil)
+	uplinkDesc = prometheus.NewDesc("pktmeta_uplink_total", "The uplink programs' counters (across nodes) summed over CPUs, by counter: "+fieldNames(datapath.RemoteStats{}.Fields())+".", []string{"counter"}, nil)
+	fillDesc   = prometheus.NewDesc("pktmeta_map_entries", "Entries in a pinned map.", []string{"map"}, nil)
+	maxDesc    = prometheus.NewDesc("pktmeta_map_max_entries", "Capacity of a pinned map.", []string{"map"}, nil)
 
 	// Per pod: what the datapath counted against each pod on the node.
 	// Labelled by pod, not owner, because these name a culprit; a node
@@ -191,6 +208,7 @@ var (
 // Describe implements prometheus.Collector.
 func (c *DatapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- statDesc
+	ch <- uplinkDesc
 	ch <- fillDesc
 	ch <- maxDesc
 	ch <- podRecordsDesc
@@ -209,6 +227,11 @@ func (c *DatapathCollector) Collect(ch chan<- prometheus.Metric) {
 	if s, err := d.ReadStats(); err == nil {
 		for _, f := range s.Fields() {
 			ch <- prometheus.MustNewConstMetric(statDesc, prometheus.CounterValue, float64(f.Value), f.Name)
+		}
+	}
+	if s, err := d.ReadRemoteStats(); err == nil {
+		for _, f := range s.Fields() {
+			ch <- prometheus.MustNewConstMetric(uplinkDesc, prometheus.CounterValue, float64(f.Value), f.Name)
 		}
 	}
 	for _, m := range d.MapFill() {
@@ -275,9 +298,11 @@ func collectPods(d *datapath.Datapath, ch chan<- prometheus.Metric) {
 
 // statNames lists the counters for the help text, from the same fields
 // the collector exports, so that the two cannot disagree.
-func statNames() string {
+func statNames() string { return fieldNames(datapath.Stats{}.Fields()) }
+
+func fieldNames(fs []datapath.StatField) string {
 	var names []string
-	for _, f := range (datapath.Stats{}).Fields() {
+	for _, f := range fs {
 		names = append(names, f.Name)
 	}
 	return strings.Join(names, ", ")

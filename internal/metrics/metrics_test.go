@@ -38,3 +38,24 @@ func TestEventLabelsAreCapped(t *testing.T) {
 		t.Fatalf("capped delivery not counted under other: %v", v)
 	}
 }
+
+// A connection another node's pod opened counts under its node, not with
+// this node's own openings, and the labels stay capped.
+func TestRemoteOriginsCountByNode(t *testing.T) {
+	m := New(2)
+	m.Event(view.Event{Event: "opened", Proto: "tcp", Origin: &view.Workload{Remote: true, NodeID: 3, Node: "node-3", Namespace: "a", Pod: "web-7d9f8c6b5-x2x4k"}})
+	m.Event(view.Event{Event: "opened", Proto: "tcp", Origin: &view.Workload{Remote: true, NodeID: 4, Unknown: true}})
+	m.Event(view.Event{Event: "opened", Proto: "tcp", Origin: &view.Workload{Remote: true, NodeID: 5, Namespace: "b", Pod: "db-0"}})
+	if v := testutil.ToFloat64(m.remote.WithLabelValues("node-3", "a", "web", "tcp")); v != 1 {
+		t.Fatalf("node-3 = %v", v)
+	}
+	if v := testutil.ToFloat64(m.remote.WithLabelValues("node:4", "", "unknown", "tcp")); v != 1 {
+		t.Fatalf("node:4 = %v", v)
+	}
+	if v := testutil.ToFloat64(m.remote.WithLabelValues("node:5", "b", "other", "tcp")); v != 1 {
+		t.Fatalf("over the cap: %v", v)
+	}
+	if n := testutil.CollectAndCount(m.opened); n != 0 {
+		t.Fatalf("remote origins counted as local openings: %d series", n)
+	}
+}

@@ -11,7 +11,7 @@ import (
 // returns false, handing fn each event with its identities resolved. The
 // workload table is read again when an event names a workload registered
 // since. Events that cannot be decoded are skipped.
-func FollowEvents(ctx context.Context, d *datapath.Datapath, fn func(Event) bool) error {
+func FollowEvents(ctx context.Context, d *datapath.Datapath, remote Remote, fn func(Event) bool) error {
 	rd, err := d.NewEventReader()
 	if err != nil {
 		return err
@@ -23,6 +23,7 @@ func FollowEvents(ctx context.Context, d *datapath.Datapath, fn func(Event) bool
 	if err != nil {
 		return err
 	}
+	res.Remote = remote
 	for {
 		ev, err := rd.Read()
 		switch {
@@ -33,7 +34,7 @@ func FollowEvents(ctx context.Context, d *datapath.Datapath, fn func(Event) bool
 		case err != nil:
 			return err
 		}
-		if !res.Has(ev.OriginWorkload) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
+		if (ev.Flags&datapath.FlagRemote == 0 && !res.Has(ev.OriginWorkload)) || (ev.PeerWorkload != 0 && !res.Has(ev.PeerWorkload)) {
 			if err := res.Refresh(d); err != nil {
 				return err
 			}

@@ -21,10 +21,25 @@ type Workload struct {
 	ContainerID string `json:"containerID,omitempty"`
 	// Unknown: the id is not in the workload table (pod already deleted).
 	Unknown bool `json:"unknown,omitempty"`
+	// Remote: a workload of another node (NodeID, named Node), whose
+	// connection reached this one with the pktmeta TCP option.
+	Remote bool   `json:"remote,omitempty"`
+	NodeID uint16 `json:"nodeID,omitempty"`
+	Node   string `json:"node,omitempty"`
 }
 
-// Name is namespace/pod, or the container id for workloads without one.
+// Name is namespace/pod, or the container id for workloads without one;
+// a remote one's ends in @node.
 func (w *Workload) Name() string {
+	if w != nil && w.Remote {
+		node := w.Node
+		if node == "" {
+			node = fmt.Sprintf("node:%d", w.NodeID)
+		}
+		local := *w
+		local.Remote = false
+		return local.Name() + "@" + node
+	}
 	switch {
 	case w == nil:
 		return "-"
@@ -60,18 +75,31 @@ type Conn struct {
 	Tags   map[string]string `json:"tags"`
 	// PodTags are tags the origin pod claimed for itself (annotations,
 	// labels); only Tags come from the operator.
-	PodTags   map[string]string `json:"podTags,omitempty"`
-	ConnID    uint64            `json:"connID"`
-	FirstSeen string            `json:"firstSeen"`
-	Peer      *Workload         `json:"peer,omitempty"`
-	Seen      *Seen             `json:"seen,omitempty"`
-	NAT       bool              `json:"nat,omitempty"`
-	Delivered string            `json:"delivered,omitempty"`
+	PodTags map[string]string `json:"podTags,omitempty"`
+	ConnID  uint64            `json:"connID"`
+	// OriginConnID: for a remote origin, the connection's id on its node
+	// (as far as the option carries it: the low 44 bits).
+	OriginConnID uint64    `json:"originConnID,omitempty"`
+	FirstSeen    string    `json:"firstSeen"`
+	Peer         *Workload `json:"peer,omitempty"`
+	Seen         *Seen     `json:"seen,omitempty"`
+	NAT          bool      `json:"nat,omitempty"`
+	Delivered    string    `json:"delivered,omitempty"`
+}
+
+// Remote resolves what another node's ids stand for: a node's name, and
+// the identity behind one of its workload ids. Outside Kubernetes it is
+// the cluster file (internal/cluster).
+type Remote interface {
+	NodeName(id uint16) string // "" when unknown
+	Workload(node uint16, id uint32) (datapath.Workload, bool)
 }
 
 // Resolver maps workload ids to identities, reading the table once.
 type Resolver struct {
 	byID map[uint32]datapath.Workload
+	// Remote resolves remote origins; nil shows their ids only.
+	Remote Remote
 }
 
 // NewResolver snapshots the workload table.
@@ -123,9 +151,32 @@ func stamp(t time.Time) string {
 	return t.UTC().Format(time.RFC3339Nano)
 }
 
+// LookupRemote is Lookup for a workload of another node.
+func (r *Resolver) LookupRemote(node uint16, id uint32) (*Workload, map[string]string, map[string]string) {
+	w := &Workload{ID: id, Remote: true, NodeID: node, Unknown: true}
+	if r.Remote == nil {
+		return w, nil, nil
+	}
+	w.Node = r.Remote.NodeName(node)
+	wl, ok := r.Remote.Workload(node, id)
+	if !ok {
+		return w, nil, nil
+	}
+	w.Unknown = false
+	w.Namespace, w.Pod, w.UID, w.ContainerID = wl.Namespace, wl.Pod, wl.UID, wl.ContainerID
+	return w, wl.Tags, wl.PodTags
+}
+
+func (r *Resolver) origin(rec datapath.Record) (*Workload, map[string]string, map[string]string) {
+	if rec.IsRemote() {
+		return r.LookupRemote(rec.OriginNode, rec.OriginWorkload)
+	}
+	return r.Lookup(rec.OriginWorkload)
+}
+
 // ConnFromRecord renders one record.
 func (r *Resolver) ConnFromRecord(rec datapath.Record) Conn {
-	origin, tags, podTags := r.Lookup(rec.OriginWorkload)
+	origin, tags, podTags := r.origin(rec)
 	if origin == nil {
 		origin = &Workload{Unknown: true}
 	}
@@ -142,6 +193,9 @@ func (r *Resolver) ConnFromRecord(rec datapath.Record) Conn {
 		ConnID:    rec.ConnID,
 		FirstSeen: stamp(rec.FirstSeen),
 	}
+	if rec.IsRemote() {
+		c.OriginConnID = rec.OriginConnID()
+	}
 	if rec.IsDelivered() {
 		c.Peer, _, _ = r.Lookup(rec.PeerWorkload)
 		c.Seen = &Seen{Src: rec.PeerTuple.Src.String(), Dst: rec.PeerTuple.Dst.String()}
@@ -151,12 +205,14 @@ func (r *Resolver) ConnFromRecord(rec datapath.Record) Conn {
 	return c
 }
 
-// Conns lists every live connection, oldest first.
-func Conns(d *datapath.Datapath) ([]Conn, error) {
+// Conns lists every live connection, oldest first; remote resolves remote
+// origins (nil: ids only).
+func Conns(d *datapath.Datapath, remote Remote) ([]Conn, error) {
 	res, err := NewResolver(d)
 	if err != nil {
 		return nil, err
 	}
+	res.Remote = remote
 	recs, err := d.Records()
 	if err != nil {
 		return nil, err
@@ -176,15 +232,17 @@ func Conns(d *datapath.Datapath) ([]Conn, error) {
 
 // Event is one ring-buffer event as `pktmetactl events -o json` prints it.
 type Event struct {
-	Time   string            `json:"time"`
-	Event  string            `json:"event"`
-	Reason string            `json:"reason,omitempty"`
-	ConnID uint64            `json:"connID"`
-	Proto  string            `json:"proto"`
-	Src    string            `json:"src"`
-	Dst    string            `json:"dst"`
-	Origin *Workload         `json:"origin,omitempty"`
-	Tags   map[string]string `json:"tags,omitempty"`
+	Time   string `json:"time"`
+	Event  string `json:"event"`
+	Reason string `json:"reason,omitempty"`
+	ConnID uint64 `json:"connID"`
+	// OriginConnID: see Conn.
+	OriginConnID uint64            `json:"originConnID,omitempty"`
+	Proto        string            `json:"proto"`
+	Src          string            `json:"src"`
+	Dst          string            `json:"dst"`
+	Origin       *Workload         `json:"origin,omitempty"`
+	Tags         map[string]string `json:"tags,omitempty"`
 	// PodTags: claimed by the origin pod itself, see Conn.
 	PodTags map[string]string `json:"podTags,omitempty"`
 	Peer    *Workload         `json:"peer,omitempty"`
@@ -203,7 +261,13 @@ func (r *Resolver) EventFrom(e datapath.Event) Event {
 		Src:    e.Tuple.Src.String(),
 		Dst:    e.Tuple.Dst.String(),
 	}
-	out.Origin, out.Tags, out.PodTags = r.Lookup(e.OriginWorkload)
+	if e.Flags&datapath.FlagRemote != 0 {
+		node := datapath.ConnOriginNode(e.ConnID)
+		out.Origin, out.Tags, out.PodTags = r.LookupRemote(node, e.OriginWorkload)
+		out.OriginConnID = e.ConnID & datapath.ConnOriginMask
+	} else {
+		out.Origin, out.Tags, out.PodTags = r.Lookup(e.OriginWorkload)
+	}
 	if e.Type == datapath.EventDelivered {
 		out.Peer, _, _ = r.Lookup(e.PeerWorkload)
 		out.Seen = &Seen{Src: e.Seen.Src.String(), Dst: e.Seen.Dst.String()}
