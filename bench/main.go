@@ -42,7 +42,7 @@ func main() {
 	quick := flag.Bool("quick", false, "reduced runs, for a quick check (under two minutes)")
 	out := flag.String("out", "bench/results/latest.json", "where the JSON results go")
 	cniPath := flag.String("cni-path", "bin/cni:bin", "directories of the CNI plugins and pktmeta")
-	only := flag.String("only", "per-packet,growth,memory,end-to-end,cni", "sections to run")
+	only := flag.String("only", "per-packet,growth,memory,end-to-end,cross-node,cni", "sections to run")
 	spin := flag.String("spin", "", "for profiling: run one per-packet case (first-tcp4, first-udp4, known-udp4, nat) for --spin-for, nothing else")
 	spinFor := flag.Duration("spin-for", 10*time.Second, "how long --spin runs")
 	emulated := flag.String("emulated", "", "the machine is emulated (say how, e.g. \"qemu TCG\"): per packet only, reduced runs, figures as ratios to the floor only")
@@ -110,13 +110,19 @@ func run(ctx context.Context, cfg config, out string) error {
 	}
 	defer unix.Unmount(pinRoot, unix.MNT_DETACH)
 
-	if cfg.sections["per-packet"] || cfg.sections["growth"] || cfg.sections["memory"] {
+	if cfg.sections["per-packet"] || cfg.sections["growth"] || cfg.sections["memory"] || cfg.sections["cross-node"] {
 		fmt.Fprintln(os.Stderr, "bench: per packet (BPF_PROG_TEST_RUN) ...")
 		if err := inPrivateNetns(func() error {
 			b := &packetBench{cfg: cfg, pinRoot: pinRoot, log: log}
 			if cfg.sections["per-packet"] {
 				if err := b.run(ctx, rep); err != nil {
 					return err
+				}
+			}
+			if cfg.sections["cross-node"] {
+				fmt.Fprintln(os.Stderr, "bench: uplink programs (across nodes) ...")
+				if err := b.uplink(rep); err != nil {
+					return fmt.Errorf("uplink: %w", err)
 				}
 			}
 			if cfg.sections["growth"] {
@@ -142,6 +148,15 @@ func run(ctx context.Context, cfg config, out string) error {
 			return fmt.Errorf("end to end: %w", err)
 		}
 	}
+	if cfg.sections["cross-node"] && cfg.emulated == "" {
+		if err := synSpace(rep); err != nil {
+			return err
+		}
+		fmt.Fprintln(os.Stderr, "bench: end to end across two netns nodes ...")
+		if err := crossNodeEndToEnd(ctx, cfg, rep, pinRoot); err != nil {
+			return fmt.Errorf("cross-node end to end: %w", err)
+		}
+	}
 	if cfg.sections["cni"] {
 		fmt.Fprintln(os.Stderr, "bench: CNI ADD/DEL latency ...")
 		if err := cniLatency(ctx, cfg, rep, pinRoot); err != nil {
@@ -159,6 +174,7 @@ func run(ctx context.Context, cfg config, out string) error {
 		{"growth", "Per packet as the connection table grows"},
 		{"memory", "Memory (kernel accounting of the maps)"},
 		{"end-to-end", "End to end between two pods on a netns node (real CNI chain)"},
+		{"cross-node", "Across nodes: what a SYN leaves free for the 20-byte option"},
 		{"cni", "CNI latency added by pktmeta (its own ADD/DEL process)"},
 	} {
 		rep.printSection(os.Stdout, s.id, s.title)

@@ -23,9 +23,8 @@ import (
 // without pktmeta in its chain.
 type trafficNode struct {
 	name           string
-	node           *testbed.Node
 	client, server *testbed.Pod
-	closers        []io.Closer
+	closers        []io.Closer // the node or cluster last
 	udpReceived    atomic.Uint64
 	bulkReceived   atomic.Uint64
 }
@@ -41,7 +40,7 @@ func newTrafficNode(ctx context.Context, name string, cniPath []string, chain []
 	if err != nil {
 		return nil, err
 	}
-	t := &trafficNode{name: name, node: n}
+	t := &trafficNode{name: name, closers: []io.Closer{n}}
 	if t.client, err = n.AddPod(ctx, testbed.PodSpec{Namespace: "bench", Name: "client"}); err != nil {
 		t.close()
 		return nil, err
@@ -50,16 +49,9 @@ func newTrafficNode(ctx context.Context, name string, cniPath []string, chain []
 		t.close()
 		return nil, err
 	}
-	// Short connections recycle ports fast: let the client reuse
-	// TIME_WAIT tuples (timestamps make it safe) and use a wide range.
-	if err := t.client.Do(func() error {
-		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_tw_reuse", []byte("1"), 0o644); err != nil {
-			return err
-		}
-		return os.WriteFile("/proc/sys/net/ipv4/ip_local_port_range", []byte("10000 65000"), 0o644)
-	}); err != nil {
+	if err := t.tuneClient(); err != nil {
 		t.close()
-		return nil, fmt.Errorf("client sysctls: %w", err)
+		return nil, err
 	}
 	if err := t.serve(); err != nil {
 		t.close()
@@ -68,11 +60,26 @@ func newTrafficNode(ctx context.Context, name string, cniPath []string, chain []
 	return t, nil
 }
 
-func (t *trafficNode) close() {
-	for _, c := range t.closers {
-		c.Close()
+// tuneClient lets the client pod, which recycles ports fast in short
+// connections, reuse TIME_WAIT tuples (timestamps make it safe) from a
+// wide range.
+func (t *trafficNode) tuneClient() error {
+	if err := t.client.Do(func() error {
+		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_tw_reuse", []byte("1"), 0o644); err != nil {
+			return err
+		}
+		return os.WriteFile("/proc/sys/net/ipv4/ip_local_port_range", []byte("10000 65000"), 0o644)
+	}); err != nil {
+		return fmt.Errorf("client sysctls: %w", err)
 	}
-	t.node.Close()
+	return nil
+}
+
+// close closes the servers, then the node or cluster (added first).
+func (t *trafficNode) close() {
+	for i := len(t.closers) - 1; i >= 0; i-- {
+		t.closers[i].Close()
+	}
 }
 
 // serve starts an echo server, a TCP sink and a UDP counter in the server pod.
@@ -261,14 +268,24 @@ func endToEnd(ctx context.Context, cfg config, rep *Report, pinRoot string) erro
 	}
 	defer with.close()
 
-	type workload struct {
-		name, unit string
-		run        func(*trafficNode) (float64, error)
-	}
-	workloads := []workload{
+	return compareTraffic(cfg, rep, without, with, "", []workload{
 		{"short TCP connections (connect, 32 B request/response, close; 4 threads)", "conn/s", func(n *trafficNode) (float64, error) { return n.shortConns(cfg.e2eDuration, 4) }},
 		{"TCP bulk throughput (one stream)", "Gbit/s", func(n *trafficNode) (float64, error) { return n.bulk(cfg.e2eDuration) }},
 		{"UDP 64-byte packets received (one sender)", "pkt/s", func(n *trafficNode) (float64, error) { return n.udpRate(cfg.e2eDuration) }},
+	})
+}
+
+// workload is one traffic pattern, measured on a trafficNode.
+type workload struct {
+	name, unit string
+	run        func(*trafficNode) (float64, error)
+}
+
+// compareTraffic runs each workload cfg.e2eRuns times on both, alternating
+// which goes first. label, if any, goes into the result names.
+func compareTraffic(cfg config, rep *Report, without, with *trafficNode, label string, workloads []workload) error {
+	if label != "" {
+		label = ", " + label
 	}
 	for _, w := range workloads {
 		samples := map[string][]float64{}
@@ -280,13 +297,13 @@ func endToEnd(ctx context.Context, cfg config, rep *Report, pinRoot string) erro
 			for _, n := range order {
 				v, err := w.run(n)
 				if err != nil {
-					return fmt.Errorf("%s on the node %s pktmeta: %w", w.name, n.name, err)
+					return fmt.Errorf("%s%s on the node %s pktmeta: %w", w.name, label, n.name, err)
 				}
 				samples[n.name] = append(samples[n.name], v)
 			}
 		}
-		base := summarize(w.name+", chain without pktmeta", w.unit, "end-to-end", samples["without"])
-		r := summarize(w.name+", chain with pktmeta", w.unit, "end-to-end", samples["with"])
+		base := summarize(w.name+label+", chain without pktmeta", w.unit, "end-to-end", samples["without"])
+		r := summarize(w.name+label+", chain with pktmeta", w.unit, "end-to-end", samples["with"])
 		r.Baseline = base.Name
 		rep.add(base, r)
 	}

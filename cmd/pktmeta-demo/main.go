@@ -295,7 +295,10 @@ func run(ctx context.Context, sig *signals, out io.Writer, o options) (err error
 	if err := dm.closeConns(); err != nil {
 		return err
 	}
-	return dm.deletePods()
+	if err := dm.deletePods(); err != nil {
+		return err
+	}
+	return dm.crossNode(o, tmp)
 }
 
 // findCtl looks for pktmetactl next to this binary, then on the CNI path,

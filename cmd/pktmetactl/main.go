@@ -18,6 +18,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/pktmeta/pktmeta/internal/api"
+	"github.com/pktmeta/pktmeta/internal/cluster"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/view"
 )
@@ -30,9 +31,13 @@ commands:
                                                        the record of one connection, by either side's tuple
   events   [-o json] [--count N] [--timeout D]         follow opened/delivered/closed events
   status   [-o json]                                   programs, attachments, map fill, counters
+  node     set|show|off                                this node's part in carrying origins across nodes
 
 --pin-path defaults to ` + datapath.DefaultPinPath + `. conns, lookup and events go through the node
 agent's API (--api-socket, default ` + api.DefaultSocket + `) when an agent answers there.
+--cluster FILE names the other nodes (ids, addresses, pod CIDRs) outside Kubernetes; with it,
+conns, lookup and events resolve origins on other nodes, and node set takes this node's
+id and the cluster's members from it.
 `
 
 // exitError carries an exit status and a one-line message.
@@ -62,6 +67,7 @@ func run(args []string, out io.Writer) error {
 	global.SetOutput(io.Discard)
 	pinPath := global.String("pin-path", datapath.DefaultPinPath, "bpffs directory of the pinned datapath")
 	socket := global.String("api-socket", api.DefaultSocket, "the agent's API socket, used when an agent answers there (empty: read the pins)")
+	clusterFile := global.String("cluster", "", "cluster file: the other nodes, to resolve remote origins")
 	if err := global.Parse(args); err != nil {
 		fmt.Fprint(os.Stderr, usage)
 		return &exitError{2, err.Error()}
@@ -72,21 +78,47 @@ func run(args []string, out io.Writer) error {
 		return &exitError{2, "no command"}
 	}
 	cmd, cmdArgs := rest[0], rest[1:]
+	var cf *cluster.File
+	if *clusterFile != "" {
+		f, err := cluster.Load(*clusterFile)
+		if err != nil {
+			return &exitError{2, err.Error()}
+		}
+		cf = f
+	}
+	g := globals{pinPath: *pinPath, socket: *socket, cluster: cf}
 	switch cmd {
 	case "conns":
-		return cmdConns(*pinPath, *socket, cmdArgs, out)
+		return cmdConns(g, cmdArgs, out)
 	case "lookup":
-		return cmdLookup(*pinPath, *socket, cmdArgs, out)
+		return cmdLookup(g, cmdArgs, out)
 	case "events":
-		return cmdEvents(*pinPath, *socket, cmdArgs, out)
+		return cmdEvents(g, cmdArgs, out)
 	case "status":
 		return cmdStatus(*pinPath, cmdArgs, out)
+	case "node":
+		return cmdNode(g, cmdArgs, out)
 	case "help", "-h", "--help":
 		fmt.Fprint(out, usage)
 		return nil
 	}
 	fmt.Fprint(os.Stderr, usage)
 	return &exitError{2, fmt.Sprintf("unknown command %q", cmd)}
+}
+
+// globals are the flags every command sees.
+type globals struct {
+	pinPath string
+	socket  string
+	cluster *cluster.File // nil without --cluster
+}
+
+// remote resolves remote origins from the cluster file, if there is one.
+func (g globals) remote() view.Remote {
+	if g.cluster == nil {
+		return nil
+	}
+	return cluster.NewDirectory(g.cluster)
 }
 
 func newFlags(name string) (*flag.FlagSet, *string) {
@@ -122,12 +154,12 @@ func open(pinPath string) (*datapath.Datapath, error) {
 	return d, nil
 }
 
-func cmdConns(pinPath, socket string, args []string, out io.Writer) error {
+func cmdConns(g globals, args []string, out io.Writer) error {
 	fs, output := newFlags("conns")
 	if err := parse(fs, output, args); err != nil {
 		return err
 	}
-	src, err := openSource(pinPath, socket)
+	src, err := openSource(g)
 	if err != nil {
 		return err
 	}
@@ -186,7 +218,7 @@ func tagString(tags map[string]string) string {
 	return strings.Join(parts, ",")
 }
 
-func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
+func cmdLookup(g globals, args []string, out io.Writer) error {
 	fs, output := newFlags("lookup")
 	proto := fs.String("proto", "tcp", "tcp or udp")
 	srcAddr := fs.String("src", "", "source IP:PORT ([IPv6]:PORT)")
@@ -198,7 +230,7 @@ func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
 	if err != nil {
 		return &exitError{2, "--" + err.Error()}
 	}
-	src, err := openSource(pinPath, socket)
+	src, err := openSource(g)
 	if err != nil {
 		return err
 	}
@@ -217,6 +249,10 @@ func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "connection\t%s %s -> %s\n", c.Proto, c.Src, c.Dst)
 	fmt.Fprintf(tw, "conn id\t%d\n", c.ConnID)
+	if c.Origin != nil && c.Origin.Remote {
+		fmt.Fprintf(tw, "origin node\t%s (id %d)\n", orDash(c.Origin.Node), c.Origin.NodeID)
+		fmt.Fprintf(tw, "origin conn id\t%d (on its node)\n", c.OriginConnID)
+	}
 	fmt.Fprintf(tw, "first seen\t%s\n", c.FirstSeen)
 	fmt.Fprintf(tw, "origin\t%s\n", c.Origin.Name())
 	if c.Origin.UID != "" {
@@ -236,14 +272,14 @@ func cmdLookup(pinPath, socket string, args []string, out io.Writer) error {
 	return tw.Flush()
 }
 
-func cmdEvents(pinPath, socket string, args []string, out io.Writer) error {
+func cmdEvents(g globals, args []string, out io.Writer) error {
 	fs, output := newFlags("events")
 	count := fs.Int("count", 0, "exit after this many events (0: follow forever)")
 	timeout := fs.Duration("timeout", 0, "exit with status 1 after this long without an event (0: never)")
 	if err := parse(fs, output, args); err != nil {
 		return err
 	}
-	src, err := openSource(pinPath, socket)
+	src, err := openSource(g)
 	if err != nil {
 		return err
 	}
@@ -278,4 +314,11 @@ func cmdEvents(pinPath, socket string, args []string, out io.Writer) error {
 		return &exitError{1, fmt.Sprintf("no event within %s", *timeout)}
 	}
 	return err
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

@@ -26,17 +26,17 @@ var errNoRecord = errors.New("no record")
 
 // openSource prefers the agent's API socket; an empty socket path means
 // pins only.
-func openSource(pinPath, socket string) (source, error) {
-	if socket != "" {
-		if c, err := api.Dial(socket); err == nil {
+func openSource(g globals) (source, error) {
+	if g.socket != "" {
+		if c, err := api.Dial(g.socket); err == nil {
 			return apiSource{c}, nil
 		}
 	}
-	d, err := open(pinPath)
+	d, err := open(g.pinPath)
 	if err != nil {
 		return nil, err
 	}
-	return &pinSource{d: d}, nil
+	return &pinSource{d: d, remote: g.remote()}, nil
 }
 
 type apiSource struct{ c *api.Client }
@@ -54,9 +54,12 @@ func (s apiSource) Lookup(ctx context.Context, t datapath.Tuple) (view.Conn, err
 	return c, err
 }
 
-type pinSource struct{ d *datapath.Datapath }
+type pinSource struct {
+	d      *datapath.Datapath
+	remote view.Remote
+}
 
-func (s *pinSource) Conns(context.Context) ([]view.Conn, error) { return view.Conns(s.d) }
+func (s *pinSource) Conns(context.Context) ([]view.Conn, error) { return view.Conns(s.d, s.remote) }
 func (s *pinSource) Close() error                               { return s.d.Close() }
 
 func (s *pinSource) Lookup(_ context.Context, t datapath.Tuple) (view.Conn, error) {
@@ -71,13 +74,14 @@ func (s *pinSource) Lookup(_ context.Context, t datapath.Tuple) (view.Conn, erro
 	if err != nil {
 		return view.Conn{}, err
 	}
+	res.Remote = s.remote
 	return res.ConnFromRecord(rec), nil
 }
 
 // Events reads the ring buffer directly. Its one consumer position is then
 // shared with whoever else reads it; with an agent running, use the API.
 func (s *pinSource) Events(ctx context.Context, fn func(view.Event) bool) error {
-	return view.FollowEvents(ctx, s.d, fn)
+	return view.FollowEvents(ctx, s.d, s.remote, fn)
 }
 
 // idleTimer cancels a context when no event came for d.

@@ -66,8 +66,10 @@ type status struct {
 	Attachments   []attachmentStatus `json:"attachments"`
 	Maps          []datapath.MapFill `json:"maps"`
 	Counters      map[string]uint64  `json:"counters"`
-	counterOrder  []string
-	Problems      []string `json:"problems,omitempty"`
+	// Node is this node's part in carrying origins across nodes.
+	Node         nodeStatus `json:"node"`
+	counterOrder []string
+	Problems     []string `json:"problems,omitempty"`
 }
 
 func cmdStatus(pinPath string, args []string, out io.Writer) error {
@@ -209,6 +211,17 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	if stats.EventsDropped > 0 {
 		st.Problems = append(st.Problems, fmt.Sprintf("%d events were dropped: the ring buffer was full (no reader, or a slow one; the agent is its reader)", stats.EventsDropped))
 	}
+	if st.Node, err = readNodeStatus(d); err != nil {
+		return nil, err
+	}
+	for _, u := range st.Node.Uplinks {
+		if p := hookProblems(u.Hooks); p != "" {
+			st.Problems = append(st.Problems, "uplink "+u.IfName+p)
+		}
+	}
+	if st.Node.ID != 0 && len(st.Node.Uplinks) == 0 {
+		st.Problems = append(st.Problems, fmt.Sprintf("node id %d is set but no uplink carries the programs: nothing leaves or arrives with an origin (pktmetactl node set --uplink IF)", st.Node.ID))
+	}
 	return st, nil
 }
 
@@ -319,6 +332,19 @@ func printStatus(out io.Writer, st *status) {
 	fmt.Fprintln(tw, "NAME\tENTRIES\tMAX\tFILL")
 	for _, m := range st.Maps {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f%%\n", m.Name, m.Entries, m.Max, 100*float64(m.Entries)/float64(m.Max))
+	}
+	tw.Flush()
+
+	fmt.Fprintln(out, "\nACROSS NODES")
+	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "node id\t%d (MAC: %s, remote records %d of at most %d, %d member prefixes)\n", st.Node.ID, yesNo(st.Node.MAC), st.Node.LiveRemote, st.Node.MaxRemote, len(st.Node.Members))
+	for _, u := range st.Node.Uplinks {
+		fmt.Fprintf(tw, "uplink\t%s (ifindex %d, %s)%s\n", u.IfName, u.Ifindex, u.Mode, hookProblems(u.Hooks))
+	}
+	for _, f := range st.Node.Stats.Fields() {
+		if f.Value > 0 {
+			fmt.Fprintf(tw, "%s\t%d\n", f.Name, f.Value)
+		}
 	}
 	tw.Flush()
 

@@ -51,6 +51,8 @@ type Config struct {
 	// second faster with Subnet6, since ptp then has no tentative address
 	// to wait for.
 	NoDAD bool
+	// MTU of the pods' veths (ptp's "mtu"); 0: the kernel's default.
+	MTU int
 }
 
 // Node is a network namespace standing in for a Kubernetes node. Its methods
@@ -201,7 +203,7 @@ func (n *Node) buildConfList(chain []map[string]any) (*libcni.NetworkConfigList,
 		ranges = append(ranges, []any{map[string]string{"subnet": n.cfg.Subnet6}})
 		routes = append(routes, map[string]string{"dst": "::/0"})
 	}
-	plugins := []any{map[string]any{
+	ptp := map[string]any{
 		"type":   "ptp",
 		"ipMasq": false,
 		"ipam": map[string]any{
@@ -210,7 +212,11 @@ func (n *Node) buildConfList(chain []map[string]any) (*libcni.NetworkConfigList,
 			"ranges":  ranges,
 			"routes":  routes,
 		},
-	}}
+	}
+	if n.cfg.MTU > 0 {
+		ptp["mtu"] = n.cfg.MTU
+	}
+	plugins := []any{ptp}
 	for i, p := range chain {
 		if t, _ := p["type"].(string); t == "" {
 			return nil, fmt.Errorf("chain[%d] has no type", i)
