@@ -254,24 +254,31 @@ func eventually(t *testing.T, what string, cond func() error) {
 // where the pod veths are, as an operator on the node would.
 func (e *env) ctl(args ...string) (string, int) {
 	e.t.Helper()
+	return runCtl(e.ctx, e.t, e.node.Do, append([]string{"--pin-path", e.pin, "--api-socket", ""}, args...)...)
+}
+
+// runCtl runs pktmetactl through do (a node's Do: in its network
+// namespace) and returns its stdout, with stderr after it when it fails,
+// and its exit status.
+func runCtl(ctx context.Context, t *testing.T, do func(func() error) error, args ...string) (string, int) {
+	t.Helper()
 	var (
 		out []byte
 		err error
 	)
-	nsErr := e.node.Do(func() error {
-		cmd := exec.CommandContext(e.ctx, filepath.Join(binDir, "pktmetactl"), append([]string{"--pin-path", e.pin, "--api-socket", ""}, args...)...)
-		out, err = cmd.Output()
+	nsErr := do(func() error {
+		out, err = exec.CommandContext(ctx, filepath.Join(binDir, "pktmetactl"), args...).Output()
 		return nil
 	})
 	if nsErr != nil {
-		e.t.Fatal(nsErr)
+		t.Fatal(nsErr)
 	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return string(out) + string(ee.Stderr), ee.ExitCode()
 	}
 	if err != nil {
-		e.t.Fatalf("pktmetactl %s: %v", strings.Join(args, " "), err)
+		t.Fatalf("pktmetactl %s: %v", strings.Join(args, " "), err)
 	}
 	return string(out), 0
 }

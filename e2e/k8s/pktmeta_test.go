@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -31,6 +32,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/pktmeta/pktmeta/internal/kubenode"
 	"github.com/pktmeta/pktmeta/internal/view"
 )
 
@@ -59,6 +61,7 @@ func TestPktmetaOnKubernetes(t *testing.T) {
 	s.step(t, "4_pods_from_before_the_install", true, s.existingPods)
 	s.step(t, "2_identity_from_the_kubelet", true, s.identity)
 	s.step(t, "3_services_through_kube-proxy", true, s.services)
+	s.step(t, "10_across_nodes_from_the_API", true, s.acrossNodes)
 	s.step(t, "9_nothing_readable_or_forgeable_from_a_pod", true, s.untrusted)
 	s.step(t, "7_primary_CNI_rewrites_its_config", true, s.conflistRewritten)
 	s.step(t, "6_agent_killed_or_gone", true, s.agentGone)
@@ -441,12 +444,14 @@ type nodeState struct {
 	pluginInode uint64
 	pluginSHA   string
 	hooks       map[string][2]uint32 // iface -> pktmeta program on ingress, egress
+	idLeases    []string             // the node id Leases the node holds
 }
 
 func (s *suite) nodeState(t *testing.T) nodeState {
 	t.Helper()
 	p := s.probe.file(t, pluginPath)
-	st := nodeState{conflist: s.probe.file(t, s.conflist).Content, pluginInode: p.Inode, pluginSHA: p.SHA256, hooks: map[string][2]uint32{}}
+	st := nodeState{conflist: s.probe.file(t, s.conflist).Content, pluginInode: p.Inode, pluginSHA: p.SHA256, hooks: map[string][2]uint32{},
+		idLeases: s.nodeLeases(t, s.nodeName(t))}
 	for name, h := range s.probe.hooks(t) {
 		in, okIn := pktmetaHook(h.Ingress)
 		eg, okEg := pktmetaHook(h.Egress)
@@ -473,6 +478,11 @@ func (s *suite) sameNode(t *testing.T, before nodeState) {
 		if a, ok := after.hooks[name]; ok && a != h {
 			t.Errorf("%s: programs %v, were %v: the restart moved them", name, a, h)
 		}
+	}
+	// The node keeps its id: a restarted agent finds its Lease and
+	// claims no other.
+	if !slices.Equal(after.idLeases, before.idLeases) || len(before.idLeases) != 1 {
+		t.Errorf("node id Leases %v, were %v: want the one id kept across the restart", after.idLeases, before.idLeases)
 	}
 }
 
@@ -768,6 +778,7 @@ func (s *suite) uninstall(t *testing.T) {
 			t.Errorf("program left loaded: %+v", p)
 		}
 	}
+	// The uplink too.
 	for name, h := range s.probe.hooks(t) {
 		if _, ok := pktmetaHook(h.Ingress); ok {
 			t.Errorf("%s still has pktmeta on ingress", name)
@@ -775,6 +786,16 @@ func (s *suite) uninstall(t *testing.T) {
 		if _, ok := pktmetaHook(h.Egress); ok {
 			t.Errorf("%s still has pktmeta on egress", name)
 		}
+	}
+	// A node without pktmeta holds no node id. The cluster key stays (it
+	// is the cluster's, not the node's): the next install uses it again.
+	node := s.nodeName(t)
+	if ls := s.nodeLeases(t, node); len(ls) > 0 {
+		t.Errorf("node id Leases %v still held by %s", ls, node)
+	}
+	key, err := s.c.client.CoreV1().Secrets(s.c.cfg.systemNamespace).Get(t.Context(), kubenode.KeySecret, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("the cluster key after uninstall: %v", err)
 	}
 	// New pods start and talk without pktmeta.
 	plain := s.c.runPod(t, s.ns, podSpec{name: "plain", args: []string{"dial", "--tcp", s.webAddr(t, 8080), "--count", "1"}})
@@ -789,6 +810,17 @@ func (s *suite) uninstall(t *testing.T) {
 			return chainedOnce(s.originalConflist, s.probe.file(t, s.conflist).Content)
 		})
 		s.newPodTagged(t, "reinstalled")
+		poll(t, "a node id again", time.Minute, func() error {
+			if ls := s.nodeLeases(t, node); len(ls) != 1 {
+				return fmt.Errorf("node id Leases %v", ls)
+			}
+			return nil
+		})
+		// The key was made once, by the first install, and kept.
+		again, err := s.c.client.CoreV1().Secrets(s.c.cfg.systemNamespace).Get(t.Context(), kubenode.KeySecret, metav1.GetOptions{})
+		if err != nil || again.UID != key.UID || !bytes.Equal(again.Data[kubenode.KeySecretField], key.Data[kubenode.KeySecretField]) {
+			t.Errorf("the cluster key changed across the reinstall (%v)", err)
+		}
 	})
 }
 

@@ -28,6 +28,12 @@ die() {
 	exit 1
 }
 [[ $EUID -eq 0 ]] || die "run as root: the suite creates netns, veths and BPF programs"
+# The guests see the host's / through 9p but mount a tmpfs of their own on
+# /tmp (guest.sh): a checkout under /tmp is invisible to them, and their
+# tests would fail on missing files rather than on the kernel.
+case $(realpath "$repo")/ in
+/tmp/*) die "$repo is under /tmp, which the guests cover with their own tmpfs: run from a checkout elsewhere (e.g. /var/tmp)" ;;
+esac
 
 need=()
 for c in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio xz:xz-utils curl:curl; do
@@ -110,7 +116,7 @@ lines=()
 if [[ ${KERNEL_NATIVE:-1} != 0 ]]; then
 	run=$(newrun host)
 	log "host kernel $(uname -r), natively"
-	PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 timeout --kill-after=10 "${KERNEL_TIMEOUT:-960}" \
+	PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 timeout --kill-after=10 "${KERNEL_TIMEOUT:-1560}" \
 		"$here/guest.sh" >"$run/console.log" 2>&1 || true
 	if line=$("$scratch/bin/summary" -kernel "host $(uname -r)" "$run"); then
 		lines+=("$line")
@@ -127,10 +133,10 @@ for k in $kernels; do
 	start=$(date +%s)
 	# TCG, one thread per vCPU: two vCPUs on a two-core host. The guest
 	# powers itself off; the timeout is for a guest that hangs (the slowest
-	# took under 5 minutes here; suite.tsv's test timeouts add up to less,
+	# took 12 minutes here; suite.tsv's test timeouts add up to less,
 	# so a hung test still dumps its goroutines first). qemu must not hold
 	# the host lock's descriptor: a killed run would leave it held.
-	timeout --kill-after=10 "${KERNEL_TIMEOUT:-960}" qemu-system-x86_64 \
+	timeout --kill-after=10 "${KERNEL_TIMEOUT:-1560}" qemu-system-x86_64 \
 		-machine q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
 		-nographic -no-reboot -nic none \
 		-kernel "$d/vmlinuz" -initrd "$d/initrd.gz" \

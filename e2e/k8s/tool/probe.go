@@ -253,7 +253,7 @@ func cmdHooks(_ context.Context, e *env, args []string) error {
 		return err
 	}
 	var s hookSampler
-	ifaces, err := s.sample()
+	ifaces, err := s.sample(false)
 	if err != nil {
 		return err
 	}
@@ -268,17 +268,19 @@ type hookSampler struct {
 	names map[ebpf.ProgramID]string
 }
 
-// sample lists every veth, with or without programs: an iface whose hooks
-// are empty is exactly what the test may be looking for. Only veths,
-// because pktmeta attaches to pods' host veths and nothing else.
-func (s *hookSampler) sample() ([]ifaceHooksJSON, error) {
+// sample lists every interface (or every veth), with or without
+// programs: an iface whose hooks are empty is exactly what the test may be
+// looking for. The hooks command lists all of them, uplinks included; a
+// watch, which follows pods' host veths through a rolling update, only
+// veths.
+func (s *hookSampler) sample(vethsOnly bool) ([]ifaceHooksJSON, error) {
 	links, err := listLinks()
 	if err != nil {
 		return nil, err
 	}
 	out := []ifaceHooksJSON{}
 	for _, l := range links {
-		if l.Type() != "veth" {
+		if vethsOnly && l.Type() != "veth" {
 			continue
 		}
 		a := l.Attrs()

@@ -435,23 +435,25 @@ func TestWatchFileInPlace(t *testing.T) {
 	ino := inode(t, p)
 	w := watchFileInProcess(t, p, func(settle func(int64)) {
 		// What os.WriteFile does, slowed down between truncate and write,
-		// and then a remove followed by a create.
+		// and then a remove followed by a create. settle(3) after each
+		// step: the first sample it counts may have begun before the step,
+		// so two whole samples see each state.
 		f, err := os.OpenFile(p, os.O_WRONLY|os.O_TRUNC, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		settle(2)
+		settle(3)
 		if _, err := f.Write(b); err != nil {
 			t.Fatal(err)
 		}
 		f.Close()
-		settle(2)
+		settle(3)
 		os.Remove(p)
-		settle(2)
+		settle(3)
 		if err := os.WriteFile(p, a, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		settle(2)
+		settle(3)
 	})
 	if w.Missing < 2 {
 		t.Fatalf("missing %d, want the samples while removed", w.Missing)
@@ -624,9 +626,16 @@ func hooksInNewNetns(t *testing.T) error {
 	pid, _ := pinfo.ID()
 
 	var s hookSampler
-	ifaces, err := s.sample()
+	ifaces, err := s.sample(true)
 	if err != nil {
 		return err
+	}
+	all, err := s.sample(false)
+	if err != nil {
+		return err
+	}
+	if len(all) != 3 {
+		return fmt.Errorf("want lo and both veths, got %+v", all)
 	}
 	if len(ifaces) != 2 {
 		return fmt.Errorf("want both veths, got %+v", ifaces)
@@ -646,7 +655,7 @@ func hooksInNewNetns(t *testing.T) error {
 	w := newHookWatch("pktmeta_")
 	w.observe(ifaces, nil)
 	lnk.Close()
-	w.observe(s.sample())
+	w.observe(s.sample(true))
 	if st := w.Ifaces["e2etool0"]; st.Samples != 2 || st.EmptyIngress != 1 || st.EmptyEgress != 0 {
 		return fmt.Errorf("watch after detach: %+v", st)
 	}

@@ -169,7 +169,7 @@ func cmdWatchHooks(ctx context.Context, e *env, args []string) error {
 	}
 	var s hookSampler
 	w := newHookWatch(*prefix)
-	watchLoop(ctx, e, *stopFile, *every, func() { w.observe(s.sample()) })
+	watchLoop(ctx, e, *stopFile, *every, func() { w.observe(s.sample(true)) })
 	e.out.emit(w)
 	return nil
 }
