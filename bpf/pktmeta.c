@@ -64,6 +64,8 @@
 #define F_INTERNAL (F_DELIVERING | F_REPLACING)
 
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
+#define barrier() asm volatile("" ::: "memory")
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -155,6 +157,49 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pktmeta_remote_live SEC(".maps");
 
+/* What a CPU remembers of the UDP datagrams that needed nothing: the last
+ * datagram of a flow whose record is this veth's and fresh (origin side),
+ * or that was already delivered (delivery side), in a direct-mapped
+ * per-CPU cache of UDP_HIT_SLOTS per side. A datagram that matches one
+ * skips the table until until_ns, which is never later than the moment the
+ * full path would next have work to do (refresh last_seen, ask conntrack
+ * about an alias). The cache only ever answers "nothing to do", so the
+ * worst a stale entry can do is delay that work until until_ns (at most
+ * UDP_REFRESH_NS): it never creates, changes or attributes a record. Not
+ * pinned: each load of the programs starts with an empty one. */
+#define UDP_HIT_SLOTS 16
+#define UDP_HIT_ORIGIN 0
+#define UDP_HIT_DELIVERY UDP_HIT_SLOTS
+
+struct udp_hit {
+	struct pktmeta_tuple t;
+	__u32 ifindex;
+	__u32 _pad;
+	__u64 until_ns; /* coarse CLOCK_MONOTONIC; 0: empty */
+	__u64 epoch; /* pktmeta_udp_epoch when the decision was taken */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * UDP_HIT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct udp_hit);
+} pktmeta_udp_hits SEC(".maps");
+
+/* Bumped whenever a UDP record or an alias leaves the tables or is
+ * replaced, and by userspace when it changes an endpoint or the tables
+ * itself (it adds 2^32: a plain write that no concurrent increment can
+ * bring back to a value a shortcut holds). Every shortcut remembered
+ * before is then void, so a flow whose record went gets a new one from its
+ * very next datagram. Pinned, for userspace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_udp_epoch SEC(".maps");
+
 /* Set only by `make bench`, to measure what source validation costs: a
  * frozen constant, so on a node (where it is 0) the verifier removes the
  * branch and the programs carry no trace of it. */
@@ -162,6 +207,7 @@ volatile const __u32 bench_no_source_check = 0;
 
 /* Keep these layouts in BTF for bpf2go. */
 const struct pktmeta_event *unused_event __attribute__((unused));
+const struct pktmeta_event_v4 *unused_event_v4 __attribute__((unused));
 const struct pktmeta_sweep_args *unused_sweep __attribute__((unused));
 const struct pktmeta_node_config *unused_node __attribute__((unused));
 const struct pktmeta_member_key *unused_member __attribute__((unused));
@@ -193,6 +239,24 @@ static __always_inline struct pktmeta_config *config(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&pktmeta_cfg, &zero);
+}
+
+static __always_inline __u64 udp_epoch(void)
+{
+	__u32 zero = 0;
+	__u64 *e = bpf_map_lookup_elem(&pktmeta_udp_epoch, &zero);
+
+	return e ? READ_ONCE(*e) : 0;
+}
+
+/* A UDP record or alias left or was replaced: forget every shortcut. */
+static __always_inline void udp_invalidate(void)
+{
+	__u32 zero = 0;
+	__u64 *e = bpf_map_lookup_elem(&pktmeta_udp_epoch, &zero);
+
+	if (e)
+		__sync_fetch_and_add(e, 1);
 }
 
 /* Unique on the node without atomics: a per-CPU sequence with the CPU in
@@ -318,6 +382,8 @@ static __always_inline int remove_record(const struct pktmeta_tuple *key, const 
 		if (a && READ_ONCE(a->conn_id) == r->conn_id)
 			bpf_map_delete_elem(&pktmeta_aliases, &r->peer_tuple);
 	}
+	if (r->flags & PKTMETA_F_UDP)
+		udp_invalidate();
 	release_budget(r);
 	return 1;
 }
@@ -418,11 +484,26 @@ static __always_inline enum sender check_sender(struct __sk_buff *skb, const str
 
 /* ---- Events. ---- */
 
+/* Waking the reader (an irq_work, an IPI) costs more than the rest of a
+ * first packet together. Readers poll; the event that makes the backlog
+ * cross a quarter of the buffer wakes them, once. */
+static __always_inline __u64 wakeup_flag(__u64 pending, __u64 size)
+{
+	return pending < EVENTS_WAKEUP_BYTES && pending + size + 8 >= EVENTS_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
+												 : BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline __be32 v4_of(const __u8 addr[16])
+{
+	return *(const __be32 *)&addr[12];
+}
+
 static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 reason,
 				 const struct pktmeta_record *rec, const struct pktmeta_tuple *origin,
 				 const struct pktmeta_tuple *seen, __u32 ifindex, __u64 now)
 {
 	struct pktmeta_config *cfg = config();
+	struct pktmeta_event_v4 *e4;
 	struct pktmeta_event *e;
 	__u64 pending;
 
@@ -431,6 +512,41 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 	if (cfg && (cfg->flags & PKTMETA_CFG_NO_EVENTS))
 		return;
 	pending = bpf_ringbuf_query(&pktmeta_events, BPF_RB_AVAIL_DATA);
+	if (is_v4mapped(origin->saddr) && (!seen || is_v4mapped(seen->saddr))) {
+		e4 = bpf_ringbuf_reserve(&pktmeta_events, sizeof(*e4), 0);
+		if (!e4) {
+			c->events_dropped++;
+			return;
+		}
+		e4->version = PKTMETA_RECORD_VERSION;
+		e4->type = type;
+		e4->reason = reason;
+		e4->proto = origin->proto;
+		e4->flags = rec->flags & ~F_INTERNAL;
+		e4->conn_id = rec->conn_id;
+		e4->ts_ns = now;
+		e4->origin_workload = rec->origin_workload;
+		e4->peer_workload = rec->peer_workload;
+		e4->ifindex = ifindex;
+		e4->saddr = v4_of(origin->saddr);
+		e4->daddr = v4_of(origin->daddr);
+		e4->sport = origin->sport;
+		e4->dport = origin->dport;
+		if (seen) {
+			e4->seen_saddr = v4_of(seen->saddr);
+			e4->seen_daddr = v4_of(seen->daddr);
+			e4->seen_sport = seen->sport;
+			e4->seen_dport = seen->dport;
+		} else {
+			e4->seen_saddr = 0;
+			e4->seen_daddr = 0;
+			e4->seen_sport = 0;
+			e4->seen_dport = 0;
+		}
+		e4->_pad = 0;
+		bpf_ringbuf_submit(e4, wakeup_flag(pending, sizeof(*e4)));
+		return;
+	}
 	e = bpf_ringbuf_reserve(&pktmeta_events, sizeof(*e), 0);
 	if (!e) {
 		c->events_dropped++;
@@ -452,11 +568,7 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 		__builtin_memcpy(&e->seen, seen, sizeof(e->seen));
 	else
 		__builtin_memset(&e->seen, 0, sizeof(e->seen));
-	/* Waking the reader (an irq_work, an IPI) costs more than the rest of
-	 * a first packet together. Readers poll; the event that makes the
-	 * backlog cross a quarter of the buffer wakes them, once. */
-	bpf_ringbuf_submit(e, pending < EVENTS_WAKEUP_BYTES && pending + sizeof(*e) + 8 >= EVENTS_WAKEUP_BYTES ?
-				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(e, wakeup_flag(pending, sizeof(*e)));
 }
 
 /* ---- Conntrack. ---- */
@@ -709,6 +821,8 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_EXIST);
 		if (err)
 			clear_flags(e, old.conn_id, F_REPLACING);
+		else if (old.flags & PKTMETA_F_UDP)
+			udp_invalidate();
 		if (!err && !opened_by(&old, ep->workload)) {
 			release_budget(&old);
 			__sync_fetch_and_add(&ep->live, 1);
@@ -851,6 +965,57 @@ static __always_inline void close_from_pod(struct __sk_buff *skb, struct packet 
 	}
 }
 
+/* ---- The per-CPU UDP shortcut (pktmeta_udp_hits). ---- */
+
+static __always_inline struct udp_hit *udp_hit_slot(const struct packet *p, __u32 ifindex, __u32 side)
+{
+	/* Volatile reads: otherwise clang may copy the ports from registers
+	 * it left unset on paths where the parser found no L4 header, a copy
+	 * the verifier refuses (R9 !read_ok). */
+	__u32 i = side + ((ifindex ^ READ_ONCE(p->t.sport) ^ READ_ONCE(p->t.dport)) & (UDP_HIT_SLOTS - 1));
+
+	return bpf_map_lookup_elem(&pktmeta_udp_hits, &i);
+}
+
+/* Whether this CPU remembers the datagram's flow as needing nothing. Sets
+ * *epoch to the epoch the caller's decision, if it takes one, is made
+ * under: read before the tables are. */
+static __always_inline int udp_shortcut(const struct packet *p, __u32 ifindex, __u32 side, __u64 *epoch)
+{
+	struct udp_hit *h = udp_hit_slot(p, ifindex, side);
+
+	*epoch = udp_epoch();
+	return h && h->ifindex == ifindex && h->epoch == *epoch &&
+	       (__s64)(READ_ONCE(h->until_ns) - bpf_ktime_get_coarse_ns()) > 0 && tuple_equal(&h->t, &p->t);
+}
+
+/* Remembers the datagram's flow as needing nothing until until (coarse
+ * clock), for as long as the epoch stays. The slot is looked up again
+ * rather than kept from udp_shortcut(): the delivery program has no stack
+ * to spare for it. It is filled so that a torn entry (a program preempted
+ * on this CPU, on PREEMPT_RT) reads as empty: until_ns goes last. */
+static __always_inline void udp_remember(const struct packet *p, __u32 ifindex, __u32 side, __u64 epoch,
+					 __u64 until)
+{
+	struct udp_hit *h = udp_hit_slot(p, ifindex, side);
+
+	if (!h)
+		return;
+	WRITE_ONCE(h->until_ns, 0);
+	barrier();
+	__builtin_memcpy(&h->t, &p->t, sizeof(h->t));
+	h->ifindex = ifindex;
+	h->epoch = epoch;
+	barrier();
+	WRITE_ONCE(h->until_ns, until);
+}
+
+/* How long a fresh UDP record needs nothing: until it is due a refresh. */
+static __always_inline __u64 udp_quiet_ns(__u64 timeout)
+{
+	return timeout / 2 < UDP_REFRESH_NS ? timeout / 2 : UDP_REFRESH_NS;
+}
+
 /* Whether rec, the record of the reverse tuple, is a flow this pod
  * received (so the pod's datagram answers it): delivered to it, or the pod
  * has no delivery hook to mark deliveries with. A record that never
@@ -862,7 +1027,8 @@ static __always_inline int received_here(const struct pktmeta_record *rec, const
 }
 
 static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p,
-					 struct pktmeta_counters *c, struct pktmeta_endpoint *ep)
+					 struct pktmeta_counters *c, struct pktmeta_endpoint *ep,
+					 const int strict, __u64 epoch)
 {
 	struct pktmeta_record *rec, *r;
 	struct pktmeta_inbound_flow *in;
@@ -872,6 +1038,10 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 	__s64 idle;
 	int ct;
 
+	/* The next datagram of a flow this CPU just found fresh (from_pod()
+	 * asked already, unless the source had to be checked first). */
+	if (strict && udp_shortcut(p, skb->ifindex, UDP_HIT_ORIGIN, &epoch))
+		return;
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
 	/* A record of another veth's is not this pod's flow (an address that
 	 * moved to this pod while the old one's record lives): tag() decides. */
@@ -886,8 +1056,13 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		 * started from. */
 		idle = now - last;
 		if (idle < (__s64)timeout) {
-			if (!(idle > (__s64)UDP_REFRESH_NS || idle > (__s64)(timeout / 2)))
+			if (idle <= (__s64)udp_quiet_ns(timeout)) {
+				/* Nothing to do until the refresh is due: the
+				 * same decision this path would take for every
+				 * datagram until then. */
+				udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, epoch, last + udp_quiet_ns(timeout));
 				return;
+			}
 			/* At most once a second per flow (more often only for
 			 * timeouts under two seconds), and only for the pod's own
 			 * datagrams, from the record's own workload: a forger
@@ -990,13 +1165,18 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 	struct pktmeta_counters *c;
 	enum parse_result res;
 	struct packet p;
+	__u64 epoch = 0;
 	__u8 flags;
 
 	/* Plain TCP segments leave before anything is written, the counters
 	 * included (bpf_stats run counts say how many packets the program
-	 * saw). */
+	 * saw), and so do UDP datagrams of a flow this CPU just found fresh
+	 * (in strict mode only once their source is checked, below). */
 	res = parse_packet(skb, &p, strict);
 	if (res == PARSE_TCP_PLAIN)
+		return TCX_NEXT;
+	if (!strict && res == PARSE_L4 && p.t.proto == IPPROTO_UDP &&
+	    udp_shortcut(&p, skb->ifindex, UDP_HIT_ORIGIN, &epoch))
 		return TCX_NEXT;
 	c = counters();
 	if (!c)
@@ -1040,7 +1220,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, const int strict)
 		}
 		return TCX_NEXT;
 	}
-	udp_from_pod(skb, &p, c, ep);
+	udp_from_pod(skb, &p, c, ep, strict, epoch);
 	return TCX_NEXT;
 }
 
@@ -1107,8 +1287,8 @@ static __always_inline void mark_delivered(struct __sk_buff *skb, const struct p
  * tuple to a new flow while the old record lives). */
 static __always_inline void drop_alias(const struct pktmeta_tuple *t)
 {
-	if (bpf_map_lookup_elem(&pktmeta_aliases, t))
-		bpf_map_delete_elem(&pktmeta_aliases, t);
+	if (bpf_map_lookup_elem(&pktmeta_aliases, t) && !bpf_map_delete_elem(&pktmeta_aliases, t))
+		udp_invalidate();
 }
 
 static __always_inline __u32 now_seconds(void)
@@ -1122,32 +1302,38 @@ static __always_inline __u32 now_seconds(void)
 static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, struct pktmeta_counters *c,
 				       const struct pktmeta_endpoint *ep)
 {
-	struct pktmeta_tuple rev, orig;
-	struct pktmeta_record rec;
+	/* Scopes kept tight, and the original tuple kept only in the alias:
+	 * the delivery program is close to the 512-byte stack. */
 	struct pktmeta_alias alias;
 	int err; /* 32 bits: see tag() */
 	int dir;
 
-	/* The packet is already translated; conntrack knows it as the reverse
-	 * of the entry's reply tuple. */
-	tuple_reverse(&rev, &p->t);
-	dir = ct_direction(skb, &rev, &orig);
+	__builtin_memset(&alias, 0, sizeof(alias));
+	{
+		struct pktmeta_tuple rev;
+
+		/* The packet is already translated; conntrack knows it as the
+		 * reverse of the entry's reply tuple. */
+		tuple_reverse(&rev, &p->t);
+		dir = ct_direction(skb, &rev, &alias.origin);
+	}
 	if (dir < 0) {
 		c->ct_unavailable++;
 		return 0;
 	}
-	if (dir != CT_REPLY || tuple_equal(&orig, &p->t) || !snapshot(&orig, &rec)) {
-		c->misses++;
-		drop_alias(&p->t);
-		return 0;
+	if (dir != CT_REPLY || tuple_equal(&alias.origin, &p->t))
+		goto miss;
+	{
+		struct pktmeta_record rec;
+
+		if (!snapshot(&alias.origin, &rec))
+			goto miss;
+		if (rec.flags & PKTMETA_F_DELIVERED)
+			return 1;
+		alias.conn_id = rec.conn_id;
 	}
-	if (rec.flags & PKTMETA_F_DELIVERED)
-		return 1;
-	__builtin_memset(&alias, 0, sizeof(alias));
 	alias.version = PKTMETA_RECORD_VERSION;
 	alias.checked_s = now_seconds();
-	alias.conn_id = rec.conn_id;
-	__builtin_memcpy(&alias.origin, &orig, sizeof(orig));
 	err = bpf_map_update_elem(&pktmeta_aliases, &p->t, &alias, BPF_ANY);
 	if (err) {
 		if (err == -E2BIG)
@@ -1156,8 +1342,12 @@ static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, 
 			c->update_errors++;
 		return 0;
 	}
-	mark_delivered(skb, ep, &orig, &p->t, PKTMETA_F_NAT, c);
+	mark_delivered(skb, ep, &alias.origin, &p->t, PKTMETA_F_NAT, c);
 	return 1;
+miss:
+	c->misses++;
+	drop_alias(&p->t);
+	return 0;
 }
 
 /* Whether an alias still resolves, through conntrack, to its connection:
@@ -1182,18 +1372,29 @@ static __always_inline int alias_current(struct __sk_buff *skb, const struct pac
 }
 
 static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
-				       struct pktmeta_counters *c)
+				       struct pktmeta_counters *c, __u64 epoch)
 {
 	struct pktmeta_endpoint *ep;
 	struct pktmeta_record *rec;
 	struct pktmeta_alias *alias;
 	struct pktmeta_inbound_flow in = {};
 	struct pktmeta_tuple rev, origin;
+	struct pktmeta_config *cfg;
 
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
 	if (rec) {
-		if (!(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED) && (ep = receiver(skb, p, c)))
-			mark_delivered(skb, ep, &p->t, &p->t, 0, c);
+		if (!(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED)) {
+			if ((ep = receiver(skb, p, c)))
+				mark_delivered(skb, ep, &p->t, &p->t, 0, c);
+			return;
+		}
+		/* Delivered stays delivered while the record lives, and a new
+		 * flow can take this tuple only once the old one was idle for
+		 * the UDP timeout, at least twice this long. */
+		cfg = config();
+		udp_remember(p, skb->ifindex, UDP_HIT_DELIVERY, epoch,
+			     bpf_ktime_get_coarse_ns() +
+				     udp_quiet_ns(cfg && cfg->udp_timeout_ns ? cfg->udp_timeout_ns : DEFAULT_UDP_TIMEOUT_NS));
 		return;
 	}
 	alias = bpf_map_lookup_elem(&pktmeta_aliases, &p->t);
@@ -1202,9 +1403,13 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 
 		__builtin_memcpy(&origin, &alias->origin, sizeof(origin));
 		rec = bpf_map_lookup_elem(&pktmeta_conns, &origin);
-		/* Still the connection the alias was made for: nothing to do. */
-		if (rec && READ_ONCE(rec->conn_id) == id && alias_current(skb, p, alias, &origin))
+		/* Still the connection the alias was made for: nothing to do
+		 * until conntrack is due to be asked again (alias_current). */
+		if (rec && READ_ONCE(rec->conn_id) == id && alias_current(skb, p, alias, &origin)) {
+			udp_remember(p, skb->ifindex, UDP_HIT_DELIVERY, epoch,
+				     (__u64)(READ_ONCE(alias->checked_s) + 1) * NSEC_PER_SEC);
 			return;
+		}
 		drop_alias(&p->t);
 	}
 	/* A reply to a flow the receiving pod opened itself. */
@@ -1280,10 +1485,15 @@ int pktmeta_deliver(struct __sk_buff *skb)
 	struct pktmeta_counters *c;
 	enum parse_result res;
 	struct packet p;
+	__u64 epoch = 0;
 	__u8 flags;
 
+	/* Like the origin: plain TCP segments, and datagrams of a flow this
+	 * CPU just found delivered, leave before anything is written. */
 	res = parse_packet(skb, &p, 0);
 	if (res == PARSE_TCP_PLAIN)
+		return TCX_NEXT;
+	if (res == PARSE_L4 && p.t.proto == IPPROTO_UDP && udp_shortcut(&p, skb->ifindex, UDP_HIT_DELIVERY, &epoch))
 		return TCX_NEXT;
 	c = counters();
 	if (!c)
@@ -1322,7 +1532,7 @@ int pktmeta_deliver(struct __sk_buff *skb)
 		}
 		return TCX_NEXT;
 	}
-	udp_to_pod(skb, &p, c);
+	udp_to_pod(skb, &p, c, epoch);
 	return TCX_NEXT;
 }
 

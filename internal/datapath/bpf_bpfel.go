@@ -101,6 +101,29 @@ type bpfPktmetaEvent struct {
 	Seen           bpfPktmetaTuple
 }
 
+type bpfPktmetaEventV4 struct {
+	_              structs.HostLayout
+	Version        uint8
+	Type           uint8
+	Reason         uint8
+	Proto          uint8
+	Flags          uint32
+	ConnId         uint64
+	TsNs           uint64
+	OriginWorkload uint32
+	PeerWorkload   uint32
+	Ifindex        uint32
+	Saddr          uint32
+	Daddr          uint32
+	Sport          uint16
+	Dport          uint16
+	SeenSaddr      uint32
+	SeenDaddr      uint32
+	SeenSport      uint16
+	SeenDport      uint16
+	Pad            uint32
+}
+
 type bpfPktmetaInboundFlow struct {
 	_       structs.HostLayout
 	Ifindex uint32
@@ -220,6 +243,15 @@ type bpfPktmetaWorkload struct {
 	Tags          [8]bpfPktmetaTag
 }
 
+type bpfUdpHit struct {
+	_       structs.HostLayout
+	T       bpfPktmetaTuple
+	Ifindex uint32
+	Pad     uint32
+	UntilNs uint64
+	Epoch   uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -234,6 +266,8 @@ const (
 	bpfMapPktmetaNode         = "pktmeta_node"
 	bpfMapPktmetaRemoteLive   = "pktmeta_remote_live"
 	bpfMapPktmetaStats        = "pktmeta_stats"
+	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
+	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
 	bpfMapPktmetaWloads       = "pktmeta_wloads"
 	bpfMapPktmetaXstats       = "pktmeta_xstats"
 	bpfProgPktmetaDeliver     = "pktmeta_deliver"
@@ -245,6 +279,7 @@ const (
 	bpfVarBenchNoSourceCheck  = "bench_no_source_check"
 	bpfVarPktmetaHaveCtKfuncs = "pktmeta_have_ct_kfuncs"
 	bpfVarUnusedEvent         = "unused_event"
+	bpfVarUnusedEventV4       = "unused_event_v4"
 	bpfVarUnusedMember        = "unused_member"
 	bpfVarUnusedNode          = "unused_node"
 	bpfVarUnusedSweep         = "unused_sweep"
@@ -315,6 +350,8 @@ type bpfMapSpecs struct {
 	PktmetaNode       *ebpf.MapSpec `ebpf:"pktmeta_node"`
 	PktmetaRemoteLive *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
 	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
+	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
+	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
 	PktmetaWloads     *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
 	PktmetaXstats     *ebpf.MapSpec `ebpf:"pktmeta_xstats"`
 }
@@ -326,6 +363,7 @@ type bpfVariableSpecs struct {
 	BenchNoSourceCheck  *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.VariableSpec `ebpf:"pktmeta_have_ct_kfuncs"`
 	UnusedEvent         *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedEventV4       *ebpf.VariableSpec `ebpf:"unused_event_v4"`
 	UnusedMember        *ebpf.VariableSpec `ebpf:"unused_member"`
 	UnusedNode          *ebpf.VariableSpec `ebpf:"unused_node"`
 	UnusedSweep         *ebpf.VariableSpec `ebpf:"unused_sweep"`
@@ -362,6 +400,8 @@ type bpfMaps struct {
 	PktmetaNode       *ebpf.Map `ebpf:"pktmeta_node"`
 	PktmetaRemoteLive *ebpf.Map `ebpf:"pktmeta_remote_live"`
 	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
+	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
+	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
 	PktmetaWloads     *ebpf.Map `ebpf:"pktmeta_wloads"`
 	PktmetaXstats     *ebpf.Map `ebpf:"pktmeta_xstats"`
 }
@@ -378,6 +418,8 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaNode,
 		m.PktmetaRemoteLive,
 		m.PktmetaStats,
+		m.PktmetaUdpEpoch,
+		m.PktmetaUdpHits,
 		m.PktmetaWloads,
 		m.PktmetaXstats,
 	)
@@ -390,6 +432,7 @@ type bpfVariables struct {
 	BenchNoSourceCheck  *ebpf.Variable `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.Variable `ebpf:"pktmeta_have_ct_kfuncs"`
 	UnusedEvent         *ebpf.Variable `ebpf:"unused_event"`
+	UnusedEventV4       *ebpf.Variable `ebpf:"unused_event_v4"`
 	UnusedMember        *ebpf.Variable `ebpf:"unused_member"`
 	UnusedNode          *ebpf.Variable `ebpf:"unused_node"`
 	UnusedSweep         *ebpf.Variable `ebpf:"unused_sweep"`

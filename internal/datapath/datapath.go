@@ -141,6 +141,7 @@ type Datapath struct {
 	MembersMap    *ebpf.Map
 	XStatsMap     *ebpf.Map
 	RemoteLiveMap *ebpf.Map
+	UDPEpochMap   *ebpf.Map
 
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
@@ -241,10 +242,11 @@ const (
 	mapMembers    = "pktmeta_members"
 	mapXStats     = "pktmeta_xstats"
 	mapRemoteLive = "pktmeta_remote_live"
+	mapUDPEpoch   = "pktmeta_udp_epoch"
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapConfig}
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapConfig}
 
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
@@ -270,6 +272,7 @@ func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 		mapMembers:    &d.MembersMap,
 		mapXStats:     &d.XStatsMap,
 		mapRemoteLive: &d.RemoteLiveMap,
+		mapUDPEpoch:   &d.UDPEpochMap,
 	}
 }
 

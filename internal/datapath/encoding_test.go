@@ -21,6 +21,7 @@ func TestLayoutSizes(t *testing.T) {
 		{"pktmeta_record", unsafe.Sizeof(bpfPktmetaRecord{}), 104},
 		{"pktmeta_alias", unsafe.Sizeof(bpfPktmetaAlias{}), 56},
 		{"pktmeta_event", unsafe.Sizeof(bpfPktmetaEvent{}), 120},
+		{"pktmeta_event_v4", unsafe.Sizeof(bpfPktmetaEventV4{}), 64},
 		{"pktmeta_endpoint", unsafe.Sizeof(bpfPktmetaEndpoint{}), 336},
 		{"pktmeta_sweep_args", unsafe.Sizeof(bpfPktmetaSweepArgs{}), 104},
 		{"pktmeta_config", unsafe.Sizeof(bpfPktmetaConfig{}), 56},

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
@@ -119,10 +120,16 @@ func (r *EventReader) Read() (Event, error) {
 // Close stops the reader; a blocked Read returns ErrClosed.
 func (r *EventReader) Close() error { return r.rd.Close() }
 
+// decodeEvent decodes either layout the programs write: the compact one
+// for IPv4 tuples (pktmeta_event_v4, 64 bytes) or the full one (120 bytes).
+// A ring record's length is exact, so the size tells them apart.
 func decodeEvent(raw []byte, clk monoClock) (Event, error) {
+	if len(raw) == binary.Size(bpfPktmetaEventV4{}) {
+		return decodeEventV4(raw, clk)
+	}
 	var e bpfPktmetaEvent
 	if len(raw) < binary.Size(e) {
-		return Event{}, fmt.Errorf("%w: %d bytes, want %d", ErrBadEvent, len(raw), binary.Size(e))
+		return Event{}, fmt.Errorf("%w: %d bytes, want %d or %d", ErrBadEvent, len(raw), binary.Size(bpfPktmetaEventV4{}), binary.Size(e))
 	}
 	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &e); err != nil {
 		return Event{}, fmt.Errorf("%w: %v", ErrBadEvent, err)
@@ -142,4 +149,42 @@ func decodeEvent(raw []byte, clk monoClock) (Event, error) {
 		Tuple:          tupleFromKey(&e.Tuple),
 		Seen:           tupleFromKey(&e.Seen),
 	}, nil
+}
+
+func decodeEventV4(raw []byte, clk monoClock) (Event, error) {
+	var e bpfPktmetaEventV4
+	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &e); err != nil {
+		return Event{}, fmt.Errorf("%w: %v", ErrBadEvent, err)
+	}
+	if e.Version != RecordVersion {
+		return Event{}, fmt.Errorf("%w: version %d, want %d", ErrBadEvent, e.Version, RecordVersion)
+	}
+	ev := Event{
+		Type:           e.Type,
+		Reason:         e.Reason,
+		Flags:          e.Flags,
+		ConnID:         e.ConnId,
+		Time:           clk.wall(e.TsNs),
+		OriginWorkload: e.OriginWorkload,
+		PeerWorkload:   e.PeerWorkload,
+		Ifindex:        e.Ifindex,
+		Tuple:          tupleV4(e.Proto, e.Saddr, e.Daddr, e.Sport, e.Dport),
+	}
+	if e.SeenSaddr != 0 || e.SeenDaddr != 0 || e.SeenSport != 0 || e.SeenDport != 0 {
+		ev.Seen = tupleV4(e.Proto, e.SeenSaddr, e.SeenDaddr, e.SeenSport, e.SeenDport)
+	}
+	return ev, nil
+}
+
+// tupleV4 builds a tuple from the compact event's fields: addresses as the
+// four bytes in memory, ports in network order, as in a key.
+func tupleV4(proto uint8, saddr, daddr uint32, sport, dport uint16) Tuple {
+	var s, d [4]byte
+	binary.NativeEndian.PutUint32(s[:], saddr)
+	binary.NativeEndian.PutUint32(d[:], daddr)
+	return Tuple{
+		Proto: proto,
+		Src:   netip.AddrPortFrom(netip.AddrFrom4(s), nativePort(sport)),
+		Dst:   netip.AddrPortFrom(netip.AddrFrom4(d), nativePort(dport)),
+	}
 }

@@ -83,6 +83,11 @@ func resetDatapath(t *testing.T, d *Datapath) {
 			}
 		}
 	}
+	// The tables were changed from here: what the CPUs remember of UDP
+	// flows is void.
+	if err := d.ForgetUDPShortcuts(); err != nil {
+		t.Fatal(err)
+	}
 	zero := make([]bpfPktmetaCounters, ebpf.MustPossibleCPU())
 	if err := d.StatsMap.Put(uint32(0), zero); err != nil {
 		t.Fatal(err)

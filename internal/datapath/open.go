@@ -398,6 +398,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	// Only there to put layouts into BTF for bpf2go.
 	delete(spec.Maps, ".bss")
 	delete(spec.Variables, bpfVarUnusedEvent)
+	delete(spec.Variables, bpfVarUnusedEventV4)
 	delete(spec.Variables, bpfVarUnusedSweep)
 	delete(spec.Variables, bpfVarUnusedNode)
 	delete(spec.Variables, bpfVarUnusedMember)

@@ -6,14 +6,15 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/pktmeta/pktmeta/internal/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // These tests run the programs on crafted packets with BPF_PROG_TEST_RUN,
@@ -1036,38 +1037,66 @@ func TestUnregisteredVethIsNotTagged(t *testing.T) {
 }
 
 func TestEventsForOpenDeliverClose(t *testing.T) {
-	testutil.InNewNetns(t, func() {
-		e := newProgEnv(t)
-		rd, err := e.d.NewEventReader()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer rd.Close()
-		a := e.addPod(11, podOpts{}, podA)
-		b := e.addPod(12, podOpts{}, podB)
-		e.from(a, syn(podA, podB, 1))
-		e.to(b, syn(podA, podB, 1))
-		e.to(a, tcpFlags(podB, podA, testutil.SYN|testutil.ACK, 1))
-		e.from(a, tcpFlags(podA, podB, testutil.RST, 0))
-		var types []uint8
-		for range 3 {
-			rd.SetDeadline(time.Now().Add(2 * time.Second))
-			ev, err := rd.Read()
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				break
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if ev.Tuple != tcpTuple(podA, podB) || ev.OriginWorkload != 11 || ev.ConnID == 0 {
-				t.Fatalf("event %+v", ev)
-			}
-			types = append(types, ev.Type)
-		}
-		if len(types) != 3 || types[0] != EventOpened || types[1] != EventDelivered || types[2] != EventClosed {
-			t.Fatalf("event types %v, want opened, delivered, closed", types)
-		}
-	})
+	// IPv4 events travel in the compact layout (pktmeta_event_v4), IPv6
+	// ones in the full one: both must decode to the same fields.
+	for _, fam := range []struct {
+		name        string
+		client, srv netip.AddrPort
+		size        int
+	}{
+		{"ipv4 compact", podA, podB, binary.Size(bpfPktmetaEventV4{})},
+		{"ipv6 full", podA6, podB6, binary.Size(bpfPktmetaEvent{})},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			testutil.InNewNetns(t, func() {
+				e := newProgEnv(t)
+				// The raw ring, to see which layout each event took.
+				rd, err := ringbuf.NewReader(e.d.EventsMap)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer rd.Close()
+				clk := newMonoClock()
+				a := e.addPod(11, podOpts{}, fam.client)
+				b := e.addPod(12, podOpts{}, fam.srv)
+				e.from(a, syn(fam.client, fam.srv, 1))
+				e.to(b, syn(fam.client, fam.srv, 1))
+				e.to(a, tcpFlags(fam.srv, fam.client, testutil.SYN|testutil.ACK, 1))
+				e.from(a, tcpFlags(fam.client, fam.srv, testutil.RST, 0))
+				want := []struct {
+					typ     uint8
+					ifindex uint32
+					peer    uint32
+					seen    Tuple
+					reason  uint8
+				}{
+					{EventOpened, a.ifindex, 0, Tuple{}, 0},
+					{EventDelivered, b.ifindex, 12, tcpTuple(fam.client, fam.srv), 0},
+					{EventClosed, a.ifindex, 12, Tuple{}, CloseRST},
+				}
+				for i, w := range want {
+					// The programs wake no reader for three events; the
+					// reader looks at the ring when its deadline passes.
+					rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
+					raw, err := rd.Read()
+					if err != nil {
+						t.Fatalf("event %d: %v", i, err)
+					}
+					if len(raw.RawSample) != fam.size {
+						t.Fatalf("event %d: %d bytes in the ring, want %d", i, len(raw.RawSample), fam.size)
+					}
+					ev, err := decodeEvent(raw.RawSample, clk)
+					if err != nil {
+						t.Fatalf("event %d: %v", i, err)
+					}
+					if ev.Type != w.typ || ev.Tuple != tcpTuple(fam.client, fam.srv) || ev.OriginWorkload != 11 || ev.ConnID == 0 ||
+						ev.Ifindex != w.ifindex || ev.PeerWorkload != w.peer || ev.Seen != w.seen || ev.Reason != w.reason || ev.Time.IsZero() {
+						t.Fatalf("event %d: %+v, want type %d on ifindex %d, peer %d, seen %v, reason %d", i, ev, w.typ, w.ifindex, w.peer, w.seen, w.reason)
+					}
+				}
+			})
+		})
+	}
 }
 
 // A UDP flow idle past the timeout is a new flow on its next packet, and
@@ -1283,5 +1312,152 @@ func TestUDPRecordOfAnotherVeth(t *testing.T) {
 		if ep := e.endpoint(heir); ep.Live != 1 {
 			t.Fatalf("heir live %d, want 1", ep.Live)
 		}
+	})
+}
+
+// onOneCPU keeps the calling (locked) thread on one CPU until
+// the test ends, so that test runs meet the per-CPU UDP shortcut the
+// previous run left.
+func onOneCPU(t *testing.T) {
+	t.Helper()
+	var was, one unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &was); err != nil {
+		t.Fatal(err)
+	}
+	c := -1
+	for i := range 1024 {
+		if was.IsSet(i) {
+			c = i
+			break
+		}
+	}
+	if c < 0 {
+		t.Fatal("no CPU in this thread's affinity")
+	}
+	one.Set(c)
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.SchedSetaffinity(0, &was); err != nil {
+			t.Errorf("restore affinity: %v", err)
+		}
+	})
+}
+
+// The per-CPU UDP shortcut (pktmeta_udp_hits): the next datagrams of a
+// fresh flow skip the table, but never past anything that changes the
+// answer: a record or alias that goes, an endpoint that changes, a refresh
+// that is due, another veth.
+func TestUDPShortcut(t *testing.T) {
+	flow := udpTuple(podA, podB)
+	t.Run("a fresh flow's datagrams skip the table", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			onOneCPU(t)
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			e.from(a, udp(podA, podB)) // first: the record
+			e.from(a, udp(podA, podB)) // known and fresh: remembered
+			// Behind the programs' back (nothing in pktmeta does this):
+			// the full path would tag the next datagram again, the
+			// shortcut does not look.
+			if err := e.d.ConnsMap.Delete(flow.key()); err != nil {
+				t.Fatal(err)
+			}
+			e.from(a, udp(podA, podB))
+			if _, ok := e.lookup(flow); ok {
+				t.Fatal("the datagram after the remembered one went the full path: no shortcut taken")
+			}
+			if err := e.d.ForgetUDPShortcuts(); err != nil {
+				t.Fatal(err)
+			}
+			e.from(a, udp(podA, podB))
+			e.mustRecord(flow)
+		})
+	})
+	t.Run("a sweep voids it", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			onOneCPU(t)
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			b := e.addPod(2, podOpts{}, podB)
+			e.from(a, udp(podA, podB))
+			e.from(a, udp(podA, podB))
+			e.to(b, udp(podA, podB))
+			e.to(b, udp(podA, podB)) // delivered: remembered at the destination
+			before := e.mustRecord(flow)
+			if !before.IsDelivered() {
+				t.Fatalf("not delivered: %+v", before)
+			}
+			if _, err := e.d.Sweep(SweepOptions{Workload: a.id}); err != nil {
+				t.Fatal(err)
+			}
+			e.from(a, udp(podA, podB))
+			after := e.mustRecord(flow)
+			if after.ConnID == before.ConnID || after.IsDelivered() {
+				t.Fatalf("after the sweep: %+v, want a new, undelivered record", after)
+			}
+			e.to(b, udp(podA, podB))
+			if r := e.mustRecord(flow); !r.IsDelivered() {
+				t.Fatal("the new record's first datagram at the destination took the old record's shortcut")
+			}
+		})
+	})
+	t.Run("an endpoint change voids it", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			onOneCPU(t)
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			e.from(a, udp(podA, podB))
+			e.from(a, udp(podA, podB))
+			if err := e.d.ConnsMap.Delete(flow.key()); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.d.PutEndpoint(a.ifindex, Endpoint{Workload: 7, Addrs: []netip.Addr{podA.Addr()}, MaxConnections: 10}); err != nil {
+				t.Fatal(err)
+			}
+			e.from(a, udp(podA, podB))
+			if r := e.mustRecord(flow); r.OriginWorkload != 7 {
+				t.Fatalf("record %+v, want the new endpoint's", r)
+			}
+		})
+	})
+	t.Run("another veth is not a hit", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			onOneCPU(t)
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			e.from(a, udp(podA, podB))
+			e.from(a, udp(podA, podB))
+			other := e.addPod(4, podOpts{}, podA)
+			e.from(other, udp(podA, podB))
+			if s := e.stats(); s.NotParty != 1 {
+				t.Fatalf("not-party %d, want 1: the other veth's datagram must go the full path", s.NotParty)
+			}
+		})
+	})
+	t.Run("the refresh still happens", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			onOneCPU(t)
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			cfg, err := e.d.ReadConfig()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.UDPTimeout = 400 * time.Millisecond // refresh due after 200 ms
+			if err := e.d.WriteConfig(cfg); err != nil {
+				t.Fatal(err)
+			}
+			e.from(a, udp(podA, podB))
+			e.from(a, udp(podA, podB))
+			first := e.mustRecord(flow)
+			time.Sleep(300 * time.Millisecond)
+			e.from(a, udp(podA, podB))
+			r := e.mustRecord(flow)
+			if r.ConnID != first.ConnID || !r.LastSeen.After(first.LastSeen) {
+				t.Fatalf("last seen %v then %v (ids %d %d): the refresh was skipped", first.LastSeen, r.LastSeen, first.ConnID, r.ConnID)
+			}
+		})
 	})
 }

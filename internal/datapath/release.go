@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 4
+const Release = 5
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "8d2a242f4043bd207b76aaa5d90a0d84257e9f22f77abd7a30dd90e3e0f51e18"
+const releaseObject = "4d52dd219b79828e594ec428076c3f595cda1fd98c4dc721770cde65c09f653f"

@@ -391,7 +391,7 @@ func (d *Datapath) putEndpoint(ifindex uint32, ep Endpoint) error {
 	if err := d.EndpointsMap.Update(ifindex, &raw, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("register endpoint ifindex %d: %w", ifindex, err)
 	}
-	return nil
+	return d.ForgetUDPShortcuts()
 }
 
 // PutEndpoint registers an endpoint directly, without a workload or an
@@ -437,6 +437,23 @@ func (d *Datapath) DeleteEndpoint(ifindex, workload uint32) error {
 	}
 	if err := d.EndpointsMap.Delete(ifindex); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
+	}
+	return d.ForgetUDPShortcuts()
+}
+
+// ForgetUDPShortcuts voids what every CPU remembers of UDP flows that
+// needed nothing (pktmeta_udp_hits in bpf/pktmeta.c). The programs bump
+// the epoch themselves whenever a UDP record or an alias goes; userspace
+// calls this when it changes an endpoint, or the tables directly. It adds
+// 2^32 with a plain write: a concurrent increment by a program is lost at
+// worst, and no value a shortcut remembered can come back.
+func (d *Datapath) ForgetUDPShortcuts() error {
+	var epoch uint64
+	if err := d.UDPEpochMap.Lookup(uint32(0), &epoch); err != nil {
+		return fmt.Errorf("read the UDP shortcut epoch: %w", err)
+	}
+	if err := d.UDPEpochMap.Update(uint32(0), epoch+1<<32, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("bump the UDP shortcut epoch: %w", err)
 	}
 	return nil
 }
