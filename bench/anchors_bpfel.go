@@ -23,10 +23,13 @@ type anchorsMeta struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	anchorsMapAllocHash    = "alloc_hash"
+	anchorsMapEventsRing   = "events_ring"
 	anchorsMapSeq          = "seq"
 	anchorsMapSkStore      = "sk_store"
 	anchorsMapTarget       = "target"
 	anchorsMapTaskStore    = "task_store"
+	anchorsProgEventFull   = "event_full"
+	anchorsProgEventV4     = "event_v4"
 	anchorsProgFloorProg   = "floor_prog"
 	anchorsProgFreshV4     = "fresh_v4"
 	anchorsProgFreshV6     = "fresh_v6"
@@ -79,6 +82,8 @@ type anchorsSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type anchorsProgramSpecs struct {
+	EventFull   *ebpf.ProgramSpec `ebpf:"event_full"`
+	EventV4     *ebpf.ProgramSpec `ebpf:"event_v4"`
 	FloorProg   *ebpf.ProgramSpec `ebpf:"floor_prog"`
 	FreshV4     *ebpf.ProgramSpec `ebpf:"fresh_v4"`
 	FreshV6     *ebpf.ProgramSpec `ebpf:"fresh_v6"`
@@ -93,11 +98,12 @@ type anchorsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type anchorsMapSpecs struct {
-	AllocHash *ebpf.MapSpec `ebpf:"alloc_hash"`
-	Seq       *ebpf.MapSpec `ebpf:"seq"`
-	SkStore   *ebpf.MapSpec `ebpf:"sk_store"`
-	Target    *ebpf.MapSpec `ebpf:"target"`
-	TaskStore *ebpf.MapSpec `ebpf:"task_store"`
+	AllocHash  *ebpf.MapSpec `ebpf:"alloc_hash"`
+	EventsRing *ebpf.MapSpec `ebpf:"events_ring"`
+	Seq        *ebpf.MapSpec `ebpf:"seq"`
+	SkStore    *ebpf.MapSpec `ebpf:"sk_store"`
+	Target     *ebpf.MapSpec `ebpf:"target"`
+	TaskStore  *ebpf.MapSpec `ebpf:"task_store"`
 }
 
 // anchorsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -126,16 +132,18 @@ func (o *anchorsObjects) Close() error {
 //
 // It can be passed to loadAnchorsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type anchorsMaps struct {
-	AllocHash *ebpf.Map `ebpf:"alloc_hash"`
-	Seq       *ebpf.Map `ebpf:"seq"`
-	SkStore   *ebpf.Map `ebpf:"sk_store"`
-	Target    *ebpf.Map `ebpf:"target"`
-	TaskStore *ebpf.Map `ebpf:"task_store"`
+	AllocHash  *ebpf.Map `ebpf:"alloc_hash"`
+	EventsRing *ebpf.Map `ebpf:"events_ring"`
+	Seq        *ebpf.Map `ebpf:"seq"`
+	SkStore    *ebpf.Map `ebpf:"sk_store"`
+	Target     *ebpf.Map `ebpf:"target"`
+	TaskStore  *ebpf.Map `ebpf:"task_store"`
 }
 
 func (m *anchorsMaps) Close() error {
 	return _AnchorsClose(
 		m.AllocHash,
+		m.EventsRing,
 		m.Seq,
 		m.SkStore,
 		m.Target,
@@ -153,6 +161,8 @@ type anchorsVariables struct {
 //
 // It can be passed to loadAnchorsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type anchorsPrograms struct {
+	EventFull   *ebpf.Program `ebpf:"event_full"`
+	EventV4     *ebpf.Program `ebpf:"event_v4"`
 	FloorProg   *ebpf.Program `ebpf:"floor_prog"`
 	FreshV4     *ebpf.Program `ebpf:"fresh_v4"`
 	FreshV6     *ebpf.Program `ebpf:"fresh_v6"`
@@ -165,6 +175,8 @@ type anchorsPrograms struct {
 
 func (p *anchorsPrograms) Close() error {
 	return _AnchorsClose(
+		p.EventFull,
+		p.EventV4,
 		p.FloorProg,
 		p.FreshV4,
 		p.FreshV6,

@@ -18,6 +18,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/testutil"
 )
@@ -223,8 +224,10 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 			return err
 		}
 	}
-	if _, err := b.runs(b.d.Deliver, syn4, retNext, 1, 1); err != nil {
-		return err
+	for _, p := range [][]byte{syn4, udp4} {
+		if _, err := b.runs(b.d.Deliver, p, retNext, 1, 1); err != nil {
+			return err
+		}
 	}
 	// Service DNAT as conntrack knows it: a:p -> VIP:80 translated to b:8080.
 	if err := b.natEntry(ctx); err != nil {
@@ -237,9 +240,10 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		{name: nameFloor, prog: b.a.FloorProg, data: ack4, want: retNext, repeat: repeat},
 		{name: "origin, not first: tcp4 established", prog: b.d.Origin, data: ack4, want: retNext, repeat: repeat},
 		{name: "origin, not first: tcp6 established", prog: b.d.Origin, data: ack6, want: retNext, repeat: repeat},
-		{name: "origin, not first: udp4 known flow", prog: b.d.Origin, data: udp4, want: retNext, repeat: repeat, note: "one hash lookup"},
+		{name: "origin, not first: udp4 known flow", prog: b.d.Origin, data: udp4, want: retNext, repeat: repeat, note: "the per-CPU shortcut; the full path (one hash lookup) runs for a CPU's first datagram of the flow and once a second"},
 		{name: "origin, not first: udp6 known flow", prog: b.d.Origin, data: udp6, want: retNext, repeat: repeat},
 		{name: "origin strict, not first: tcp4", prog: b.d.Strict, data: ack4, want: retNext, repeat: repeat, note: "adds the endpoint lookup and source check"},
+		{name: "destination, not first: udp4 delivered flow", prog: b.d.Deliver, data: udp4, want: retNext, repeat: repeat, note: "the per-CPU shortcut; the full path is one hash lookup"},
 		{name: "destination, first packet: record hit", prog: b.d.Deliver, data: syn4, want: retNext, repeat: repeat, note: "SYN of a known, delivered connection: one lookup"},
 		{name: "destination, first packet: miss", prog: b.d.Deliver, data: missSyn, want: retNext, repeat: repeat, note: "no record: a lookup and a conntrack lookup that finds nothing"},
 		{name: "destination, first packet: NAT resolved, alias written", prog: b.d.Deliver, data: natSyn, want: retNext, repeat: repeat, note: "lookup miss, conntrack lookup (reply direction), lookup of the original tuple, alias update"},
@@ -338,10 +342,17 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 	}
 	// With events on, in runs short enough for the ring buffer (1000
 	// events), drained between runs; each paired with a run of the same
-	// length with events off, so the event's own cost shows.
+	// length with events off, so the event's own cost shows. Both runs of
+	// a pair follow a drain: the drain (a reader in this process) evicts
+	// part of the caches the inserts use, and a pair where only one run
+	// follows it charges that to the event (release 4's method did, and
+	// reported +250 to +420 ns for an event whose ring write costs +30).
 	var withEvents, overEvents, eventCost []float64
 	for range b.cfg.runs * 3 {
 		if err := b.setEvents(false); err != nil {
+			return err
+		}
+		if err := b.drainEvents(); err != nil {
 			return err
 		}
 		off, _, err := b.firstPacket(b.a.FreshV4, syn4, 1000, 1)
@@ -370,7 +381,59 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 	ev := summarize("the OPENED event alone", "ns/pkt", "per-packet", eventCost)
 	ev.Note = "paired runs of 1000 first packets with events on and off; the difference"
 	rep.add(ev)
-	return nil
+	return b.ringWrites(rep, ack4)
+}
+
+// ringWrites measures the events ring's write alone, at the size of each
+// event layout, away from the first packet's own noise: runs of 1000
+// writes into an emptied 256 KiB ring, over the floor of the same length.
+func (b *packetBench) ringWrites(rep *Report, data []byte) error {
+	rd, err := ringbuf.NewReader(b.a.EventsRing)
+	if err != nil {
+		return fmt.Errorf("events ring reader: %w", err)
+	}
+	defer rd.Close()
+	drain := func() error {
+		for {
+			rd.SetDeadline(time.Now())
+			if _, err := rd.Read(); err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					return nil
+				}
+				return err
+			}
+		}
+	}
+	for _, w := range []struct {
+		name string
+		prog *ebpf.Program
+		note string
+	}{
+		{"events ring write, 120 B (pktmeta_event: IPv6, or before release 5)", b.a.EventFull, "query, reserve, 120 B written, submit without wakeup; 1000 a run, the ring emptied between runs"},
+		{"events ring write, 64 B (pktmeta_event_v4: IPv4, release 5)", b.a.EventV4, "the same with the compact IPv4 layout"},
+	} {
+		var samples, over []float64
+		for range b.cfg.runs * 3 {
+			if err := drain(); err != nil {
+				return err
+			}
+			f, err := b.runs(b.a.FloorProg, data, retNext, 1000, 1)
+			if err != nil {
+				return err
+			}
+			s, err := b.runs(w.prog, data, retNext, 1000, 1)
+			if err != nil {
+				return fmt.Errorf("%s: %w", w.name, err)
+			}
+			samples = append(samples, s[0])
+			over = append(over, s[0]-f[0])
+		}
+		r := summarize(w.name, "ns/pkt", "per-packet", samples)
+		d := median(over)
+		r.Baseline, r.OverFloor, r.Note = nameFloor, &d, w.note
+		rep.add(r)
+	}
+	return drain()
 }
 
 // sourceCheck measures a first packet refused over budget, with and

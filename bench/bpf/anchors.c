@@ -195,3 +195,50 @@ int fresh_v6(struct __sk_buff *skb)
 	bpf_tail_call(skb, &target, 0);
 	return 2;
 }
+
+/* The events ring buffer's write alone, at the two sizes pktmeta's events
+ * come in (bpf/datapath.h: pktmeta_event, 120 B; pktmeta_event_v4, 64 B),
+ * into a ring of the same size, the same way (query, reserve, fill, submit
+ * without wakeup). The bench drains it between runs. */
+#define EVENTS_RING_BYTES (256 * 1024)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RING_BYTES);
+} events_ring SEC(".maps");
+
+struct event_full {
+	__u64 w[15];
+};
+
+struct event_v4 {
+	__u64 w[8];
+};
+
+SEC("tc")
+int event_full(struct __sk_buff *skb)
+{
+	__u64 pending = bpf_ringbuf_query(&events_ring, BPF_RB_AVAIL_DATA);
+	struct event_full *e = bpf_ringbuf_reserve(&events_ring, sizeof(*e), 0);
+
+	if (!e)
+		return 2;
+	for (int i = 0; i < 15; i++)
+		e->w[i] = pending + i;
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return TCX_NEXT;
+}
+
+SEC("tc")
+int event_v4(struct __sk_buff *skb)
+{
+	__u64 pending = bpf_ringbuf_query(&events_ring, BPF_RB_AVAIL_DATA);
+	struct event_v4 *e = bpf_ringbuf_reserve(&events_ring, sizeof(*e), 0);
+
+	if (!e)
+		return 2;
+	for (int i = 0; i < 8; i++)
+		e->w[i] = pending + i;
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return TCX_NEXT;
+}
