@@ -80,8 +80,8 @@ struct pktmeta_workload {
 
 /* Map "pktmeta_stats": per-CPU, one slot. */
 struct pktmeta_counters {
-	__u64 origin_packets; /* examined by the origin programs: all but plain TCP segments */
-	__u64 deliver_packets; /* examined by the delivery program: all but plain TCP segments */
+	__u64 origin_packets; /* examined by the origin programs: all but plain TCP segments and UDP shortcut hits */
+	__u64 deliver_packets; /* examined by the delivery program: all but plain TCP segments and UDP shortcut hits */
 	__u64 not_parsed; /* passed untouched: not TCP/UDP over IP, truncated, fragment */
 	__u64 tagged; /* first packets that created a record */
 	__u64 syn_retransmits; /* SYN for a record that already exists */
@@ -164,6 +164,7 @@ struct pktmeta_event_v4 {
 /* Sweep flags. */
 #define PKTMETA_SWEEP_CONNTRACK (1U << 0) /* remove TCP records conntrack says are over */
 #define PKTMETA_SWEEP_ALIASES (1U << 1) /* remove aliases whose record is gone */
+#define PKTMETA_SWEEP_FORGET_UDP (1U << 2) /* only void every CPU's UDP shortcut (bump the epoch) */
 
 #define PKTMETA_SWEEP_MAGIC 0x7065657773746d70ULL /* "pmtsweep" */
 

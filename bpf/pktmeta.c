@@ -30,7 +30,9 @@
  *
  * Every program returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours
  * still run. A TCP segment without SYN, FIN or RST pays a header parse and
- * nothing else; UDP also pays the lookup that tells "first" apart.
+ * nothing else; UDP also needs to know whether its flow has a record,
+ * which a stream of datagrams mostly learns from a per-CPU shortcut
+ * instead of the table.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -163,10 +165,12 @@ struct {
  * per-CPU cache of UDP_HIT_SLOTS per side. A datagram that matches one
  * skips the table until until_ns, which is never later than the moment the
  * full path would next have work to do (refresh last_seen, ask conntrack
- * about an alias). The cache only ever answers "nothing to do", so the
- * worst a stale entry can do is delay that work until until_ns (at most
- * UDP_REFRESH_NS): it never creates, changes or attributes a record. Not
- * pinned: each load of the programs starts with an empty one. */
+ * about an alias), and only while pktmeta_udp_epoch has not moved. A slot
+ * is written only after the element its decision was read from is checked
+ * to still hold that connection under that tuple. TC programs run with
+ * bottom halves disabled, which serialises them on a CPU (on PREEMPT_RT
+ * too, where local_bh_disable() takes a per-CPU lock), so a slot is never
+ * read half-written. Not pinned: each load starts with an empty one. */
 #define UDP_HIT_SLOTS 16
 #define UDP_HIT_ORIGIN 0
 #define UDP_HIT_DELIVERY UDP_HIT_SLOTS
@@ -186,12 +190,12 @@ struct {
 	__type(value, struct udp_hit);
 } pktmeta_udp_hits SEC(".maps");
 
-/* Bumped whenever a UDP record or an alias leaves the tables or is
- * replaced, and by userspace when it changes an endpoint or the tables
- * itself (it adds 2^32: a plain write that no concurrent increment can
- * bring back to a value a shortcut holds). Every shortcut remembered
- * before is then void, so a flow whose record went gets a new one from its
- * very next datagram. Pinned, for userspace. */
+/* Incremented (atomically, by the programs only) whenever a UDP record
+ * leaves the table or is replaced by another connection, an alias is
+ * dropped on a packet's path, and when userspace changes an endpoint (it
+ * runs pktmeta_sweep with PKTMETA_SWEEP_FORGET_UDP). Every shortcut
+ * remembered before is then void. Pinned, so that the sweep program of
+ * any process shares it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -512,7 +516,8 @@ static __always_inline void emit(struct pktmeta_counters *c, __u8 type, __u8 rea
 	if (cfg && (cfg->flags & PKTMETA_CFG_NO_EVENTS))
 		return;
 	pending = bpf_ringbuf_query(&pktmeta_events, BPF_RB_AVAIL_DATA);
-	if (is_v4mapped(origin->saddr) && (!seen || is_v4mapped(seen->saddr))) {
+	if (is_v4mapped(origin->saddr) && is_v4mapped(origin->daddr) &&
+	    (!seen || (is_v4mapped(seen->saddr) && is_v4mapped(seen->daddr)))) {
 		e4 = bpf_ringbuf_reserve(&pktmeta_events, sizeof(*e4), 0);
 		if (!e4) {
 			c->events_dropped++;
@@ -969,10 +974,13 @@ static __always_inline void close_from_pod(struct __sk_buff *skb, struct packet 
 
 static __always_inline struct udp_hit *udp_hit_slot(const struct packet *p, __u32 ifindex, __u32 side)
 {
-	/* Volatile reads: otherwise clang may copy the ports from registers
-	 * it left unset on paths where the parser found no L4 header, a copy
-	 * the verifier refuses (R9 !read_ok). */
-	__u32 i = side + ((ifindex ^ READ_ONCE(p->t.sport) ^ READ_ONCE(p->t.dport)) & (UDP_HIT_SLOTS - 1));
+	/* Ports and the low address words, so that flows on fixed port
+	 * pairs to many peers spread. Volatile reads: otherwise clang may copy
+	 * the fields from registers it left unset on paths where the parser
+	 * found no L4 header, a copy the verifier refuses (R9 !read_ok). */
+	__u32 h = ifindex ^ READ_ONCE(p->t.sport) ^ READ_ONCE(p->t.dport) ^ READ_ONCE(*(const __u32 *)&p->t.saddr[12]) ^
+		  READ_ONCE(*(const __u32 *)&p->t.daddr[12]);
+	__u32 i = side + ((h ^ (h >> 16) ^ (h >> 8)) & (UDP_HIT_SLOTS - 1));
 
 	return bpf_map_lookup_elem(&pktmeta_udp_hits, &i);
 }
@@ -992,8 +1000,7 @@ static __always_inline int udp_shortcut(const struct packet *p, __u32 ifindex, _
 /* Remembers the datagram's flow as needing nothing until until (coarse
  * clock), for as long as the epoch stays. The slot is looked up again
  * rather than kept from udp_shortcut(): the delivery program has no stack
- * to spare for it. It is filled so that a torn entry (a program preempted
- * on this CPU, on PREEMPT_RT) reads as empty: until_ns goes last. */
+ * to spare for it. */
 static __always_inline void udp_remember(const struct packet *p, __u32 ifindex, __u32 side, __u64 epoch,
 					 __u64 until)
 {
@@ -1001,13 +1008,20 @@ static __always_inline void udp_remember(const struct packet *p, __u32 ifindex, 
 
 	if (!h)
 		return;
-	WRITE_ONCE(h->until_ns, 0);
-	barrier();
 	__builtin_memcpy(&h->t, &p->t, sizeof(h->t));
 	h->ifindex = ifindex;
 	h->epoch = epoch;
-	barrier();
-	WRITE_ONCE(h->until_ns, until);
+	h->until_ns = until;
+}
+
+/* Whether e is still the element holding the connection whose first word
+ * ({flags, conn_gen}) was word under key: a decision read from it may be
+ * remembered. A preallocated hash recycles an element the moment a record
+ * is replaced (mark_delivered writes a new one), so a pointer from a
+ * lookup alone does not prove it. */
+static __always_inline int still_holds(const struct pktmeta_tuple *key, const struct pktmeta_record *e, __u64 word)
+{
+	return bpf_map_lookup_elem(&pktmeta_conns, key) == e && READ_ONCE(*(const __u64 *)e) == word;
 }
 
 /* How long a fresh UDP record needs nothing: until it is due a refresh. */
@@ -1060,7 +1074,8 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 				/* Nothing to do until the refresh is due: the
 				 * same decision this path would take for every
 				 * datagram until then. */
-				udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, epoch, last + udp_quiet_ns(timeout));
+				if (still_holds(&p->t, rec, word))
+					udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, epoch, last + udp_quiet_ns(timeout));
 				return;
 			}
 			/* At most once a second per flow (more often only for
@@ -1383,7 +1398,9 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 
 	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
 	if (rec) {
-		if (!(READ_ONCE(rec->flags) & PKTMETA_F_DELIVERED)) {
+		__u64 word = READ_ONCE(*(__u64 *)rec);
+
+		if (!((__u32)word & PKTMETA_F_DELIVERED)) {
 			if ((ep = receiver(skb, p, c)))
 				mark_delivered(skb, ep, &p->t, &p->t, 0, c);
 			return;
@@ -1391,6 +1408,8 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 		/* Delivered stays delivered while the record lives, and a new
 		 * flow can take this tuple only once the old one was idle for
 		 * the UDP timeout, at least twice this long. */
+		if (!still_holds(&p->t, rec, word))
+			return;
 		cfg = config();
 		udp_remember(p, skb->ifindex, UDP_HIT_DELIVERY, epoch,
 			     bpf_ktime_get_coarse_ns() +
@@ -1653,9 +1672,15 @@ int pktmeta_sweep(struct __sk_buff *skb)
 	st.args.removed_aliases = 0;
 	st.args.ct_checked = 0;
 	st.args.ct_unavailable = 0;
-	bpf_for_each_map_elem(&pktmeta_conns, sweep_record, &st, 0);
-	if (st.args.flags & PKTMETA_SWEEP_ALIASES)
-		bpf_for_each_map_elem(&pktmeta_aliases, sweep_alias, &st, 0);
+	if (st.args.flags & PKTMETA_SWEEP_FORGET_UDP) {
+		/* Userspace changed an endpoint: an atomic increment, which a
+		 * read-modify-write through the map could not be. */
+		udp_invalidate();
+	} else {
+		bpf_for_each_map_elem(&pktmeta_conns, sweep_record, &st, 0);
+		if (st.args.flags & PKTMETA_SWEEP_ALIASES)
+			bpf_for_each_map_elem(&pktmeta_aliases, sweep_alias, &st, 0);
+	}
 
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;

@@ -170,7 +170,7 @@ func decodeEventV4(raw []byte, clk monoClock) (Event, error) {
 		Ifindex:        e.Ifindex,
 		Tuple:          tupleV4(e.Proto, e.Saddr, e.Daddr, e.Sport, e.Dport),
 	}
-	if e.SeenSaddr != 0 || e.SeenDaddr != 0 || e.SeenSport != 0 || e.SeenDport != 0 {
+	if e.Type == EventDelivered {
 		ev.Seen = tupleV4(e.Proto, e.SeenSaddr, e.SeenDaddr, e.SeenSport, e.SeenDport)
 	}
 	return ev, nil

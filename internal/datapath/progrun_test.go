@@ -1315,10 +1315,10 @@ func TestUDPRecordOfAnotherVeth(t *testing.T) {
 	})
 }
 
-// onOneCPU keeps the calling (locked) thread on one CPU until
-// the test ends, so that test runs meet the per-CPU UDP shortcut the
-// previous run left.
-func onOneCPU(t *testing.T) {
+// onOneCPU keeps the calling (locked) thread on one CPU, so that test runs
+// meet the per-CPU UDP shortcut the previous run left. Call the returned
+// function before the thread is unlocked (defer it inside InNewNetns).
+func onOneCPU(t *testing.T) (restore func()) {
 	t.Helper()
 	var was, one unix.CPUSet
 	if err := unix.SchedGetaffinity(0, &was); err != nil {
@@ -1338,11 +1338,18 @@ func onOneCPU(t *testing.T) {
 	if err := unix.SchedSetaffinity(0, &one); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
+	return func() {
 		if err := unix.SchedSetaffinity(0, &was); err != nil {
 			t.Errorf("restore affinity: %v", err)
 		}
-	})
+	}
+}
+
+// udpSlot mirrors udp_hit_slot() in bpf/pktmeta.c (the origin side).
+func udpSlot(ifindex uint32, t Tuple) uint32 {
+	k := t.key()
+	h := ifindex ^ uint32(k.Sport) ^ uint32(k.Dport) ^ binary.NativeEndian.Uint32(k.Saddr[12:]) ^ binary.NativeEndian.Uint32(k.Daddr[12:])
+	return (h ^ h>>16 ^ h>>8) & 15
 }
 
 // The per-CPU UDP shortcut (pktmeta_udp_hits): the next datagrams of a
@@ -1353,7 +1360,7 @@ func TestUDPShortcut(t *testing.T) {
 	flow := udpTuple(podA, podB)
 	t.Run("a fresh flow's datagrams skip the table", func(t *testing.T) {
 		testutil.InNewNetns(t, func() {
-			onOneCPU(t)
+			defer onOneCPU(t)()
 			e := newProgEnv(t)
 			a := e.addPod(1, podOpts{}, podA)
 			e.from(a, udp(podA, podB)) // first: the record
@@ -1377,7 +1384,7 @@ func TestUDPShortcut(t *testing.T) {
 	})
 	t.Run("a sweep voids it", func(t *testing.T) {
 		testutil.InNewNetns(t, func() {
-			onOneCPU(t)
+			defer onOneCPU(t)()
 			e := newProgEnv(t)
 			a := e.addPod(1, podOpts{}, podA)
 			b := e.addPod(2, podOpts{}, podB)
@@ -1405,7 +1412,7 @@ func TestUDPShortcut(t *testing.T) {
 	})
 	t.Run("an endpoint change voids it", func(t *testing.T) {
 		testutil.InNewNetns(t, func() {
-			onOneCPU(t)
+			defer onOneCPU(t)()
 			e := newProgEnv(t)
 			a := e.addPod(1, podOpts{}, podA)
 			e.from(a, udp(podA, podB))
@@ -1424,35 +1431,83 @@ func TestUDPShortcut(t *testing.T) {
 	})
 	t.Run("another veth is not a hit", func(t *testing.T) {
 		testutil.InNewNetns(t, func() {
-			onOneCPU(t)
+			defer onOneCPU(t)()
 			e := newProgEnv(t)
 			a := e.addPod(1, podOpts{}, podA)
+			// Another veth whose datagrams on this tuple land in a's
+			// slot, registered before a's flow is remembered (a
+			// registration voids every slot).
+			var other *testPod
+			for i := range 64 {
+				p := e.addPod(uint32(10+i), podOpts{}, podA)
+				if udpSlot(p.ifindex, flow) == udpSlot(a.ifindex, flow) {
+					other = p
+					break
+				}
+			}
+			if other == nil {
+				t.Fatal("no veth of 64 shares a's slot")
+			}
 			e.from(a, udp(podA, podB))
-			e.from(a, udp(podA, podB))
-			other := e.addPod(4, podOpts{}, podA)
+			e.from(a, udp(podA, podB)) // remembered in the shared slot
 			e.from(other, udp(podA, podB))
 			if s := e.stats(); s.NotParty != 1 {
 				t.Fatalf("not-party %d, want 1: the other veth's datagram must go the full path", s.NotParty)
 			}
 		})
 	})
+	t.Run("a deleted endpoint voids it", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			defer onOneCPU(t)()
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			e.from(a, udp(podA, podB))
+			e.from(a, udp(podA, podB))
+			if err := e.d.DeleteEndpoint(a.ifindex, a.id); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.d.ConnsMap.Delete(flow.key()); err != nil {
+				t.Fatal(err)
+			}
+			e.from(a, udp(podA, podB))
+			if s := e.stats(); s.Unregistered != 1 {
+				t.Fatalf("unregistered %d, want 1: the datagram after the DEL must go the full path", s.Unregistered)
+			}
+		})
+	})
+	t.Run("the destination's delivered flow skips the table", func(t *testing.T) {
+		testutil.InNewNetns(t, func() {
+			defer onOneCPU(t)()
+			e := newProgEnv(t)
+			a := e.addPod(1, podOpts{}, podA)
+			b := e.addPod(2, podOpts{}, podB)
+			e.from(a, udp(podA, podB))
+			e.to(b, udp(podA, podB)) // delivered
+			e.to(b, udp(podA, podB)) // delivered already: remembered
+			seen := e.stats().DeliverPackets
+			e.to(b, udp(podA, podB))
+			if got := e.stats().DeliverPackets; got != seen {
+				t.Fatalf("delivery packets %d then %d: the remembered flow went the full path", seen, got)
+			}
+		})
+	})
 	t.Run("the refresh still happens", func(t *testing.T) {
 		testutil.InNewNetns(t, func() {
-			onOneCPU(t)
+			defer onOneCPU(t)()
 			e := newProgEnv(t)
 			a := e.addPod(1, podOpts{}, podA)
 			cfg, err := e.d.ReadConfig()
 			if err != nil {
 				t.Fatal(err)
 			}
-			cfg.UDPTimeout = 400 * time.Millisecond // refresh due after 200 ms
+			cfg.UDPTimeout = 2 * time.Second // the refresh is due after one
 			if err := e.d.WriteConfig(cfg); err != nil {
 				t.Fatal(err)
 			}
 			e.from(a, udp(podA, podB))
 			e.from(a, udp(podA, podB))
 			first := e.mustRecord(flow)
-			time.Sleep(300 * time.Millisecond)
+			time.Sleep(1200 * time.Millisecond)
 			e.from(a, udp(podA, podB))
 			r := e.mustRecord(flow)
 			if r.ConnID != first.ConnID || !r.LastSeen.After(first.LastSeen) {

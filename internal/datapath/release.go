@@ -10,4 +10,4 @@ package datapath
 const Release = 5
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "4d52dd219b79828e594ec428076c3f595cda1fd98c4dc721770cde65c09f653f"
+const releaseObject = "13884596c7c907570298d574f4dd647c39c0acb242a6dd06f21e08213c2a35e9"

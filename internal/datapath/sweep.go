@@ -19,6 +19,7 @@ const sweepCTMinAge = 10 * time.Second
 const (
 	sweepConntrack = 1 << 0
 	sweepAliases   = 1 << 1
+	sweepForgetUDP = 1 << 2
 )
 
 const sweepMagic = 0x7065657773746d70
@@ -79,22 +80,9 @@ func (d *Datapath) Sweep(o SweepOptions) (SweepResult, error) {
 		args.TcpPendingNs = uint64(cmp.Or(o.TCPHandshakeTimeout, DefaultTCPHandshakeTimeout))
 		args.CtMinAgeNs = uint64(cmp.Or(o.ConntrackMinAge, sweepCTMinAge))
 	}
-	// An Ethernet header, then the arguments; the program writes the
-	// results back into the packet.
-	in := make([]byte, 14, 14+binary.Size(args))
-	in, err := binary.Append(in, binary.NativeEndian, &args)
+	args, err := d.runSweep(args)
 	if err != nil {
 		return res, err
-	}
-	out := make([]byte, len(in))
-	if _, err := d.Sweeper.Run(&ebpf.RunOptions{Data: in, DataOut: out}); err != nil {
-		return res, fmt.Errorf("run sweep program: %w", err)
-	}
-	if _, err := binary.Decode(out[14:], binary.NativeEndian, &args); err != nil {
-		return res, fmt.Errorf("sweep results: %w", err)
-	}
-	if args.Magic != sweepMagic {
-		return res, fmt.Errorf("sweep program did not run (results missing)")
 	}
 	res = SweepResult{
 		Visited:         int(args.Visited),
@@ -107,4 +95,27 @@ func (d *Datapath) Sweep(o SweepOptions) (SweepResult, error) {
 		CTUnavailable:   args.CtUnavailable != 0,
 	}
 	return res, nil
+}
+
+// runSweep runs the sweep program once with args and returns what it wrote
+// back.
+func (d *Datapath) runSweep(args bpfPktmetaSweepArgs) (bpfPktmetaSweepArgs, error) {
+	// An Ethernet header, then the arguments; the program writes the
+	// results back into the packet.
+	in := make([]byte, 14, 14+binary.Size(args))
+	in, err := binary.Append(in, binary.NativeEndian, &args)
+	if err != nil {
+		return args, err
+	}
+	out := make([]byte, len(in))
+	if _, err := d.Sweeper.Run(&ebpf.RunOptions{Data: in, DataOut: out}); err != nil {
+		return args, fmt.Errorf("run sweep program: %w", err)
+	}
+	if _, err := binary.Decode(out[14:], binary.NativeEndian, &args); err != nil {
+		return args, fmt.Errorf("sweep results: %w", err)
+	}
+	if args.Magic != sweepMagic {
+		return args, fmt.Errorf("sweep program did not run (results missing)")
+	}
+	return args, nil
 }

@@ -443,17 +443,16 @@ func (d *Datapath) DeleteEndpoint(ifindex, workload uint32) error {
 
 // ForgetUDPShortcuts voids what every CPU remembers of UDP flows that
 // needed nothing (pktmeta_udp_hits in bpf/pktmeta.c). The programs bump
-// the epoch themselves whenever a UDP record or an alias goes; userspace
-// calls this when it changes an endpoint, or the tables directly. It adds
-// 2^32 with a plain write: a concurrent increment by a program is lost at
-// worst, and no value a shortcut remembered can come back.
+// the epoch themselves whenever a UDP record goes; userspace calls this
+// when it changes an endpoint. The bump is the sweep program's, run with
+// PKTMETA_SWEEP_FORGET_UDP: an atomic increment, which parallel ADDs and
+// DELs doing read-modify-writes through the map could not guarantee.
 func (d *Datapath) ForgetUDPShortcuts() error {
-	var epoch uint64
-	if err := d.UDPEpochMap.Lookup(uint32(0), &epoch); err != nil {
-		return fmt.Errorf("read the UDP shortcut epoch: %w", err)
+	if d.Sweeper == nil {
+		return fmt.Errorf("void the UDP shortcuts: %w", errNoSweeper)
 	}
-	if err := d.UDPEpochMap.Update(uint32(0), epoch+1<<32, ebpf.UpdateExist); err != nil {
-		return fmt.Errorf("bump the UDP shortcut epoch: %w", err)
+	if _, err := d.runSweep(bpfPktmetaSweepArgs{Magic: sweepMagic, Flags: sweepForgetUDP}); err != nil {
+		return fmt.Errorf("void the UDP shortcuts: %w", err)
 	}
 	return nil
 }

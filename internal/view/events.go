@@ -3,6 +3,7 @@ package view
 import (
 	"context"
 	"errors"
+	"log/slog"
 
 	"github.com/pktmeta/pktmeta/internal/datapath"
 )
@@ -10,7 +11,8 @@ import (
 // FollowEvents reads the datapath's event ring buffer until ctx ends or fn
 // returns false, handing fn each event with its identities resolved. The
 // workload table is read again when an event names a workload registered
-// since. Events that cannot be decoded are skipped.
+// since. Events that cannot be decoded are skipped, and said so once: a
+// reader of an older release meets event layouts it does not know.
 func FollowEvents(ctx context.Context, d *datapath.Datapath, remote Remote, fn func(Event) bool) error {
 	rd, err := d.NewEventReader()
 	if err != nil {
@@ -24,12 +26,17 @@ func FollowEvents(ctx context.Context, d *datapath.Datapath, remote Remote, fn f
 		return err
 	}
 	res.Remote = remote
+	warned := false
 	for {
 		ev, err := rd.Read()
 		switch {
 		case errors.Is(err, datapath.ErrClosed):
 			return nil
 		case errors.Is(err, datapath.ErrBadEvent):
+			if !warned {
+				warned = true
+				slog.Warn("skipping events this build cannot decode; is the datapath of another release? use the pktmetactl and agent of the installed release", "err", err)
+			}
 			continue
 		case err != nil:
 			return err
