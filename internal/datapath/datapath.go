@@ -248,6 +248,12 @@ const (
 // mapNames lists every map; the config comes last, as the commit point.
 var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapConfig}
 
+// newerMaps are the maps a datapath of an older release of this layout
+// may not have. A handle that takes pinned state as it is (no programs
+// needed) leaves them nil where they are missing; everything that uses
+// them says what it does without.
+var newerMaps = map[string]bool{mapUDPEpoch: true}
+
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
 	ProgOrigin:    bpfProgPktmetaOrigin,

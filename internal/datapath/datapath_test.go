@@ -95,6 +95,46 @@ func TestOpenLoadsOnceAndReuses(t *testing.T) {
 	}
 }
 
+// A DEL that has to take an older release's datapath as it is (completing
+// it failed) still removes the pod's endpoint: the map release 5 added is
+// left nil, and voiding the UDP shortcuts, which such programs never had,
+// is skipped. Without its sweep program as well, the endpoint still goes.
+func TestOlderDatapathTakenAsItIsStillDeletes(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		remove []string
+	}{
+		{"no epoch map", []string{filepath.Join("maps", mapUDPEpoch)}},
+		{"no epoch map, no sweep program", []string{filepath.Join("maps", mapUDPEpoch), filepath.Join("progs", ProgSweep)}},
+		{"no sweep program", []string{filepath.Join("progs", ProgSweep)}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pin := testutil.PinPath(t)
+			d, _ := mustOpen(t, pin, 4096)
+			if err := d.PutEndpoint(7, Endpoint{Workload: 3, MaxConnections: 10}); err != nil {
+				t.Fatal(err)
+			}
+			d.Close()
+			for _, f := range c.remove {
+				if err := os.Remove(filepath.Join(pin, f)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			old, err := openAsIs(pin, testLogger())
+			if err != nil {
+				t.Fatalf("openAsIs: %v", err)
+			}
+			defer old.Close()
+			if err := old.DeleteEndpoint(7, 3); err != nil {
+				t.Fatalf("DeleteEndpoint: %v", err)
+			}
+			if _, ok, err := old.Endpoint(7); ok || err != nil {
+				t.Fatalf("endpoint still there (%v, %v)", ok, err)
+			}
+		})
+	}
+}
+
 // A handle holds the node lock shared for its whole life: an upgrade (which
 // needs it exclusively) waits for it, so a caller never attaches superseded
 // programs.

@@ -185,6 +185,11 @@ func openPinned(pinPath string, lock *nodeLock, needProgs bool, log *slog.Logger
 	d := &Datapath{PinPath: pinPath, log: log}
 	for name, dst := range d.mapSlots() {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
+		if errors.Is(err, os.ErrNotExist) && !needProgs && newerMaps[name] {
+			// An older release's datapath, taken as it is (a DEL where
+			// completing it failed): its programs never used this map.
+			continue
+		}
 		if err != nil {
 			d.Close()
 			return nil, fmt.Errorf("open pinned map %s: %w", name, err)

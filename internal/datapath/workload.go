@@ -391,7 +391,8 @@ func (d *Datapath) putEndpoint(ifindex uint32, ep Endpoint) error {
 	if err := d.EndpointsMap.Update(ifindex, &raw, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("register endpoint ifindex %d: %w", ifindex, err)
 	}
-	return d.ForgetUDPShortcuts()
+	d.forgetUDPShortcuts()
+	return nil
 }
 
 // PutEndpoint registers an endpoint directly, without a workload or an
@@ -438,7 +439,18 @@ func (d *Datapath) DeleteEndpoint(ifindex, workload uint32) error {
 	if err := d.EndpointsMap.Delete(ifindex); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
 	}
-	return d.ForgetUDPShortcuts()
+	d.forgetUDPShortcuts()
+	return nil
+}
+
+// forgetUDPShortcuts voids the UDP shortcuts after an endpoint changed. A
+// failure is logged, not returned: an ADD or DEL must not fail for a
+// cache, and what a stale slot can do is bounded (it expires within a
+// second and never attributes a record; ARCHITECTURE.md).
+func (d *Datapath) forgetUDPShortcuts() {
+	if err := d.ForgetUDPShortcuts(); err != nil && d.log != nil {
+		d.log.Warn("could not void the UDP shortcuts; they expire within a second", "err", err)
+	}
 }
 
 // ForgetUDPShortcuts voids what every CPU remembers of UDP flows that
@@ -448,6 +460,9 @@ func (d *Datapath) DeleteEndpoint(ifindex, workload uint32) error {
 // PKTMETA_SWEEP_FORGET_UDP: an atomic increment, which parallel ADDs and
 // DELs doing read-modify-writes through the map could not guarantee.
 func (d *Datapath) ForgetUDPShortcuts() error {
+	if d.UDPEpochMap == nil {
+		return nil // an older release's programs: no shortcut to void
+	}
 	if d.Sweeper == nil {
 		return fmt.Errorf("void the UDP shortcuts: %w", errNoSweeper)
 	}
