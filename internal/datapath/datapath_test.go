@@ -99,32 +99,66 @@ func TestOpenLoadsOnceAndReuses(t *testing.T) {
 // it failed) still removes the pod's endpoint: the map release 5 added is
 // left nil, and voiding the UDP shortcuts, which such programs never had,
 // is skipped. Without its sweep program as well, the endpoint still goes.
+// One load for all cases (a load is half a minute of verifier under TCG):
+// the loading handle stays open and pins back what a case removed.
 func TestOlderDatapathTakenAsItIsStillDeletes(t *testing.T) {
+	pin := testutil.PinPath(t)
+	d, _ := mustOpen(t, pin, 4096)
+	defer d.Close()
+	epochPin := filepath.Join(pin, "maps", mapUDPEpoch)
+	sweepPin := filepath.Join(pin, "progs", ProgSweep)
 	for _, c := range []struct {
-		name   string
-		remove []string
+		name                  string
+		noEpochMap, noSweeper bool
 	}{
-		{"no epoch map", []string{filepath.Join("maps", mapUDPEpoch)}},
-		{"no epoch map, no sweep program", []string{filepath.Join("maps", mapUDPEpoch), filepath.Join("progs", ProgSweep)}},
-		{"no sweep program", []string{filepath.Join("progs", ProgSweep)}},
+		{"no epoch map", true, false},
+		{"no epoch map, no sweep program", true, true},
+		{"no sweep program", false, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			pin := testutil.PinPath(t)
-			d, _ := mustOpen(t, pin, 4096)
 			if err := d.PutEndpoint(7, Endpoint{Workload: 3, MaxConnections: 10}); err != nil {
 				t.Fatal(err)
 			}
-			d.Close()
-			for _, f := range c.remove {
-				if err := os.Remove(filepath.Join(pin, f)); err != nil {
+			if c.noEpochMap {
+				if err := os.Remove(epochPin); err != nil {
 					t.Fatal(err)
 				}
+				defer func() {
+					// A clone: the handle's own map believes it is still
+					// pinned there and would not pin again.
+					m, err := d.UDPEpochMap.Clone()
+					if err == nil {
+						err = m.Pin(epochPin)
+						m.Close()
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+				}()
+			}
+			if c.noSweeper {
+				if err := os.Remove(sweepPin); err != nil {
+					t.Fatal(err)
+				}
+				defer func() {
+					p, err := d.Sweeper.Clone()
+					if err == nil {
+						err = p.Pin(sweepPin)
+						p.Close()
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+				}()
 			}
 			old, err := openAsIs(pin, testLogger())
 			if err != nil {
 				t.Fatalf("openAsIs: %v", err)
 			}
 			defer old.Close()
+			if (old.UDPEpochMap == nil) != c.noEpochMap || (old.Sweeper == nil) != c.noSweeper {
+				t.Fatalf("opened epoch map %v, sweeper %v: not the state under test", old.UDPEpochMap != nil, old.Sweeper != nil)
+			}
 			if err := old.DeleteEndpoint(7, 3); err != nil {
 				t.Fatalf("DeleteEndpoint: %v", err)
 			}
