@@ -33,27 +33,7 @@ const onePacketRuns = 3000
 // would see the packet the last one changed), each paired with a run of
 // the floor on the same packet; gen makes run i's packet and state.
 func (b *packetBench) once(name string, prog *ebpf.Program, runs int, gen func(i int) ([]byte, error), note string) (Result, error) {
-	var samples, over []float64
-	for i := range runs {
-		data, err := gen(i)
-		if err != nil {
-			return Result{}, fmt.Errorf("%s: %w", name, err)
-		}
-		f, err := b.runs(b.a.FloorProg, data, retNext, 1, 1)
-		if err != nil {
-			return Result{}, err
-		}
-		s, err := b.runs(prog, data, retNext, 1, 1)
-		if err != nil {
-			return Result{}, fmt.Errorf("%s: %w", name, err)
-		}
-		samples = append(samples, s[0])
-		over = append(over, s[0]-f[0])
-	}
-	r := summarize(name, "ns/pkt", "per-packet", samples)
-	d := median(over)
-	r.Baseline, r.OverFloor, r.Note = nameFloor, &d, note
-	return r, nil
+	return b.paired(name, prog, retNext, 1, runs, gen, note)
 }
 
 func synWith(src, dst netip.AddrPort, opts []byte) []byte {

@@ -115,8 +115,20 @@ func (b *packetBench) runs(prog *ebpf.Program, data []byte, want uint32, repeat,
 // measure runs prog cfg.runs times, each run after a run of the floor
 // program, and summarizes against the floor.
 func (b *packetBench) measure(name string, prog *ebpf.Program, data []byte, want uint32, repeat int, note string) (Result, error) {
+	return b.paired(name, prog, want, repeat, b.cfg.runs, func(int) ([]byte, error) { return data, nil }, note)
+}
+
+// paired makes runs test runs of prog, repeat repetitions each, every one
+// after a run of the floor program on the same packet, and summarizes
+// against the floor (the median of the paired differences). next prepares
+// run i and returns its packet.
+func (b *packetBench) paired(name string, prog *ebpf.Program, want uint32, repeat, runs int, next func(i int) ([]byte, error), note string) (Result, error) {
 	var samples, over []float64
-	for range b.cfg.runs {
+	for i := range runs {
+		data, err := next(i)
+		if err != nil {
+			return Result{}, fmt.Errorf("%s: %w", name, err)
+		}
 		f, err := b.runs(b.a.FloorProg, data, retNext, repeat, 1)
 		if err != nil {
 			return Result{}, fmt.Errorf("floor: %w", err)
@@ -412,25 +424,10 @@ func (b *packetBench) ringWrites(rep *Report, data []byte) error {
 		{"events ring write, 120 B (pktmeta_event: IPv6, or before release 5)", b.a.EventFull, "query, reserve, 120 B written, submit without wakeup; 1000 a run, the ring emptied between runs"},
 		{"events ring write, 64 B (pktmeta_event_v4: IPv4, release 5)", b.a.EventV4, "the same with the compact IPv4 layout"},
 	} {
-		var samples, over []float64
-		for range b.cfg.runs * 3 {
-			if err := drain(); err != nil {
-				return err
-			}
-			f, err := b.runs(b.a.FloorProg, data, retNext, 1000, 1)
-			if err != nil {
-				return err
-			}
-			s, err := b.runs(w.prog, data, retNext, 1000, 1)
-			if err != nil {
-				return fmt.Errorf("%s: %w", w.name, err)
-			}
-			samples = append(samples, s[0])
-			over = append(over, s[0]-f[0])
+		r, err := b.paired(w.name, w.prog, retNext, 1000, b.cfg.runs*3, func(int) ([]byte, error) { return data, drain() }, w.note)
+		if err != nil {
+			return err
 		}
-		r := summarize(w.name, "ns/pkt", "per-packet", samples)
-		d := median(over)
-		r.Baseline, r.OverFloor, r.Note = nameFloor, &d, w.note
 		rep.add(r)
 	}
 	return drain()

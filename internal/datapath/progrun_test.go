@@ -1358,10 +1358,16 @@ func udpSlot(ifindex uint32, t Tuple) uint32 {
 // that is due, another veth.
 func TestUDPShortcut(t *testing.T) {
 	flow := udpTuple(podA, podB)
-	t.Run("a fresh flow's datagrams skip the table", func(t *testing.T) {
+	// Each case in its own netns, on one CPU, with the shared datapath
+	// emptied (and every slot voided).
+	onOneCPUIn := func(t *testing.T, fn func(e *progEnv)) {
 		testutil.InNewNetns(t, func() {
 			defer onOneCPU(t)()
-			e := newProgEnv(t)
+			fn(newProgEnv(t))
+		})
+	}
+	t.Run("a fresh flow's datagrams skip the table", func(t *testing.T) {
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			e.from(a, udp(podA, podB)) // first: the record
 			e.from(a, udp(podA, podB)) // known and fresh: remembered
@@ -1383,9 +1389,7 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("a sweep voids it", func(t *testing.T) {
-		testutil.InNewNetns(t, func() {
-			defer onOneCPU(t)()
-			e := newProgEnv(t)
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			b := e.addPod(2, podOpts{}, podB)
 			e.from(a, udp(podA, podB))
@@ -1411,9 +1415,7 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("an endpoint change voids it", func(t *testing.T) {
-		testutil.InNewNetns(t, func() {
-			defer onOneCPU(t)()
-			e := newProgEnv(t)
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			e.from(a, udp(podA, podB))
 			e.from(a, udp(podA, podB))
@@ -1430,9 +1432,7 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("another veth is not a hit", func(t *testing.T) {
-		testutil.InNewNetns(t, func() {
-			defer onOneCPU(t)()
-			e := newProgEnv(t)
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			// Another veth whose datagrams on this tuple land in a's
 			// slot, registered before a's flow is remembered (a
@@ -1457,9 +1457,7 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("a deleted endpoint voids it", func(t *testing.T) {
-		testutil.InNewNetns(t, func() {
-			defer onOneCPU(t)()
-			e := newProgEnv(t)
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			e.from(a, udp(podA, podB))
 			e.from(a, udp(podA, podB))
@@ -1476,9 +1474,7 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("the destination's delivered flow skips the table", func(t *testing.T) {
-		testutil.InNewNetns(t, func() {
-			defer onOneCPU(t)()
-			e := newProgEnv(t)
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			b := e.addPod(2, podOpts{}, podB)
 			e.from(a, udp(podA, podB))
@@ -1492,9 +1488,7 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("the refresh still happens", func(t *testing.T) {
-		testutil.InNewNetns(t, func() {
-			defer onOneCPU(t)()
-			e := newProgEnv(t)
+		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			cfg, err := e.d.ReadConfig()
 			if err != nil {
