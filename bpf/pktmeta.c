@@ -13,7 +13,10 @@
  *                   the tuple the pod sees, and marks the record delivered.
  *
  * and pktmeta_sweep, which userspace runs with BPF_PROG_TEST_RUN to remove
- * the records of a deleted pod and records whose connection is over.
+ * the records of a deleted pod and records whose connection is over; the
+ * uplink programs (uplink.h), which carry origins across nodes; and
+ * pktmeta_getsockopt (sockopt.h), which tells an application in a pod who
+ * opened the connection behind one of its sockets.
  *
  * Trust: identity comes from the veth a packet arrives on. A packet creates,
  * replaces or closes a record only if its source address is the pod's own
@@ -1556,6 +1559,7 @@ int pktmeta_deliver(struct __sk_buff *skb)
 }
 
 #include "uplink.h"
+#include "sockopt.h"
 
 /* ---- The sweep. ---- */
 

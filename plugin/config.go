@@ -62,6 +62,10 @@ type Config struct {
 	// AllowedPodTags limits the tag keys a pod may claim through its
 	// pktmeta.dev/ annotations: absent allows any key, [] none.
 	AllowedPodTags []string `json:"allowedPodTags,omitempty"`
+	// ApplicationCgroup is the cgroup v2 directory whose sockets may ask
+	// getsockopt(SOL_PKTMETA) who opened their connection: empty for the
+	// node's cgroup v2 root (every pod), "none" for no such interface.
+	ApplicationCgroup string `json:"applicationCgroup,omitempty"`
 
 	RuntimeConfig struct {
 		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
@@ -163,6 +167,9 @@ func (c *Config) validate() error {
 		c.logLevel = slog.LevelError
 	default:
 		return configError("key \"logLevel\": want debug, info, warn or error, got %q", c.LogLevel)
+	}
+	if c.ApplicationCgroup != "" && c.ApplicationCgroup != "none" && !filepath.IsAbs(c.ApplicationCgroup) {
+		return configError("key \"applicationCgroup\": want an absolute cgroup v2 directory or \"none\", got %q", c.ApplicationCgroup)
 	}
 	if c.LogFile != "" && !filepath.IsAbs(c.LogFile) {
 		return configError("key \"logFile\": want an absolute path, got %q", c.LogFile)

@@ -109,8 +109,31 @@ func cmdAdd(args *skel.CmdArgs) error {
 			return err
 		}
 		log.Info("attached", "workload", w.ID, "pod", w.Namespace+"/"+w.Pod, "hostIfname", w.HostIfName, "legacy", w.Legacy)
+		attachApps(d, conf, log)
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	})
+}
+
+// attachApps makes sure applications can ask their sockets who opened
+// their connections (getsockopt SOL_PKTMETA), on every ADD: a node whose
+// first ADD came before a cgroup v2 mount, or whose link an operator
+// removed, gets it back. It never fails the ADD: the pod's connections are
+// tagged either way, and status reports the interface missing.
+func attachApps(d *datapath.Datapath, conf *Config, log *slog.Logger) {
+	dir := conf.ApplicationCgroup
+	if dir == "none" {
+		return
+	}
+	var err error
+	if dir == "" {
+		dir, err = datapath.CgroupRoot()
+	}
+	if err == nil {
+		err = d.AttachApps(dir)
+	}
+	if err != nil {
+		log.Warn("applications cannot ask their sockets who opened their connections (getsockopt SOL_PKTMETA)", "cgroup", dir, "err", err)
+	}
 }
 
 // podAddrs are the pod interface's own addresses from the primary

@@ -77,6 +77,16 @@ func (d *Datapath) Attach(w *Workload, opts AttachOptions) (err error) {
 			d.deleteWorkload(w.ID)
 		}
 	}()
+	if w.NetnsCookie == 0 && w.Netns != "" {
+		if c, err := NetnsCookieOf(w.Netns); err == nil {
+			w.NetnsCookie = c
+		} else {
+			d.log.Warn("no netns cookie: the pod's sockets cannot ask who opened their connections", "netns", w.Netns, "err", err)
+		}
+	}
+	if err := d.putWorkloadNetns(w.ID, w.NetnsCookie); err != nil {
+		return err
+	}
 	maxConns := opts.MaxConnections
 	if maxConns == 0 {
 		maxConns = max(1, d.ConnsMap.MaxEntries()/PodShareOfTable)

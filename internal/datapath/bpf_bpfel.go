@@ -32,6 +32,28 @@ type bpfPktmetaConfig struct {
 	Pad           uint32
 }
 
+type bpfPktmetaConnOrigin struct {
+	_              structs.HostLayout
+	Version        uint8
+	N_tags         uint8
+	PodTags        uint8
+	Pad            uint8
+	Flags          uint32
+	ConnId         uint64
+	FirstSeenNs    uint64
+	OriginNode     uint16
+	Pad2           uint16
+	OriginWorkload uint32
+	Namespace      [64]int8
+	Pod            [256]int8
+	Uid            [64]int8
+	Tags           [8]struct {
+		_     structs.HostLayout
+		Key   [64]int8
+		Value [128]int8
+	}
+}
+
 type bpfPktmetaCounters struct {
 	_                 structs.HostLayout
 	OriginPackets     uint64
@@ -268,9 +290,11 @@ const (
 	bpfMapPktmetaStats        = "pktmeta_stats"
 	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
 	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
+	bpfMapPktmetaWlNetns      = "pktmeta_wl_netns"
 	bpfMapPktmetaWloads       = "pktmeta_wloads"
 	bpfMapPktmetaXstats       = "pktmeta_xstats"
 	bpfProgPktmetaDeliver     = "pktmeta_deliver"
+	bpfProgPktmetaGetsockopt  = "pktmeta_getsockopt"
 	bpfProgPktmetaOrigin      = "pktmeta_origin"
 	bpfProgPktmetaStrict      = "pktmeta_strict"
 	bpfProgPktmetaSweep       = "pktmeta_sweep"
@@ -278,10 +302,12 @@ const (
 	bpfProgPktmetaUplinkOut   = "pktmeta_uplink_out"
 	bpfVarBenchNoSourceCheck  = "bench_no_source_check"
 	bpfVarPktmetaHaveCtKfuncs = "pktmeta_have_ct_kfuncs"
+	bpfVarPktmetaSockoptErrno = "pktmeta_sockopt_errno"
 	bpfVarUnusedEvent         = "unused_event"
 	bpfVarUnusedEventV4       = "unused_event_v4"
 	bpfVarUnusedMember        = "unused_member"
 	bpfVarUnusedNode          = "unused_node"
+	bpfVarUnusedOrigin        = "unused_origin"
 	bpfVarUnusedSweep         = "unused_sweep"
 	bpfVarUnusedXc            = "unused_xc"
 )
@@ -328,12 +354,13 @@ type bpfSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
-	PktmetaDeliver   *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
-	PktmetaOrigin    *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
-	PktmetaStrict    *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
-	PktmetaSweep     *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
-	PktmetaUplinkIn  *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_in"`
-	PktmetaUplinkOut *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_out"`
+	PktmetaDeliver    *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
+	PktmetaGetsockopt *ebpf.ProgramSpec `ebpf:"pktmeta_getsockopt"`
+	PktmetaOrigin     *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
+	PktmetaStrict     *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
+	PktmetaSweep      *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
+	PktmetaUplinkIn   *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_in"`
+	PktmetaUplinkOut  *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_out"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
@@ -352,6 +379,7 @@ type bpfMapSpecs struct {
 	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
 	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
+	PktmetaWlNetns    *ebpf.MapSpec `ebpf:"pktmeta_wl_netns"`
 	PktmetaWloads     *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
 	PktmetaXstats     *ebpf.MapSpec `ebpf:"pktmeta_xstats"`
 }
@@ -362,10 +390,12 @@ type bpfMapSpecs struct {
 type bpfVariableSpecs struct {
 	BenchNoSourceCheck  *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.VariableSpec `ebpf:"pktmeta_have_ct_kfuncs"`
+	PktmetaSockoptErrno *ebpf.VariableSpec `ebpf:"pktmeta_sockopt_errno"`
 	UnusedEvent         *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedEventV4       *ebpf.VariableSpec `ebpf:"unused_event_v4"`
 	UnusedMember        *ebpf.VariableSpec `ebpf:"unused_member"`
 	UnusedNode          *ebpf.VariableSpec `ebpf:"unused_node"`
+	UnusedOrigin        *ebpf.VariableSpec `ebpf:"unused_origin"`
 	UnusedSweep         *ebpf.VariableSpec `ebpf:"unused_sweep"`
 	UnusedXc            *ebpf.VariableSpec `ebpf:"unused_xc"`
 }
@@ -402,6 +432,7 @@ type bpfMaps struct {
 	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
 	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
+	PktmetaWlNetns    *ebpf.Map `ebpf:"pktmeta_wl_netns"`
 	PktmetaWloads     *ebpf.Map `ebpf:"pktmeta_wloads"`
 	PktmetaXstats     *ebpf.Map `ebpf:"pktmeta_xstats"`
 }
@@ -420,6 +451,7 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaStats,
 		m.PktmetaUdpEpoch,
 		m.PktmetaUdpHits,
+		m.PktmetaWlNetns,
 		m.PktmetaWloads,
 		m.PktmetaXstats,
 	)
@@ -431,10 +463,12 @@ func (m *bpfMaps) Close() error {
 type bpfVariables struct {
 	BenchNoSourceCheck  *ebpf.Variable `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.Variable `ebpf:"pktmeta_have_ct_kfuncs"`
+	PktmetaSockoptErrno *ebpf.Variable `ebpf:"pktmeta_sockopt_errno"`
 	UnusedEvent         *ebpf.Variable `ebpf:"unused_event"`
 	UnusedEventV4       *ebpf.Variable `ebpf:"unused_event_v4"`
 	UnusedMember        *ebpf.Variable `ebpf:"unused_member"`
 	UnusedNode          *ebpf.Variable `ebpf:"unused_node"`
+	UnusedOrigin        *ebpf.Variable `ebpf:"unused_origin"`
 	UnusedSweep         *ebpf.Variable `ebpf:"unused_sweep"`
 	UnusedXc            *ebpf.Variable `ebpf:"unused_xc"`
 }
@@ -443,17 +477,19 @@ type bpfVariables struct {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
-	PktmetaDeliver   *ebpf.Program `ebpf:"pktmeta_deliver"`
-	PktmetaOrigin    *ebpf.Program `ebpf:"pktmeta_origin"`
-	PktmetaStrict    *ebpf.Program `ebpf:"pktmeta_strict"`
-	PktmetaSweep     *ebpf.Program `ebpf:"pktmeta_sweep"`
-	PktmetaUplinkIn  *ebpf.Program `ebpf:"pktmeta_uplink_in"`
-	PktmetaUplinkOut *ebpf.Program `ebpf:"pktmeta_uplink_out"`
+	PktmetaDeliver    *ebpf.Program `ebpf:"pktmeta_deliver"`
+	PktmetaGetsockopt *ebpf.Program `ebpf:"pktmeta_getsockopt"`
+	PktmetaOrigin     *ebpf.Program `ebpf:"pktmeta_origin"`
+	PktmetaStrict     *ebpf.Program `ebpf:"pktmeta_strict"`
+	PktmetaSweep      *ebpf.Program `ebpf:"pktmeta_sweep"`
+	PktmetaUplinkIn   *ebpf.Program `ebpf:"pktmeta_uplink_in"`
+	PktmetaUplinkOut  *ebpf.Program `ebpf:"pktmeta_uplink_out"`
 }
 
 func (p *bpfPrograms) Close() error {
 	return _BpfClose(
 		p.PktmetaDeliver,
+		p.PktmetaGetsockopt,
 		p.PktmetaOrigin,
 		p.PktmetaStrict,
 		p.PktmetaSweep,

@@ -4,7 +4,8 @@
 // Layout under the pin path (default /sys/fs/bpf/pktmeta):
 //
 //	maps/<name>                          the maps, pinned by name (see bpf/)
-//	progs/{origin,strict,deliver,sweep,uplink_out,uplink_in}  the programs
+//	progs/{origin,strict,deliver,sweep,uplink_out,uplink_in,getsockopt}  the programs
+//	apps/getsockopt                      cgroup link of the application interface (sockopt.go)
 //	uplinks/<ifname>/{ingress,egress}    tcx links of a node uplink (across nodes; uplink.go)
 //	links/<containerID>/<ifname>/{ingress,egress}   tcx links of one attachment
 //	locks/<containerID>/                 per-container lock (a directory: bpffs holds no files)
@@ -142,6 +143,9 @@ type Datapath struct {
 	XStatsMap     *ebpf.Map
 	RemoteLiveMap *ebpf.Map
 	UDPEpochMap   *ebpf.Map
+	// WorkloadNetnsMap: workload id -> netns cookie (the application
+	// interface, sockopt.go).
+	WorkloadNetnsMap *ebpf.Map
 
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
@@ -150,6 +154,9 @@ type Datapath struct {
 	// The uplink programs (across nodes), attached to a node's uplinks.
 	UplinkOut *ebpf.Program
 	UplinkIn  *ebpf.Program
+	// Getsockopt answers applications' getsockopt(SOL_PKTMETA) on the
+	// node's cgroup v2 root (sockopt.go).
+	Getsockopt *ebpf.Program
 
 	log  *slog.Logger
 	lock *nodeLock // nil for a reader
@@ -243,16 +250,17 @@ const (
 	mapXStats     = "pktmeta_xstats"
 	mapRemoteLive = "pktmeta_remote_live"
 	mapUDPEpoch   = "pktmeta_udp_epoch"
+	mapWlNetns    = "pktmeta_wl_netns"
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapConfig}
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapConfig}
 
 // newerMaps are the maps a datapath of an older release of this layout
 // may not have. A handle that takes pinned state as it is (no programs
 // needed) leaves them nil where they are missing; everything that uses
 // them says what it does without.
-var newerMaps = map[string]bool{mapUDPEpoch: true}
+var newerMaps = map[string]bool{mapUDPEpoch: true, mapWlNetns: true}
 
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
@@ -262,6 +270,8 @@ var progNames = map[string]string{
 	ProgSweep:     bpfProgPktmetaSweep,
 	ProgUplinkOut: bpfProgPktmetaUplinkOut,
 	ProgUplinkIn:  bpfProgPktmetaUplinkIn,
+
+	ProgGetsockopt: bpfProgPktmetaGetsockopt,
 }
 
 func (d *Datapath) mapSlots() map[string]**ebpf.Map {
@@ -279,6 +289,7 @@ func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 		mapXStats:     &d.XStatsMap,
 		mapRemoteLive: &d.RemoteLiveMap,
 		mapUDPEpoch:   &d.UDPEpochMap,
+		mapWlNetns:    &d.WorkloadNetnsMap,
 	}
 }
 
@@ -290,6 +301,8 @@ func (d *Datapath) progSlots() map[string]**ebpf.Program {
 		ProgSweep:     &d.Sweeper,
 		ProgUplinkOut: &d.UplinkOut,
 		ProgUplinkIn:  &d.UplinkIn,
+
+		ProgGetsockopt: &d.Getsockopt,
 	}
 }
 

@@ -408,9 +408,15 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	delete(spec.Variables, bpfVarUnusedNode)
 	delete(spec.Variables, bpfVarUnusedMember)
 	delete(spec.Variables, bpfVarUnusedXc)
+	delete(spec.Variables, bpfVarUnusedOrigin)
 	if kf.ConntrackKfuncs {
 		if err := spec.Variables[bpfVarPktmetaHaveCtKfuncs].Set(uint32(1)); err != nil {
 			return fmt.Errorf("conntrack kfunc switch: %w", err)
+		}
+	}
+	if haveSockoptErrno() {
+		if err := spec.Variables[bpfVarPktmetaSockoptErrno].Set(uint32(1)); err != nil {
+			return fmt.Errorf("getsockopt errno switch: %w", err)
 		}
 	}
 	if o.BenchNoSourceCheck {
@@ -468,6 +474,8 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 			return err
 		}
 		d.upgradeUplinks()
+		d.upgradeApps()
+		d.backfillWorkloadNetns()
 	}
 	if err := d.pinPrograms(); err != nil {
 		return err
@@ -538,7 +546,7 @@ func (d *Datapath) removePins() error {
 	if err := os.Remove(filepath.Join(d.mapsDir(), mapConfig)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
-	errs = append(errs, d.detachUplinks())
+	errs = append(errs, d.detachUplinks(), d.detachApps())
 	if dirs, err := os.ReadDir(d.LinksDir()); err == nil {
 		for _, c := range dirs {
 			ifaces, _ := os.ReadDir(filepath.Join(d.LinksDir(), c.Name()))

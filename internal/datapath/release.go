@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 5
+const Release = 6
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "13884596c7c907570298d574f4dd647c39c0acb242a6dd06f21e08213c2a35e9"
+const releaseObject = "ee502c1f389f8b0f0912e586b17bbc65d6b72ff04803fa2b9c413e0542b4235c"

@@ -43,6 +43,11 @@ type Workload struct {
 	// veth: ifindexes only mean something there.
 	HostNetns uint64
 	Netns     string
+	// NetnsCookie identifies the pod's network namespace to BPF (netns
+	// cookie, CurrentNetnsCookie): the application interface answers only
+	// sockets there. Not part of the workload entry; 0: unknown, the pod's
+	// sockets get ENOENT.
+	NetnsCookie uint64
 	// Network is the CNI network (conflist name) that added it; empty for
 	// the agent's covers of pods that existed before pktmeta. CNI GC only
 	// collects its own network's attachments.
@@ -260,6 +265,7 @@ func (d *Datapath) updateWorkload(w *Workload) error {
 
 // deleteWorkload removes a workload entry; a missing one is not an error.
 func (d *Datapath) deleteWorkload(id uint32) error {
+	d.deleteWorkloadNetns(id)
 	if err := d.WorkloadsMap.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete workload %d: %w", id, err)
 	}

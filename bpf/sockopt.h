@@ -1,0 +1,236 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Into the application: pktmeta_getsockopt, a cgroup getsockopt program on
+ * the node's cgroup v2 root, answers getsockopt(fd, SOL_PKTMETA,
+ * PKTMETA_SO_ORIGIN) with the origin of the socket's connection
+ * (include/pktmeta_origin.h).
+ *
+ * The kernel runs it after its own getsockopt, for every getsockopt on the
+ * node; anything not at SOL_PKTMETA leaves at the first test, untouched.
+ * The connection is the socket's own, as the kernel holds it (ctx->sk):
+ * the tuple peer -> local is the one the receiving pod saw, which the
+ * records are found by directly or through the alias the delivery hook
+ * wrote behind NAT. The answer goes only to the netns of the pod the
+ * record was delivered to, or of the pod that opened it
+ * (pktmeta_wl_netns), so a pod that binds another pod's addresses learns
+ * nothing. Included into pktmeta.c.
+ */
+#ifndef __PKTMETA_SOCKOPT_H__
+#define __PKTMETA_SOCKOPT_H__
+
+#include "pktmeta_origin.h"
+
+#define ENOENT 2
+#define EINVAL 22
+#define ENOPROTOOPT 92
+#define ENOTCONN 107
+#define AF_INET 2
+#define AF_INET6 10
+/* A getsockopt program sees at most a page of the caller's buffer. */
+#define SOCKOPT_PAGE_SIZE 4096
+
+_Static_assert(sizeof(struct pktmeta_conn_origin) == 1952, "struct pktmeta_conn_origin changed: bump PKTMETA_ORIGIN_VERSION");
+_Static_assert(sizeof(struct pktmeta_conn_origin_tag) == sizeof(struct pktmeta_tag), "origin tags are copied from workload tags");
+
+/* Keep the layout in BTF for bpf2go. */
+const struct pktmeta_conn_origin *unused_origin __attribute__((unused));
+
+/* Set by the loader where the kernel lets a getsockopt program choose the
+ * errno (Linux 5.18: ctx->retval moved to the run context; before, only 0
+ * or the kernel's own error were accepted, anything else became EFAULT). */
+volatile const __u32 pktmeta_sockopt_errno = 0;
+
+/* Workload id -> cookie of the pod's network namespace, written by
+ * userspace when it registers the workload. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_wl_netns SEC(".maps");
+
+/* memcpy and memset of more than clang inlines for BPF: 8-byte words,
+ * unrolled into fixed offsets the verifier checks against the one bound
+ * taken before (n is a constant multiple of 64). The barrier keeps clang
+ * from folding each loop back into one call. */
+#define COPY_STEP 64
+static __always_inline void copy_big(void *dst, const void *src, const __u32 n)
+{
+	__u64 *d = dst;
+	const __u64 *s = src;
+
+#pragma unroll
+	for (__u32 i = 0; i < n / 8; i++) {
+		d[i] = s[i];
+		if (i % (COPY_STEP / 8) == COPY_STEP / 8 - 1)
+			barrier();
+	}
+}
+
+static __always_inline void zero_big(void *dst, const __u32 n)
+{
+	__u64 *d = dst;
+
+#pragma unroll
+	for (__u32 i = 0; i < n / 8; i++) {
+		d[i] = 0;
+		if (i % (COPY_STEP / 8) == COPY_STEP / 8 - 1)
+			barrier();
+	}
+}
+
+static __always_inline int sockopt_fail(struct bpf_sockopt *ctx, int err)
+{
+	/* Nothing of the buffer goes back to the caller. (Separate 4-byte
+	 * stores: the context takes no 8-byte write over optlen and retval.) */
+	WRITE_ONCE(ctx->optlen, 0);
+	if (pktmeta_sockopt_errno)
+		WRITE_ONCE(ctx->retval, -err);
+	return 1;
+}
+
+static __always_inline int in_netns(__u32 workload, __u64 netns)
+{
+	__u64 *n;
+
+	if (!workload)
+		return 0;
+	n = bpf_map_lookup_elem(&pktmeta_wl_netns, &workload);
+	return n && *n == netns;
+}
+
+/* The socket's connection, peer -> local: the tuple the receiving side
+ * saw. Ports in network order (bpf_sock has the local one in host order).
+ * An AF_INET6 socket holding an IPv4 connection has IPv4-mapped
+ * addresses, which is how the records store IPv4. */
+static __always_inline int sock_tuple(struct bpf_sock *sk, struct pktmeta_tuple *t)
+{
+	/* A 4-byte load: the only width Linux 5.15 accepts for dst_port. */
+	__u32 dport = *(volatile __u32 *)&sk->dst_port;
+	__u32 family = sk->family;
+
+	__builtin_memset(t, 0, sizeof(*t));
+	t->sport = (__be16)(dport & 0xffff);
+	t->dport = bpf_htons((__u16)sk->src_port);
+	t->proto = (__u8)sk->protocol;
+	if (family == AF_INET) {
+		pktmeta__v4mapped(t->saddr, sk->dst_ip4);
+		pktmeta__v4mapped(t->daddr, sk->src_ip4);
+	} else if (family == AF_INET6) {
+		__u32 *s = (__u32 *)t->saddr, *d = (__u32 *)t->daddr;
+
+		s[0] = sk->dst_ip6[0];
+		s[1] = sk->dst_ip6[1];
+		s[2] = sk->dst_ip6[2];
+		s[3] = sk->dst_ip6[3];
+		d[0] = sk->src_ip6[0];
+		d[1] = sk->src_ip6[1];
+		d[2] = sk->src_ip6[2];
+		d[3] = sk->src_ip6[3];
+	} else {
+		return -ENOENT;
+	}
+	if (t->proto != IPPROTO_TCP && t->proto != IPPROTO_UDP)
+		return -ENOENT;
+	if (!t->sport)
+		return -ENOTCONN;
+	return 0;
+}
+
+static __always_inline void reverse_tuple(const struct pktmeta_tuple *t, struct pktmeta_tuple *r)
+{
+	__builtin_memcpy(r->saddr, t->daddr, sizeof(r->saddr));
+	__builtin_memcpy(r->daddr, t->saddr, sizeof(r->daddr));
+	r->sport = t->dport;
+	r->dport = t->sport;
+	r->proto = t->proto;
+	r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+}
+
+SEC("cgroup/getsockopt")
+int pktmeta_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct pktmeta_workload *w;
+	struct pktmeta_conn_origin *o;
+	struct pktmeta_record rec;
+	struct pktmeta_tuple t, r;
+	struct bpf_sock *sk;
+	__u32 flags = 0;
+	__u64 netns;
+	int err;
+
+	if (ctx->level != SOL_PKTMETA) {
+		/* Untouched. Only a buffer longer than the page this program
+		 * sees is handed back as the kernel left it (optlen 0): Linux
+		 * before 6.5 would otherwise fail such calls with EFAULT. */
+		if (ctx->optlen > SOCKOPT_PAGE_SIZE)
+			WRITE_ONCE(ctx->optlen, 0);
+		return 1;
+	}
+	if (ctx->optname != PKTMETA_SO_ORIGIN)
+		return sockopt_fail(ctx, ENOPROTOOPT);
+	o = ctx->optval;
+	if ((void *)(o + 1) > ctx->optval_end)
+		return sockopt_fail(ctx, EINVAL);
+	sk = ctx->sk;
+	if (!sk)
+		return sockopt_fail(ctx, ENOTCONN);
+	err = sock_tuple(sk, &t);
+	if (err)
+		return sockopt_fail(ctx, -err);
+	netns = bpf_get_netns_cookie(ctx);
+
+	if (pktmeta_lookup(&t, &rec) == 0 && (rec.flags & PKTMETA_F_DELIVERED) &&
+	    in_netns(rec.peer_workload, netns)) {
+		/* This pod received it. */
+	} else {
+		/* This pod opened it: its own tuple, local -> peer. */
+		reverse_tuple(&t, &r);
+		if (pktmeta__copy_record(&r, &rec) || (rec.flags & PKTMETA_F_REMOTE) ||
+		    !in_netns(rec.origin_workload, netns))
+			return sockopt_fail(ctx, ENOENT);
+		flags |= PKTMETA_ORIGIN_F_SELF;
+	}
+
+	if (rec.flags & PKTMETA_F_REMOTE)
+		flags |= PKTMETA_ORIGIN_F_REMOTE;
+	if (rec.flags & PKTMETA_F_NAT)
+		flags |= PKTMETA_ORIGIN_F_NAT;
+	if (rec.flags & PKTMETA_F_UDP)
+		flags |= PKTMETA_ORIGIN_F_UDP;
+	w = NULL;
+	if (!(rec.flags & PKTMETA_F_REMOTE))
+		w = bpf_map_lookup_elem(&pktmeta_wloads, &rec.origin_workload);
+	if (w) {
+		if (w->flags & PKTMETA_WL_PARTIAL)
+			flags |= PKTMETA_ORIGIN_F_PARTIAL;
+		o->n_tags = w->n_tags;
+		o->pod_tags = w->pod_tags;
+		copy_big(o->namespace, w->namespace, sizeof(o->namespace));
+		copy_big(o->pod, w->pod, sizeof(o->pod));
+		copy_big(o->uid, w->uid, sizeof(o->uid));
+		copy_big(o->tags, w->tags, sizeof(o->tags));
+	} else {
+		o->n_tags = 0;
+		o->pod_tags = 0;
+		zero_big(o->namespace, sizeof(o->namespace));
+		zero_big(o->pod, sizeof(o->pod));
+		zero_big(o->uid, sizeof(o->uid));
+		zero_big(o->tags, sizeof(o->tags));
+	}
+	o->version = PKTMETA_ORIGIN_VERSION;
+	o->_pad = 0;
+	o->flags = flags;
+	o->conn_id = rec.conn_id;
+	o->first_seen_ns = rec.first_seen_ns;
+	o->origin_node = rec.origin_node;
+	o->_pad2 = 0;
+	o->origin_workload = rec.origin_workload;
+	WRITE_ONCE(ctx->optlen, sizeof(*o));
+	WRITE_ONCE(ctx->retval, 0);
+	return 1;
+}
+
+#endif /* __PKTMETA_SOCKOPT_H__ */

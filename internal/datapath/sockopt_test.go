@@ -1,0 +1,366 @@
+package datapath
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/pktmeta/pktmeta"
+	"github.com/pktmeta/pktmeta/internal/testutil"
+)
+
+// appsEnv is a datapath whose application program is on the node's
+// cgroup v2 root (as on a node: the test's own sockets are asked), with
+// records written by hand, so that every decision of pktmeta_getsockopt
+// can be set up exactly. The e2e tests ask sockets of connections the
+// datapath tagged and delivered itself.
+type appsEnv struct {
+	d      *Datapath
+	netns  uint64 // the test's own netns cookie
+	origin Workload
+}
+
+func mustAttachApps(tb testing.TB) *appsEnv {
+	tb.Helper()
+	testutil.RequireRoot(tb)
+	root, err := CgroupRoot()
+	if err != nil {
+		tb.Fatalf("cgroup v2: %v", err)
+	}
+	d, _ := mustOpen(tb, testutil.PinPath(tb), 4096)
+	if err := d.AttachApps(root); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { d.DetachApps() })
+	cookie, err := CurrentNetnsCookie()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	e := &appsEnv{d: d, netns: cookie}
+	e.origin = Workload{ContainerID: "client", IfName: "eth0", Namespace: "shop", Pod: "client-7d9f", UID: "0b6e-uid",
+		Tags: map[string]string{"team": "payments"}, PodTags: map[string]string{"app": "client"}}
+	if _, err := d.registerWorkload(&e.origin); err != nil {
+		tb.Fatal(err)
+	}
+	return e
+}
+
+// receiver registers a workload for the receiving side in netns cookie.
+func (e *appsEnv) receiver(tb testing.TB, name string, netns uint64) uint32 {
+	tb.Helper()
+	w := Workload{ContainerID: name, IfName: "eth0", Namespace: "shop", Pod: name}
+	if _, err := e.d.registerWorkload(&w); err != nil {
+		tb.Fatal(err)
+	}
+	if err := e.d.putWorkloadNetns(w.ID, netns); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { e.d.deleteWorkload(w.ID) })
+	return w.ID
+}
+
+func (e *appsEnv) putRecord(tb testing.TB, t Tuple, rec bpfPktmetaRecord) {
+	tb.Helper()
+	k := t.key()
+	rec.Version = RecordVersion
+	if err := e.d.ConnsMap.Update(&k, &rec, ebpf.UpdateAny); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { e.d.ConnsMap.Delete(&k) })
+}
+
+func (e *appsEnv) putAlias(tb testing.TB, seen, origin Tuple, connID uint64) {
+	tb.Helper()
+	k := seen.key()
+	a := bpfPktmetaAlias{Version: RecordVersion, ConnId: connID, Origin: origin.key()}
+	if err := e.d.AliasesMap.Update(&k, &a, ebpf.UpdateAny); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { e.d.AliasesMap.Delete(&k) })
+}
+
+// tcpPair returns both ends of a TCP connection over loopback.
+func tcpPair(tb testing.TB, network, addr string) (client, server *net.TCPConn) {
+	tb.Helper()
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		tb.Skipf("no %s loopback here: %v", network, err)
+	}
+	defer ln.Close()
+	c, err := net.Dial(network, ln.Addr().String())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		return a.AddrPort()
+	case *net.UDPAddr:
+		return a.AddrPort()
+	}
+	panic("not an IP address")
+}
+
+// connTuple is the connection as the client opened it.
+func connTuple(proto uint8, client net.Conn) Tuple {
+	return Tuple{Proto: proto, Src: addrPort(client.LocalAddr()), Dst: addrPort(client.RemoteAddr())}
+}
+
+func TestApplicationsAskTheirSockets(t *testing.T) {
+	e := mustAttachApps(t)
+	now := monoNow(t)
+
+	t.Run("receiver of a direct TCP connection, IPv4 and IPv6", func(t *testing.T) {
+		rcv := e.receiver(t, "server-direct", e.netns)
+		for _, net := range []struct{ network, addr string }{{"tcp4", "127.0.0.1:0"}, {"tcp6", "[::1]:0"}} {
+			c, s := tcpPair(t, net.network, net.addr)
+			e.putRecord(t, connTuple(ProtoTCP, c), bpfPktmetaRecord{Flags: FlagDelivered, ConnId: 4097, ConnGen: 4097,
+				OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
+			o, err := pktmeta.Origin(s)
+			if err != nil {
+				t.Fatalf("%s: %v", net.network, err)
+			}
+			if o.Namespace != "shop" || o.Pod != "client-7d9f" || o.UID != "0b6e-uid" || o.ConnID != 4097 || o.Self || o.NAT || o.Remote {
+				t.Fatalf("%s: origin %+v", net.network, o)
+			}
+			if o.Tags["team"] != "payments" || o.PodTags["app"] != "client" || len(o.Tags) != 1 || len(o.PodTags) != 1 {
+				t.Fatalf("%s: operator tags %v, pod tags %v: not told apart", net.network, o.Tags, o.PodTags)
+			}
+			if d := time.Since(o.FirstSeen); d < 0 || d > time.Minute {
+				t.Fatalf("%s: first seen %v, %v ago", net.network, o.FirstSeen, d)
+			}
+		}
+	})
+
+	t.Run("the origin's own socket answers as Self", func(t *testing.T) {
+		if err := e.d.putWorkloadNetns(e.origin.ID, e.netns); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.d.deleteWorkloadNetns(e.origin.ID) })
+		c, _ := tcpPair(t, "tcp4", "127.0.0.1:0")
+		e.putRecord(t, connTuple(ProtoTCP, c), bpfPktmetaRecord{ConnId: 4098, ConnGen: 4098, OriginWorkload: e.origin.ID, FirstSeenNs: now})
+		o, err := pktmeta.Origin(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !o.Self || o.ConnID != 4098 || o.Pod != "client-7d9f" {
+			t.Fatalf("origin %+v", o)
+		}
+	})
+
+	t.Run("behind NAT through the alias", func(t *testing.T) {
+		rcv := e.receiver(t, "server-nat", e.netns)
+		c, s := tcpPair(t, "tcp4", "127.0.0.1:0")
+		seen := connTuple(ProtoTCP, c)
+		vip := Tuple{Proto: ProtoTCP, Src: seen.Src, Dst: netip.MustParseAddrPort("10.96.0.10:80")}
+		e.putRecord(t, vip, bpfPktmetaRecord{Flags: FlagDelivered | FlagNAT, ConnId: 4099, ConnGen: 4099, OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
+		e.putAlias(t, seen, vip, 4099)
+		o, err := pktmeta.Origin(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !o.NAT || o.ConnID != 4099 || o.Pod != "client-7d9f" {
+			t.Fatalf("origin %+v", o)
+		}
+		// An alias left by an older connection of that tuple says nothing.
+		e.putAlias(t, seen, vip, 1234)
+		if _, err := pktmeta.Origin(s); !errors.Is(err, pktmeta.ErrUnknown) && !errors.Is(err, pktmeta.ErrNotAvailable) {
+			t.Fatalf("stale alias: %v, want unknown", err)
+		}
+	})
+
+	t.Run("another pod's netns learns nothing", func(t *testing.T) {
+		// Delivered to a pod in another netns: this socket carries the
+		// same addresses (as a pod binding another's address would) but
+		// is not that pod's.
+		rcv := e.receiver(t, "server-elsewhere", e.netns+1)
+		c, s := tcpPair(t, "tcp4", "127.0.0.1:0")
+		e.putRecord(t, connTuple(ProtoTCP, c), bpfPktmetaRecord{Flags: FlagDelivered, ConnId: 4100, ConnGen: 4100, OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
+		wantUnknown(t, s)
+		// Not delivered yet: nobody's.
+		rcv2 := e.receiver(t, "server-here", e.netns)
+		e.putRecord(t, connTuple(ProtoTCP, c), bpfPktmetaRecord{ConnId: 4100, ConnGen: 4100, OriginWorkload: e.origin.ID, PeerWorkload: rcv2, FirstSeenNs: now})
+		wantUnknown(t, s)
+		// And the client's side is not the origin's netns either.
+		wantUnknown(t, c)
+	})
+
+	t.Run("unknown connection", func(t *testing.T) {
+		_, s := tcpPair(t, "tcp4", "127.0.0.1:0")
+		wantUnknown(t, s)
+	})
+
+	t.Run("connected UDP", func(t *testing.T) {
+		rcv := e.receiver(t, "server-udp", e.netns)
+		srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Close()
+		cl, err := net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		e.putRecord(t, connTuple(ProtoUDP, cl), bpfPktmetaRecord{Flags: FlagDelivered | FlagUDP, ConnId: 4101, ConnGen: 4101, OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
+		// Unconnected, the server's socket has no one connection.
+		if _, err := pktmeta.Origin(srv); !errors.Is(err, pktmeta.ErrNotConnected) && !errors.Is(err, pktmeta.ErrNotAvailable) {
+			t.Fatalf("unconnected UDP: %v, want not connected", err)
+		}
+		// Connected to the peer recvmsg named, it answers.
+		connectUDP(t, srv, cl.LocalAddr().(*net.UDPAddr))
+		o, err := pktmeta.Origin(srv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !o.UDP || o.ConnID != 4101 {
+			t.Fatalf("origin %+v", o)
+		}
+	})
+
+	t.Run("errors", func(t *testing.T) {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		fd := sysFD(t, ln.(*net.TCPListener))
+		if !haveSockoptErrno() {
+			t.Log("this kernel's getsockopt programs cannot choose the errno: the kernel's own answer stands")
+		}
+		for _, c := range []struct {
+			name    string
+			optname int
+			size    int
+			want    syscall.Errno
+		}{
+			{"listener", 1, pktmeta.RawOriginSize, unix.ENOTCONN},
+			{"short buffer", 1, 100, unix.EINVAL},
+			{"unknown option", 7, pktmeta.RawOriginSize, unix.ENOPROTOOPT},
+		} {
+			got := rawGetsockopt(fd, 0x706d, c.optname, make([]byte, c.size))
+			want := c.want
+			if !haveSockoptErrno() {
+				want = unix.EOPNOTSUPP
+			}
+			if got != want {
+				t.Errorf("%s: errno %v, want %v", c.name, got, want)
+			}
+		}
+	})
+
+	t.Run("other options pass untouched", func(t *testing.T) {
+		_, s := tcpPair(t, "tcp4", "127.0.0.1:0")
+		fd := sysFD(t, s)
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 65536); err != nil {
+			t.Fatal(err)
+		}
+		before := soRcvbuf(t, fd)
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil || info.State != 1 /* TCP_ESTABLISHED */ {
+			t.Fatalf("TCP_INFO: %+v %v", info, err)
+		}
+		// Longer than the page the program sees: Linux before 6.5 failed
+		// such calls with EFAULT when any getsockopt program was attached.
+		big := make([]byte, 3*os.Getpagesize())
+		if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, big); errno != 0 {
+			t.Fatalf("TCP_INFO into %d bytes: %v", len(big), errno)
+		}
+		if big[0] != 1 {
+			t.Fatalf("TCP_INFO into a big buffer: state %d", big[0])
+		}
+		root, _ := CgroupRoot()
+		id := progID(t, e.d.Getsockopt)
+		if ids, err := GetsockoptPrograms(root); err != nil || !slices.Contains(ids, id) {
+			t.Fatalf("attached: programs %v (%v), want %d among them", ids, err, id)
+		}
+		if err := e.d.DetachApps(); err != nil {
+			t.Fatal(err)
+		}
+		if after := soRcvbuf(t, fd); after != before {
+			t.Fatalf("SO_RCVBUF %d with the program, %d without", before, after)
+		}
+		// Detached: the program is off the cgroup (other tests' datapaths
+		// may have theirs on it, so the level itself may still answer).
+		if ids, err := GetsockoptPrograms(root); err != nil || slices.Contains(ids, id) {
+			t.Fatalf("detached: programs %v (%v), want %d gone", ids, err, id)
+		}
+		if st := e.d.Apps(); st.Attached {
+			t.Fatalf("still attached: %+v", st)
+		}
+	})
+}
+
+func wantUnknown(tb testing.TB, c net.Conn) {
+	tb.Helper()
+	o, err := pktmeta.Origin(c)
+	want := pktmeta.ErrUnknown
+	if !haveSockoptErrno() {
+		want = pktmeta.ErrNotAvailable
+	}
+	if !errors.Is(err, want) {
+		tb.Fatalf("got %+v, %v; want %v", o, err, want)
+	}
+}
+
+func sysFD(tb testing.TB, c syscall.Conn) int {
+	tb.Helper()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var fd int
+	raw.Control(func(f uintptr) { fd = int(f) })
+	return fd
+}
+
+func rawGetsockopt(fd, level, name int, buf []byte) syscall.Errno {
+	l := uint32(len(buf))
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(name),
+		uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&l)), 0)
+	return errno
+}
+
+func soRcvbuf(tb testing.TB, fd int) int {
+	tb.Helper()
+	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return v
+}
+
+func connectUDP(tb testing.TB, c *net.UDPConn, to *net.UDPAddr) {
+	tb.Helper()
+	fd := sysFD(tb, c)
+	sa := &unix.SockaddrInet4{Port: to.Port}
+	copy(sa.Addr[:], to.IP.To4())
+	if err := unix.Connect(fd, sa); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func monoNow(tb testing.TB) uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		tb.Fatal(err)
+	}
+	return uint64(ts.Nano())
+}
