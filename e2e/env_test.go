@@ -27,6 +27,7 @@ import (
 
 var (
 	binDir    string // pktmeta, pktmetactl
+	repoDir   string // the source tree (examples)
 	cniBinDir string // ptp, host-local, bandwidth
 )
 
@@ -41,6 +42,7 @@ func testMain(m *testing.M) int {
 	}
 	_, here, _, _ := runtime.Caller(0)
 	repo := filepath.Dir(filepath.Dir(here))
+	repoDir = repo
 	binDir = os.Getenv("PKTMETA_BIN")
 	if binDir == "" {
 		// Not run through make: build the binaries under test ourselves.

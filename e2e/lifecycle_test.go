@@ -397,7 +397,11 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 				oldLink = linkID(t, d, tp.workloadOf(d, tp.a))
 			}
 
-			// Pretend the pinned programs came from an older release.
+			// Pretend the pinned programs came from an older release, one
+			// from before the application interface: no cgroup link and no
+			// netns of the workloads.
+			srv := startAppServer(t, tp.b)
+			forgetApps(t, tp.env)
 			tp.rewriteConfig(func(c *datapath.Config) { c.Release--; c.DatapathID = [32]byte{1} })
 			c := tp.addPod("shop", "new", nil)
 
@@ -430,7 +434,50 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 			if _, err := d2.Lookup(localTuple(conn, datapath.ProtoTCP, netip.AddrPortFrom(vip4, 80))); err != nil {
 				t.Fatalf("after upgrade: %v", err)
 			}
+			// And an application in an old pod can ask its socket: the
+			// upgrade gave the old workloads their netns, the ADD the link.
+			if st := d2.Apps(); !st.Attached || !st.Current {
+				t.Fatalf("application interface after the upgrade: %+v", st)
+			}
+			ac, err := tp.a.DialTCP(tp.ctx, netip.AddrPortFrom(tp.b.IPv4, appTCPPort))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ac.Close()
+			if a := srv.next(t); a.err != nil || a.o.Pod != "frontend" {
+				t.Fatalf("server in an old pod asked its socket after the upgrade: %+v, %v", a.o, a.err)
+			}
 		})
+	}
+}
+
+// forgetApps takes the application interface's state away, as a release
+// before it had none: the cgroup link and the workloads' netns entries.
+func forgetApps(t *testing.T, e *env) {
+	t.Helper()
+	d, err := datapath.OpenExisting(e.pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.DetachApps(); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		id     uint32
+		cookie uint64
+		keys   []uint32
+	)
+	for it := d.WorkloadNetnsMap.Iterate(); it.Next(&id, &cookie); {
+		keys = append(keys, id)
+	}
+	for _, k := range keys {
+		if err := d.WorkloadNetnsMap.Delete(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(keys) == 0 {
+		t.Fatal("no workload had a netns entry to forget")
 	}
 }
 

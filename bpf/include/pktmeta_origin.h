@@ -90,6 +90,7 @@ struct pktmeta_conn_origin {
 };
 
 #if !defined(__bpf__) && !defined(__BPF__)
+#include <errno.h>
 #include <sys/socket.h>
 
 /* Fills *o with the origin of fd's connection. 0, or -1 with errno set as

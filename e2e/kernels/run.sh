@@ -116,7 +116,7 @@ lines=()
 if [[ ${KERNEL_NATIVE:-1} != 0 ]]; then
 	run=$(newrun host)
 	log "host kernel $(uname -r), natively"
-	PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 timeout --kill-after=10 "${KERNEL_TIMEOUT:-1560}" \
+	PKTMETA_GUEST_SCRATCH=$run PKTMETA_GUEST_NATIVE=1 timeout --kill-after=10 "${KERNEL_TIMEOUT:-1740}" \
 		"$here/guest.sh" >"$run/console.log" 2>&1 || true
 	if line=$("$scratch/bin/summary" -kernel "host $(uname -r)" "$run"); then
 		lines+=("$line")
@@ -136,7 +136,7 @@ for k in $kernels; do
 	# took 12 minutes here; suite.tsv's test timeouts add up to less,
 	# so a hung test still dumps its goroutines first). qemu must not hold
 	# the host lock's descriptor: a killed run would leave it held.
-	timeout --kill-after=10 "${KERNEL_TIMEOUT:-1560}" qemu-system-x86_64 \
+	timeout --kill-after=10 "${KERNEL_TIMEOUT:-1740}" qemu-system-x86_64 \
 		-machine q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096 \
 		-nographic -no-reboot -nic none \
 		-kernel "$d/vmlinuz" -initrd "$d/initrd.gz" \

@@ -414,7 +414,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 			return fmt.Errorf("conntrack kfunc switch: %w", err)
 		}
 	}
-	if haveSockoptErrno() {
+	if HaveSockoptErrno() {
 		if err := spec.Variables[bpfVarPktmetaSockoptErrno].Set(uint32(1)); err != nil {
 			return fmt.Errorf("getsockopt errno switch: %w", err)
 		}

@@ -37,10 +37,12 @@ func (d *Datapath) appsDir() string { return filepath.Join(d.PinPath, "apps") }
 // AppsLinkPath is where the cgroup link of ProgGetsockopt is pinned.
 func (d *Datapath) AppsLinkPath() string { return filepath.Join(d.appsDir(), "getsockopt") }
 
-// haveSockoptErrno reports whether a getsockopt program may choose the
+// HaveSockoptErrno reports whether a getsockopt program may choose the
 // errno the caller gets (Linux 5.18 came with bpf_set_retval, which is
-// what is probed; the program itself writes ctx->retval).
-func haveSockoptErrno() bool {
+// what is probed; the program itself writes ctx->retval). Without it an
+// application gets the kernel's answer for an unknown level (EOPNOTSUPP,
+// ENOPROTOOPT) where pktmeta would say ENOENT or ENOTCONN.
+func HaveSockoptErrno() bool {
 	return features.HaveProgramHelper(ebpf.CGroupSockopt, asm.FnSetRetval) == nil
 }
 

@@ -242,7 +242,7 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 		defer ln.Close()
 		fd := sysFD(t, ln.(*net.TCPListener))
-		if !haveSockoptErrno() {
+		if !HaveSockoptErrno() {
 			t.Log("this kernel's getsockopt programs cannot choose the errno: the kernel's own answer stands")
 		}
 		for _, c := range []struct {
@@ -257,7 +257,7 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		} {
 			got := rawGetsockopt(fd, 0x706d, c.optname, make([]byte, c.size))
 			want := c.want
-			if !haveSockoptErrno() {
+			if !HaveSockoptErrno() {
 				want = unix.EOPNOTSUPP
 			}
 			if got != want {
@@ -312,7 +312,7 @@ func wantUnknown(tb testing.TB, c net.Conn) {
 	tb.Helper()
 	o, err := pktmeta.Origin(c)
 	want := pktmeta.ErrUnknown
-	if !haveSockoptErrno() {
+	if !HaveSockoptErrno() {
 		want = pktmeta.ErrNotAvailable
 	}
 	if !errors.Is(err, want) {
