@@ -34,6 +34,7 @@ var wantAgentArgs = []string{
 	"run",
 	"--cni-conf-dir=/host/etc/cni/net.d",
 	"--cni-bin-dir=/host/opt/cni/bin",
+	"--host-cgroup-dir=/host/sys/fs/cgroup",
 	"--plugin-binary=" + pluginInImage,
 	"--pin-path=/sys/fs/bpf/pktmeta",
 	"--run-dir=/run/pktmeta",
@@ -63,12 +64,14 @@ var wantAgentMounts = map[string]wantMount{
 	"/sys/fs/bpf":         {"bpffs", "/sys/fs/bpf", corev1.HostPathDirectory, false, corev1.MountPropagationHostToContainer},
 	// Spelt /run/netns on the host: containerd 1.6 checks the propagation
 	// of a HostToContainer source without resolving /var/run -> /run.
-	"/var/run/netns":   {"netns", "/run/netns", corev1.HostPathDirectoryOrCreate, true, corev1.MountPropagationHostToContainer},
-	"/run/containerd":  {"cri", "/run/containerd", corev1.HostPathDirectoryOrCreate, true, ""},
-	"/run/pktmeta":     {"run", "/run/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
-	"/var/lib/pktmeta": {"state", "/var/lib/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
-	"/etc/pktmeta":     {"config", "", "", true, ""},
-	"/tmp":             {"tmp", "", "", false, ""},
+	"/var/run/netns":  {"netns", "/run/netns", corev1.HostPathDirectoryOrCreate, true, corev1.MountPropagationHostToContainer},
+	"/run/containerd": {"cri", "/run/containerd", corev1.HostPathDirectoryOrCreate, true, ""},
+	// The application interface goes on the host's cgroup v2 root.
+	"/host/sys/fs/cgroup": {"cgroup", "/sys/fs/cgroup", corev1.HostPathDirectory, true, ""},
+	"/run/pktmeta":        {"run", "/run/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
+	"/var/lib/pktmeta":    {"state", "/var/lib/pktmeta", corev1.HostPathDirectoryOrCreate, false, ""},
+	"/etc/pktmeta":        {"config", "", "", true, ""},
+	"/tmp":                {"tmp", "", "", false, ""},
 }
 
 // manifests decodes every resource the kustomization lists.

@@ -246,6 +246,20 @@ func TestAgentOnANode(t *testing.T) {
 		t.Fatalf("existing pods' connection: %+v %v", rec, err)
 	}
 	conn.Close()
+	// The agent put the application interface on before any ADD did, and
+	// a server in a pod from before the install can ask its sockets.
+	if st := d.Apps(); !st.Attached || !st.Current {
+		t.Fatalf("application interface after the agent started: %+v", st)
+	}
+	asker := startAppServer(t, srv)
+	ac, err := old.DialTCP(ae.ctx, netip.AddrPortFrom(srv.IPv4, appTCPPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := asker.next(t); a.err != nil || a.o.ConnID == 0 || !a.o.Partial {
+		t.Fatalf("server in a pod from before the install asked its socket: %+v, %v; want a partial identity", a.o, a.err)
+	}
+	ac.Close()
 
 	// New pods go through the chain the agent wrote, annotations included.
 	ae.chainFromConfDir()

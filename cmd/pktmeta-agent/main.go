@@ -65,6 +65,7 @@ func main() {
 	fs.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (label tags)")
 	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig (in a cluster: the service account)")
 	fs.StringVar(&cfg.UninstallOnExit, "uninstall-on-exit", cfg.UninstallOnExit, "auto (only when the DaemonSet is deleted), never, always")
+	fs.StringVar(&cfg.HostCgroupDir, "host-cgroup-dir", cfg.HostCgroupDir, "the host's /sys/fs/cgroup as mounted here (application interface; empty: this mount namespace's cgroup v2 root)")
 	netnsDirs := fs.String("netns-dirs", strings.Join(cfg.NetnsDirs, ","), "dirs of bind-mounted pod network namespaces")
 	labelTags := fs.String("label-tags", "", "comma-separated pod label keys to copy into tags")
 	fs.Usage = func() {

@@ -256,6 +256,48 @@ func (s *suite) identity(t *testing.T) {
 		s.victim = c
 		return nil
 	})
+	// And web itself, an ordinary process in its pod, asked its accepted
+	// socket (getsockopt SOL_PKTMETA): the same answer.
+	// Label tags come from the API through the agent, maybe after web
+	// accepted: they may be missing from its answer, never wrong.
+	s.wantAsked(t, local, client, map[string]string{"team": "payments", "app.kubernetes.io/name": "client", "app.kubernetes.io/component": "frontend"}, []string{"team"}, false)
+}
+
+// wantAsked finds web's accept of the connection from remote and checks
+// what web's socket said about who opened it: pod tags among podTags, the
+// keys of must among them.
+func (s *suite) wantAsked(t *testing.T, remote string, client *corev1.Pod, podTags map[string]string, must []string, nat bool) {
+	t.Helper()
+	var origin map[string]any
+	poll(t, "web logging what its socket said of the connection from "+remote, time.Minute, func() error {
+		for _, ev := range s.c.events(t, s.ns, "web", "accept") {
+			if ev["remote"] == remote {
+				origin, _ = ev["origin"].(map[string]any)
+				return nil
+			}
+		}
+		return errNotYet
+	})
+	got := fmt.Sprintf("%v", origin)
+	if origin["err"] != nil || origin["namespace"] != client.Namespace || origin["pod"] != client.Name || origin["uid"] != string(client.UID) || origin["nat"] != nat {
+		t.Fatalf("web's socket said %s; want %s/%s uid %s nat %v", got, client.Namespace, client.Name, client.UID, nat)
+	}
+	tags := map[string]string{}
+	if pt, ok := origin["podTags"].(map[string]any); ok {
+		for k, v := range pt {
+			tags[k], _ = v.(string)
+		}
+	}
+	for k, v := range tags {
+		if podTags[k] != v {
+			t.Fatalf("web's socket said pod tags %v, want %v", tags, podTags)
+		}
+	}
+	for _, k := range must {
+		if tags[k] != podTags[k] {
+			t.Fatalf("web's socket said pod tags %v, want %s=%s among them", tags, k, podTags[k])
+		}
+	}
 }
 
 // webAddr is the address of step 2's web pod; a step that needs it skips
@@ -279,6 +321,7 @@ func (s *suite) services(t *testing.T) {
 		pod := s.c.runPod(t, s.ns, podSpec{name: "svc-tcp", args: []string{"dial", "--tcp", net.JoinHostPort(s.webSvc, "80"), "--count", "1", "--every", "1s"}})
 		local := s.c.waitEvent(t, s.ns, pod.Name, "connected", 1)[0]["local"].(string)
 		s.wantNAT(t, "tcp", pod, local, net.JoinHostPort(s.webSvc, "80"), s.webAddr(t, 8080))
+		s.wantAsked(t, local, pod, map[string]string{}, nil, true)
 	})
 	t.Run("udp", func(t *testing.T) {
 		pod := s.c.runPod(t, s.ns, podSpec{name: "svc-udp", args: []string{"udp", "--addr", net.JoinHostPort(s.dnsSvc, "53"), "--count", "3", "--every", "1s", "--hold", "-1s"}})

@@ -90,6 +90,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("datapath: %w", err)
 	}
+	a.attachApps(w)
 	w.Close()
 	if res.Loaded && !res.Created {
 		a.metrics.Action("upgrade")
@@ -210,4 +211,31 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// attachApps puts the application interface (getsockopt SOL_PKTMETA) on
+// the host's cgroup v2 root, as every ADD does, so that pods from before
+// the install have it without waiting for a new pod. Failing only warns:
+// tagging works without it, and the next ADD tries again.
+func (a *Agent) attachApps(d *datapath.Datapath) {
+	if a.cfg.Plugin.ApplicationCgroup != "" {
+		// "none", or a cgroup path of the host's, which the plugin
+		// (running on the host) resolves on the next ADD.
+		return
+	}
+	var root string
+	var err error
+	if a.cfg.HostCgroupDir != "" {
+		root, err = datapath.CgroupRootAt(a.cfg.HostCgroupDir)
+	} else {
+		root, err = datapath.CgroupRoot()
+	}
+	if err == nil {
+		err = d.AttachApps(root)
+	}
+	if err != nil {
+		a.log.Warn("applications cannot ask their sockets who opened their connections until the next pod is added", "err", err)
+		return
+	}
+	a.log.Info("application interface on the cgroup v2 root", "cgroup", root)
 }

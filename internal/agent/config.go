@@ -32,6 +32,10 @@ type PluginSettings struct {
 	MaxConnectionsPerPod  uint32   `json:"maxConnectionsPerPod,omitempty"`
 	EventsPerSecondPerPod int64    `json:"eventsPerSecondPerPod,omitempty"`
 	AllowedPodTags        []string `json:"allowedPodTags"`
+	// ApplicationCgroup is the plugin key of the same name: the cgroup v2
+	// directory whose sockets may ask who opened their connection; empty
+	// for the node's cgroup v2 root, "none" for no such interface.
+	ApplicationCgroup string `json:"applicationCgroup,omitempty"`
 }
 
 // parsed is the plugin's own reading of these settings, with its defaults
@@ -86,6 +90,14 @@ type Config struct {
 	GCInterval Duration `json:"gcInterval,omitempty"`
 	// MaxSeries caps the label sets of per-workload metrics.
 	MaxSeries int `json:"maxSeries,omitempty"`
+
+	// HostCgroupDir is where the host's cgroup filesystem is mounted in
+	// the agent's mount namespace (a container's own cgroup mount shows
+	// only its cgroup): the agent puts the application interface on the
+	// cgroup v2 root found there when it starts, so that pods from before
+	// the install can ask their sockets before any ADD does it. Empty: the
+	// cgroup v2 root of the agent's mounts (an agent on the host).
+	HostCgroupDir string `json:"hostCgroupDir,omitempty"`
 
 	// NetnsDirs and ProcDir are where existing pods' namespaces are found.
 	NetnsDirs []string `json:"netnsDirs,omitempty"`
@@ -297,6 +309,9 @@ func (c *Config) PluginEntry() (map[string]any, error) {
 	}
 	if p.EventsPerSecondPerPod != 0 {
 		e["eventsPerSecondPerPod"] = p.EventsPerSecondPerPod
+	}
+	if p.ApplicationCgroup != "" {
+		e["applicationCgroup"] = p.ApplicationCgroup
 	}
 	if p.AllowedPodTags != nil { // [] means "none", absent "any"
 		e["allowedPodTags"] = p.AllowedPodTags

@@ -96,6 +96,19 @@ func cgroupRootIn(f *os.File) (string, error) {
 	return found[0], nil
 }
 
+// CgroupRootAt finds the cgroup v2 root in a mount of the host's cgroup
+// filesystem at dir (a container's view of the host's /sys/fs/cgroup):
+// dir itself on a unified host, dir/unified on a hybrid one.
+func CgroupRootAt(dir string) (string, error) {
+	for _, p := range []string{dir, filepath.Join(dir, "unified")} {
+		var st unix.Statfs_t
+		if unix.Statfs(p, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no cgroup v2 hierarchy at %s or %s/unified (a cgroup v1 only host?)", dir, dir)
+}
+
 // unescapeMountPath undoes mountinfo's octal escapes (\040 for a space).
 func unescapeMountPath(s string) string {
 	if !strings.Contains(s, `\`) {

@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pktmeta/pktmeta"
 )
 
 func cmdServe(ctx context.Context, e *env, args []string) error {
@@ -81,7 +83,8 @@ func serveTCP(ctx context.Context, e *env, ln net.Listener) error {
 			return err
 		}
 		local, remote := addrString(c.LocalAddr()), addrString(c.RemoteAddr())
-		e.out.emit(obj{"event": "accept", "proto": "tcp", "local": local, "remote": remote})
+		// What an application in the pod learns from its own socket.
+		e.out.emit(obj{"event": "accept", "proto": "tcp", "local": local, "remote": remote, "origin": originOf(c)})
 		go func() {
 			defer c.Close()
 			// Closing on cancel matters only in-process (tests): a killed
@@ -95,6 +98,16 @@ func serveTCP(ctx context.Context, e *env, ln net.Listener) error {
 			e.out.emit(obj{"event": "closed", "proto": "tcp", "local": local, "remote": remote, "bytes": n, "err": errString(err)})
 		}()
 	}
+}
+
+// originOf asks c's socket who opened its connection (pktmeta.Origin).
+func originOf(c net.Conn) obj {
+	o, err := pktmeta.Origin(c)
+	if err != nil {
+		return obj{"err": err.Error()}
+	}
+	return obj{"namespace": o.Namespace, "pod": o.Pod, "uid": o.UID, "tags": o.Tags, "podTags": o.PodTags,
+		"nat": o.NAT, "connId": o.ConnID}
 }
 
 // serveUDP answers each datagram with its payload. The socket is usually
