@@ -42,7 +42,7 @@ func main() {
 	quick := flag.Bool("quick", false, "reduced runs, for a quick check (under two minutes)")
 	out := flag.String("out", "bench/results/latest.json", "where the JSON results go")
 	cniPath := flag.String("cni-path", "bin/cni:bin", "directories of the CNI plugins and pktmeta")
-	only := flag.String("only", "per-packet,growth,memory,end-to-end,cross-node,cni", "sections to run")
+	only := flag.String("only", "per-packet,growth,memory,end-to-end,cross-node,apps,cni", "sections to run")
 	spin := flag.String("spin", "", "for profiling: run one per-packet case (first-tcp4, first-udp4, known-udp4, nat) for --spin-for, nothing else")
 	spinFor := flag.Duration("spin-for", 10*time.Second, "how long --spin runs")
 	emulated := flag.String("emulated", "", "the machine is emulated (say how, e.g. \"qemu TCG\"): per packet only, reduced runs, figures as ratios to the floor only")
@@ -157,6 +157,12 @@ func run(ctx context.Context, cfg config, out string) error {
 			return fmt.Errorf("cross-node end to end: %w", err)
 		}
 	}
+	if cfg.sections["apps"] && cfg.emulated == "" {
+		fmt.Fprintln(os.Stderr, "bench: the application interface (getsockopt) ...")
+		if err := apps(ctx, cfg, rep, pinRoot); err != nil {
+			return fmt.Errorf("apps: %w", err)
+		}
+	}
 	if cfg.sections["cni"] {
 		fmt.Fprintln(os.Stderr, "bench: CNI ADD/DEL latency ...")
 		if err := cniLatency(ctx, cfg, rep, pinRoot); err != nil {
@@ -175,6 +181,7 @@ func run(ctx context.Context, cfg config, out string) error {
 		{"memory", "Memory (kernel accounting of the maps)"},
 		{"end-to-end", "End to end between two pods on a netns node (real CNI chain)"},
 		{"cross-node", "Across nodes: what a SYN leaves free for the 20-byte option"},
+		{"apps", "Applications asking their sockets (getsockopt, ns per call)"},
 		{"cni", "CNI latency added by pktmeta (its own ADD/DEL process)"},
 	} {
 		rep.printSection(os.Stdout, s.id, s.title)

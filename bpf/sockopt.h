@@ -169,6 +169,11 @@ int pktmeta_getsockopt(struct bpf_sockopt *ctx)
 			WRITE_ONCE(ctx->optlen, 0);
 		return 1;
 	}
+	/* The kernel refuses a level it does not know, so 0 here means an
+	 * earlier program on the cgroup chain (another pktmeta, with its own
+	 * pin path) answered: its answer stands. */
+	if (ctx->retval == 0)
+		return 1;
 	if (ctx->optname != PKTMETA_SO_ORIGIN)
 		return sockopt_fail(ctx, ENOPROTOOPT);
 	o = ctx->optval;

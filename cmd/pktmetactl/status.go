@@ -67,7 +67,10 @@ type status struct {
 	Maps          []datapath.MapFill `json:"maps"`
 	Counters      map[string]uint64  `json:"counters"`
 	// Node is this node's part in carrying origins across nodes.
-	Node         nodeStatus `json:"node"`
+	Node nodeStatus `json:"node"`
+	// Apps: whether applications can ask their sockets who opened their
+	// connections (getsockopt SOL_PKTMETA).
+	Apps         datapath.AppsState `json:"apps"`
 	counterOrder []string
 	Problems     []string `json:"problems,omitempty"`
 }
@@ -125,7 +128,11 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	case !st.Current:
 		st.Problems = append(st.Problems, fmt.Sprintf("pinned programs are release %d, another build than this pktmetactl (release %d); the next CNI ADD, or the agent at start, upgrades an older one", cfg.Release, datapath.Release))
 	}
-	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver, datapath.ProgSweep} {
+	st.Apps = d.Apps()
+	if st.Apps.Attached && !st.Apps.Current {
+		st.Problems = append(st.Problems, "application interface: "+st.Apps.Problem+" (the next CNI ADD moves it)")
+	}
+	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver, datapath.ProgSweep, datapath.ProgGetsockopt} {
 		p := d.Program(name)
 		if p == nil {
 			st.Problems = append(st.Problems, fmt.Sprintf("program %s is not pinned (the next CNI ADD, or the agent at start, completes the datapath)", name))
@@ -296,6 +303,14 @@ func printStatus(out io.Writer, st *status) {
 	fmt.Fprintf(tw, "datapath id\t%s (this build: %v)\n", st.DatapathID, st.Current)
 	fmt.Fprintf(tw, "udp timeout\t%s\n", st.UDPTimeout)
 	fmt.Fprintf(tw, "kernel\t%s (tcx: %s, conntrack kfuncs: %s)\n", st.Kernel.Release, yesNo(st.Kernel.TCX), yesNo(st.Kernel.ConntrackKfuncs))
+	apps := "not attached: getsockopt(SOL_PKTMETA) is not answered (plugin applicationCgroup \"none\", or no cgroup v2 mount; the next ADD tries again)"
+	if st.Apps.Attached {
+		apps = fmt.Sprintf("getsockopt(SOL_PKTMETA) answered on cgroup id %d", st.Apps.CgroupID)
+		if !st.Apps.Current {
+			apps += ", " + st.Apps.Problem
+		}
+	}
+	fmt.Fprintf(tw, "applications\t%s\n", apps)
 	tw.Flush()
 
 	fmt.Fprintln(out, "\nPROGRAMS")

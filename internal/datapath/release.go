@@ -10,4 +10,4 @@ package datapath
 const Release = 6
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "ee502c1f389f8b0f0912e586b17bbc65d6b72ff04803fa2b9c413e0542b4235c"
+const releaseObject = "226b1e3fd0b9e8ada37e581b07da672a20d1dc7b866b9085e94762359fe0c400"

@@ -202,6 +202,27 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		wantUnknown(t, c)
 	})
 
+	t.Run("two datapaths on one cgroup: whichever knows answers", func(t *testing.T) {
+		// A second pktmeta (its own pin path) with its program after
+		// ours on the same cgroup. Each knows one connection.
+		other := mustAttachApps(t)
+		mine := e.receiver(t, "server-mine", e.netns)
+		theirs := other.receiver(t, "server-theirs", other.netns)
+		c1, s1 := tcpPair(t, "tcp4", "127.0.0.1:0")
+		c2, s2 := tcpPair(t, "tcp4", "127.0.0.1:0")
+		e.putRecord(t, connTuple(ProtoTCP, c1), bpfPktmetaRecord{Flags: FlagDelivered, ConnId: 5001, ConnGen: 5001, OriginWorkload: e.origin.ID, PeerWorkload: mine, FirstSeenNs: now})
+		other.putRecord(t, connTuple(ProtoTCP, c2), bpfPktmetaRecord{Flags: FlagDelivered, ConnId: 5002, ConnGen: 5002, OriginWorkload: other.origin.ID, PeerWorkload: theirs, FirstSeenNs: now})
+		for _, c := range []struct {
+			s    net.Conn
+			want uint64
+		}{{s1, 5001}, {s2, 5002}} {
+			o, err := pktmeta.Origin(c.s)
+			if err != nil || o.ConnID != c.want {
+				t.Fatalf("got %+v, %v; want connection %d", o, err, c.want)
+			}
+		}
+	})
+
 	t.Run("unknown connection", func(t *testing.T) {
 		_, s := tcpPair(t, "tcp4", "127.0.0.1:0")
 		wantUnknown(t, s)
