@@ -19,7 +19,7 @@ func TestDemo(t *testing.T) {
 	if err != nil {
 		t.Fatalf("pktmeta-demo: %v\n%s", err, out)
 	}
-	for _, want := range []string{"DNAT: yes", "shop/frontend", "app=payments", "The workload table is empty", "shop/frontend-remote@node-1", "origin conn id"} {
+	for _, want := range []string{"DNAT: yes", "shop/frontend", "app=payments", "The workload table is empty", "shop/frontend-remote@node-1", "origin conn id", "(getsockopt SOL_PKTMETA): shop/frontend"} {
 		if !strings.Contains(string(out), want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, out)
 		}

@@ -31,6 +31,7 @@ import (
 	"github.com/containernetworking/cni/pkg/invoke"
 	"golang.org/x/sys/unix"
 
+	"github.com/pktmeta/pktmeta"
 	"github.com/pktmeta/pktmeta/internal/datapath"
 	"github.com/pktmeta/pktmeta/internal/testbed"
 )
@@ -635,15 +636,18 @@ func (dm *demo) deletePods() error {
 // server is db's echo service. It remembers the tuple its sockets saw for
 // every client, which is what the demo looks records up by.
 type server struct {
-	mu      sync.Mutex
-	tuples  map[string]datapath.Tuple // by proto and client address
+	mu     sync.Mutex
+	tuples map[string]datapath.Tuple // by proto and client address
+	// What db's accepted TCP sockets said when asked who opened them
+	// (getsockopt SOL_PKTMETA), by client address.
+	asked   map[string]string
 	closers []io.Closer
 	closed  bool
 	wg      sync.WaitGroup
 }
 
 func startServer(p *testbed.Pod, tcpPort, udpPort int) (*server, error) {
-	s := &server{tuples: map[string]datapath.Tuple{}}
+	s := &server{tuples: map[string]datapath.Tuple{}, asked: map[string]string{}}
 	l, err := p.ListenTCP(tcpPort)
 	if err != nil {
 		return nil, err
@@ -669,6 +673,13 @@ func (s *server) seen(proto uint8, client netip.AddrPort) (datapath.Tuple, bool)
 	defer s.mu.Unlock()
 	t, ok := s.tuples[seenKey(proto, client)]
 	return t, ok
+}
+
+// answer is what db's socket said of the TCP connection from client.
+func (s *server) answer(client netip.AddrPort) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.asked[client.String()]
 }
 
 func (s *server) record(t datapath.Tuple, c io.Closer) bool {
@@ -698,6 +709,16 @@ func (s *server) serveTCP(l net.Listener) {
 		}
 		// The accepted socket's own addresses: the tuple after DNAT.
 		t := datapath.Tuple{Proto: datapath.ProtoTCP, Src: unmapped(c.RemoteAddr()), Dst: unmapped(c.LocalAddr())}
+		// And what an application gets from asking the socket itself.
+		answer := ""
+		if o, err := pktmeta.Origin(c); err != nil {
+			answer = "error: " + err.Error()
+		} else {
+			answer = o.Namespace + "/" + o.Pod
+		}
+		s.mu.Lock()
+		s.asked[t.Src.String()] = answer
+		s.mu.Unlock()
 		if !s.record(t, c) {
 			c.Close()
 			return

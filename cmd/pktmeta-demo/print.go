@@ -109,6 +109,15 @@ func (dm *demo) showConns() error {
 			return err
 		}
 		dm.printRecord(res, rec)
+		if c.proto == datapath.ProtoTCP {
+			got := dm.srv.answer(c.seen.Src)
+			fmt.Fprintf(dm.out, "      db asked      its accepted socket (getsockopt SOL_PKTMETA): %s\n", got)
+			if want := c.from.Spec.Namespace + "/" + c.from.Spec.Name; got != want {
+				p := fmt.Sprintf("db's socket said %q, want %s", got, want)
+				fmt.Fprintf(dm.out, "      !! %s\n", p)
+				problems = append(problems, fmt.Sprintf("[%d] %s", i+1, p))
+			}
+		}
 		for _, p := range dm.check(c, rec) {
 			fmt.Fprintf(dm.out, "      !! %s\n", p)
 			problems = append(problems, fmt.Sprintf("[%d] %s", i+1, p))

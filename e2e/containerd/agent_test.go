@@ -205,7 +205,10 @@ func TestAgentInContainerd(t *testing.T) {
 		// included: with HostToContainer (the DaemonSet's is private) their
 		// unmounts reach the container too, so it never keeps a removed
 		// pod's netns alive.
-		"cri":    {hostPath: h.Dir, propagation: &hostToContainer},
+		"cri": {hostPath: h.Dir, propagation: &hostToContainer},
+		// The host's cgroup filesystem, read-only: the agent puts the
+		// application interface on its v2 root from inside the container.
+		"cgroup": {hostPath: "/sys/fs/cgroup"},
 		"run":    {hostPath: runDir},
 		"state":  {hostPath: stateDir},
 		"config": {hostPath: cfgDir},
@@ -331,6 +334,26 @@ func TestAgentInContainerd(t *testing.T) {
 			d.Close()
 		}
 	}()
+	// The agent, in its container (its own cgroup namespace, the host's
+	// cgroup filesystem mounted read-only), put the application interface
+	// on the host's cgroup v2 root.
+	eventually(t, 10*time.Second, "application interface attached by the agent", func() error {
+		if st := d.Apps(); !st.Attached || !st.Current {
+			return fmt.Errorf("application interface: %+v", st)
+		}
+		root, err := datapath.CgroupRoot()
+		if err != nil {
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(root, &st); err != nil {
+			return err
+		}
+		if got := d.Apps().CgroupID; got != st.Ino {
+			return fmt.Errorf("attached to cgroup %d, the host's cgroup v2 root %s is %d", got, root, st.Ino)
+		}
+		return nil
+	})
 	var legacyW datapath.Workload
 	eventually(t, 15*time.Second, "pod from before install covered", func() error {
 		if err := agentUp(); err != nil {

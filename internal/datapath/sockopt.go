@@ -48,9 +48,11 @@ func HaveSockoptErrno() bool {
 
 // CgroupRoot finds the root of the cgroup v2 hierarchy in this mount
 // namespace: /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a
-// hybrid one (cgroup v1 controllers, v2 beside them for systemd). Any
-// mount of the hierarchy's root will do; one of a subtree (a container's
-// cgroup namespace) will not, and is skipped.
+// hybrid one (cgroup v1 controllers, v2 beside them for systemd). A bind
+// mount of a subtree is skipped. Inside a cgroup namespace the
+// namespace's own cgroup looks like the root here, so a process in a
+// container (the agent) must not use this: it uses CgroupRootAt on a
+// mount of the host's cgroup filesystem instead.
 func CgroupRoot() (string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
