@@ -65,7 +65,12 @@ var (
 	// is not on this node, or (Linux before 5.18, where pktmeta cannot
 	// choose the errno) it knows nothing about this socket.
 	ErrNotAvailable = errors.New("pktmeta does not answer on this node")
-	// ErrUnsupported: not a socket pktmeta can be asked about (not
-	// TCP/UDP over IP, or not Linux).
+	// ErrUnsupported: not something pktmeta can be asked about: a
+	// net.Conn that is no socket, a file descriptor that is no socket, or
+	// not Linux. (A socket that is not TCP or UDP over IP gets ErrUnknown.)
 	ErrUnsupported = errors.New("pktmeta: unsupported connection")
 )
+
+// RawOriginSize is sizeof(struct pktmeta_conn_origin): the buffer
+// getsockopt(SOL_PKTMETA, PKTMETA_SO_ORIGIN) fills.
+const RawOriginSize = 1952

@@ -47,14 +47,16 @@ type rawOrigin struct {
 	}
 }
 
-// RawOriginSize is sizeof(struct pktmeta_conn_origin).
-const RawOriginSize = int(unsafe.Sizeof(rawOrigin{}))
+// The layout must not drift from the C one (checked against bpf2go's type
+// in the datapath's tests too).
+var _ = [1]struct{}{}[unsafe.Sizeof(rawOrigin{})-RawOriginSize]
 
 // Origin asks conn's socket who opened its connection: a *net.TCPConn
 // (accepted or dialled), a connected *net.UDPConn, or anything that wraps
 // one and says so (*tls.Conn, or any net.Conn with a NetConn method).
 func Origin(conn net.Conn) (*ConnOrigin, error) {
-	for {
+	// Wrappers that say what they wrap (*tls.Conn), a bounded number deep.
+	for range 16 {
 		if sc, ok := conn.(syscall.Conn); ok {
 			raw, err := sc.SyscallConn()
 			if err != nil {
@@ -73,6 +75,7 @@ func Origin(conn net.Conn) (*ConnOrigin, error) {
 		}
 		conn = w.NetConn()
 	}
+	return nil, fmt.Errorf("%w: %T wraps connections too deep", ErrUnsupported, conn)
 }
 
 // OriginFD is Origin for a socket file descriptor.
@@ -94,7 +97,7 @@ func OriginFD(fd int) (*ConnOrigin, error) {
 	default:
 		return nil, fmt.Errorf("pktmeta: getsockopt: %w", errno)
 	}
-	if int(size) < RawOriginSize || raw.Version != originVersion {
+	if size < RawOriginSize || raw.Version != originVersion {
 		return nil, fmt.Errorf("pktmeta: answer of version %d, %d bytes; this library reads version %d: %w",
 			raw.Version, size, originVersion, errors.ErrUnsupported)
 	}
@@ -149,7 +152,3 @@ func monotonicToWall(ns uint64) time.Time {
 	}
 	return time.Now().Add(-time.Duration(uint64(ts.Nano()) - ns))
 }
-
-// The layout must not drift from the C one (checked against bpf2go's type
-// in the datapath's tests too).
-var _ = [1]struct{}{}[RawOriginSize-1952]

@@ -162,10 +162,23 @@ int pktmeta_getsockopt(struct bpf_sockopt *ctx)
 	int err;
 
 	if (ctx->level != SOL_PKTMETA) {
-		/* Untouched. Only a buffer longer than the page this program
-		 * sees is handed back as the kernel left it (optlen 0): Linux
-		 * before 6.5 would otherwise fail such calls with EFAULT. */
-		if (ctx->optlen > SOCKOPT_PAGE_SIZE)
+		__s32 len = ctx->optlen;
+
+		/* Not ours: hand the call back as the kernel left it. optlen 0
+		 * tells the kernel to copy nothing back, which is what keeps
+		 * it untouched where the kernel would otherwise copy this
+		 * program's view over the caller's: a call the kernel failed
+		 * (before 5.18 the caller's buffer and length would be
+		 * rewritten, e.g. the length SO_PEERSEC reports with ERANGE),
+		 * a buffer longer than the page this program sees (EFAULT
+		 * before 6.5), and a successful call that reports more than
+		 * the caller's buffer holds (NETLINK_LIST_MEMBERSHIPS with a
+		 * short buffer: EFAULT). Anything else is returned as is. */
+		if (ctx->retval != 0 || len < 0 || len > SOCKOPT_PAGE_SIZE) {
+			WRITE_ONCE(ctx->optlen, 0);
+			return 1;
+		}
+		if (ctx->optval + len > ctx->optval_end)
 			WRITE_ONCE(ctx->optlen, 0);
 		return 1;
 	}

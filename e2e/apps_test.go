@@ -96,7 +96,11 @@ func (s *appServer) udpOnce(t *testing.T, p *testbed.Pod) {
 			return
 		}
 		a := answer{peer: from}
-		if _, err := pktmeta.Origin(u); !errors.Is(err, pktmeta.ErrNotConnected) && !errors.Is(err, pktmeta.ErrNotAvailable) {
+		want := pktmeta.ErrNotConnected
+		if !datapath.HaveSockoptErrno() {
+			want = pktmeta.ErrNotAvailable
+		}
+		if _, err := pktmeta.Origin(u); !errors.Is(err, want) {
 			a.err = fmt.Errorf("unconnected socket: %v, want not connected", err)
 			s.answers <- a
 			return

@@ -397,11 +397,13 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 				oldLink = linkID(t, d, tp.workloadOf(d, tp.a))
 			}
 
-			// Pretend the pinned programs came from an older release, one
-			// from before the application interface: no cgroup link and no
-			// netns of the workloads.
+			// Pretend the pinned programs came from an older release:
+			// its workloads without netns entries, and (legacy) one from
+			// before the application interface, without the cgroup link,
+			// or (tcx) one whose link the upgrade moves.
 			srv := startAppServer(t, tp.b)
-			forgetApps(t, tp.env)
+			oldApps := appsLinkID(t, tp.env)
+			forgetApps(t, tp.env, mode == "legacy")
 			tp.rewriteConfig(func(c *datapath.Config) { c.Release--; c.DatapathID = [32]byte{1} })
 			c := tp.addPod("shop", "new", nil)
 
@@ -439,6 +441,9 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 			if st := d2.Apps(); !st.Attached || !st.Current {
 				t.Fatalf("application interface after the upgrade: %+v", st)
 			}
+			if id := appsLinkID(t, tp.env); mode == "tcx" && id != oldApps {
+				t.Fatalf("application link replaced (%d -> %d), want updated in place", oldApps, id)
+			}
 			ac, err := tp.a.DialTCP(tp.ctx, netip.AddrPortFrom(tp.b.IPv4, appTCPPort))
 			if err != nil {
 				t.Fatal(err)
@@ -452,16 +457,19 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 }
 
 // forgetApps takes the application interface's state away, as a release
-// before it had none: the cgroup link and the workloads' netns entries.
-func forgetApps(t *testing.T, e *env) {
+// before it had none: the workloads' netns entries and, with detach, the
+// cgroup link.
+func forgetApps(t *testing.T, e *env, detach bool) {
 	t.Helper()
 	d, err := datapath.OpenExisting(e.pin, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if err := d.DetachApps(); err != nil {
-		t.Fatal(err)
+	if detach {
+		if err := d.DetachApps(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	var (
 		id     uint32
@@ -479,6 +487,21 @@ func forgetApps(t *testing.T, e *env) {
 	if len(keys) == 0 {
 		t.Fatal("no workload had a netns entry to forget")
 	}
+}
+
+// appsLinkID is the id of the application interface's pinned link.
+func appsLinkID(t *testing.T, e *env) link.ID {
+	t.Helper()
+	l, err := link.LoadPinnedLink(filepath.Join(e.pin, "apps", "getsockopt"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.ID
 }
 
 func linkID(t *testing.T, d *datapath.Datapath, w datapath.Workload) link.ID {

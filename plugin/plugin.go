@@ -122,6 +122,10 @@ func cmdAdd(args *skel.CmdArgs) error {
 func attachApps(d *datapath.Datapath, conf *Config, log *slog.Logger) {
 	dir := conf.ApplicationCgroup
 	if dir == "none" {
+		// Off means off: take it away if an earlier config put it on.
+		if err := d.DetachApps(); err != nil {
+			log.Warn("applicationCgroup none: could not take the application interface off", "err", err)
+		}
 		return
 	}
 	var err error

@@ -117,7 +117,7 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		UDPTimeout:    cfg.UDPTimeout.String(),
 		Counters:      map[string]uint64{},
 	}
-	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack}
+	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack, Apps: d.Getsockopt != nil}
 	st.Kernel = kernelStatus{Release: datapath.KernelRelease(), TCX: kf.TCX, ConntrackKfuncs: kf.ConntrackKfuncs}
 	for _, m := range kf.Missing() {
 		st.Problems = append(st.Problems, "the datapath was loaded with "+m)
@@ -134,6 +134,9 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	}
 	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver, datapath.ProgSweep, datapath.ProgGetsockopt} {
 		p := d.Program(name)
+		if p == nil && name == datapath.ProgGetsockopt {
+			continue // said above, with the kernel feature it lacks
+		}
 		if p == nil {
 			st.Problems = append(st.Problems, fmt.Sprintf("program %s is not pinned (the next CNI ADD, or the agent at start, completes the datapath)", name))
 			continue

@@ -218,9 +218,16 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 // the install have it without waiting for a new pod. Failing only warns:
 // tagging works without it, and the next ADD tries again.
 func (a *Agent) attachApps(d *datapath.Datapath) {
-	if a.cfg.Plugin.ApplicationCgroup != "" {
-		// "none", or a cgroup path of the host's, which the plugin
-		// (running on the host) resolves on the next ADD.
+	switch a.cfg.Plugin.ApplicationCgroup {
+	case "":
+	case "none":
+		if err := d.DetachApps(); err != nil {
+			a.log.Warn("applicationCgroup none: could not take the application interface off", "err", err)
+		}
+		return
+	default:
+		// A cgroup path of the host's, which the plugin (running on
+		// the host) resolves on the next ADD.
 		return
 	}
 	var root string

@@ -84,8 +84,10 @@ func (d *Datapath) Attach(w *Workload, opts AttachOptions) (err error) {
 			d.log.Warn("no netns cookie: the pod's sockets cannot ask who opened their connections", "netns", w.Netns, "err", err)
 		}
 	}
+	// Never fails the ADD: without the entry the pod's sockets get
+	// ENOENT, and tagging is unaffected.
 	if err := d.putWorkloadNetns(w.ID, w.NetnsCookie); err != nil {
-		return err
+		d.log.Warn("the pod's sockets cannot ask who opened their connections", "err", err)
 	}
 	maxConns := opts.MaxConnections
 	if maxConns == 0 {

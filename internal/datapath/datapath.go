@@ -262,6 +262,12 @@ var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapSta
 // them says what it does without.
 var newerMaps = map[string]bool{mapUDPEpoch: true, mapWlNetns: true}
 
+// optionalProgs are programs a kernel may be unable to run without the
+// rest of the datapath suffering: they are left out of the load there
+// (KernelFeatures says why), and a pinned datapath without them is
+// complete.
+var optionalProgs = map[string]bool{ProgGetsockopt: true}
+
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
 	ProgOrigin:    bpfProgPktmetaOrigin,

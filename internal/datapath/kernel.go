@@ -38,6 +38,11 @@ type KernelFeatures struct {
 	// are weak), but Service NAT is not resolved, closes seen at delivery
 	// hooks are not verified and the sweep cannot ask conntrack.
 	ConntrackKfuncs bool
+	// Apps: a cgroup getsockopt program may call bpf_get_netns_cookie
+	// (5.15), which the application interface's program needs to tell
+	// which pod asks. Without it that program is not loaded; the rest of
+	// the datapath is unaffected.
+	Apps bool
 }
 
 // Missing lists, for status and logs, what the datapath goes without.
@@ -46,7 +51,16 @@ func (k KernelFeatures) Missing() []string {
 	if !k.ConntrackKfuncs {
 		m = append(m, "no conntrack kfuncs (bpf_skb_ct_lookup with bpf_ct_opts.dir: Linux 5.19, with nf_conntrack): Service NAT is not resolved, closes at the destination are not verified (unverifiedCloses), the sweep cannot ask conntrack")
 	}
+	if !k.Apps {
+		m = append(m, "no bpf_get_netns_cookie for cgroup getsockopt programs (Linux 5.15): applications cannot ask their sockets who opened their connections (getsockopt SOL_PKTMETA is not answered)")
+	}
 	return m
+}
+
+// haveAppsProgram reports whether the application interface's program can
+// load: a getsockopt program that calls bpf_get_netns_cookie.
+func haveAppsProgram() bool {
+	return features.HaveProgramHelper(ebpf.CGroupSockopt, asm.FnGetNetnsCookie) == nil
 }
 
 // requiredFeatures refuses a kernel the datapath cannot run on, naming

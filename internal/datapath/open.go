@@ -198,7 +198,7 @@ func openPinned(pinPath string, lock *nodeLock, needProgs bool, log *slog.Logger
 	}
 	for name, dst := range d.progSlots() {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.progsDir(), name), nil)
-		if errors.Is(err, os.ErrNotExist) && !needProgs {
+		if errors.Is(err, os.ErrNotExist) && (!needProgs || optionalProgs[name]) {
 			continue
 		}
 		if err != nil {
@@ -290,6 +290,9 @@ func inspect(pinPath string) (pinState, error) {
 		}
 	}
 	for name := range progNames {
+		if optionalProgs[name] {
+			continue
+		}
 		if _, err := os.Stat(filepath.Join(d.progsDir(), name)); err != nil {
 			st.missing = append(st.missing, "program "+name)
 		}
@@ -391,8 +394,8 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 			return fmt.Errorf("create %s: %w", dir, err)
 		}
 	}
-	kf := KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: probeConntrackKfuncs(o.Log)}
-	o.Log.Info("kernel features", "kernel", KernelRelease(), "tcx", kf.TCX, "conntrackKfuncs", kf.ConntrackKfuncs)
+	kf := KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: probeConntrackKfuncs(o.Log), Apps: haveAppsProgram()}
+	o.Log.Info("kernel features", "kernel", KernelRelease(), "tcx", kf.TCX, "conntrackKfuncs", kf.ConntrackKfuncs, "apps", kf.Apps)
 	for _, m := range kf.Missing() {
 		o.Log.Warn("the datapath runs without a kernel feature", "kernel", KernelRelease(), "missing", m)
 	}
@@ -413,6 +416,10 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		if err := spec.Variables[bpfVarPktmetaHaveCtKfuncs].Set(uint32(1)); err != nil {
 			return fmt.Errorf("conntrack kfunc switch: %w", err)
 		}
+	}
+	if !kf.Apps {
+		// The packet programs do not need it: load them without it.
+		delete(spec.Programs, bpfProgPktmetaGetsockopt)
 	}
 	if HaveSockoptErrno() {
 		if err := spec.Variables[bpfVarPktmetaSockoptErrno].Set(uint32(1)); err != nil {
@@ -498,6 +505,9 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 // (pin to a temporary name, rename over; bpffs forbids dots in names).
 func (d *Datapath) pinPrograms() error {
 	for name, p := range d.progSlots() {
+		if *p == nil && optionalProgs[name] {
+			continue // not loaded on this kernel
+		}
 		final := filepath.Join(d.progsDir(), name)
 		tmp := final + "_new"
 		os.Remove(tmp)

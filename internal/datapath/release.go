@@ -10,4 +10,4 @@ package datapath
 const Release = 6
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "226b1e3fd0b9e8ada37e581b07da672a20d1dc7b866b9085e94762359fe0c400"
+const releaseObject = "ee16c6396eb63ab16e9024d8cc946f9c83701c20d556e1db0cd694f0d9b59138"

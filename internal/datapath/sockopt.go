@@ -281,7 +281,12 @@ func (d *Datapath) upgradeApps() {
 // application interface; without it (cookie 0) the pod's sockets get
 // ENOENT.
 func (d *Datapath) putWorkloadNetns(id uint32, cookie uint64) error {
-	if d.WorkloadNetnsMap == nil || cookie == 0 {
+	if d.WorkloadNetnsMap == nil {
+		return nil
+	}
+	if cookie == 0 {
+		// Unknown: no entry, not one an earlier workload of this id left.
+		d.deleteWorkloadNetns(id)
 		return nil
 	}
 	if err := d.WorkloadNetnsMap.Update(id, cookie, ebpf.UpdateAny); err != nil {
