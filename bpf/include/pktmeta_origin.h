@@ -24,7 +24,11 @@
  * The answer is given to the pod that received the connection (the origin
  * record says it was delivered to this pod) and to the pod that opened it;
  * any other socket that happens to carry the same addresses (a pod binding
- * another pod's address) gets ENOENT.
+ * another pod's address) gets ENOENT. For UDP it names the flow's opener,
+ * not the sender of the datagram in hand: without strictSource another pod
+ * on the node can send a datagram with the flow's source (docs/SECURITY.md).
+ * The answer lasts as long as pktmeta's record: TCP until both FINs or an
+ * RST, UDP until the flow is idle for the UDP timeout (120 s).
  *
  * Errors (errno):
  *   ENOENT       pktmeta knows no origin for this socket's connection: it
