@@ -492,21 +492,17 @@ func forgetApps(t *testing.T, e *env, detach bool) {
 // appsLinkID is the id of the application interface's pinned link.
 func appsLinkID(t *testing.T, e *env) link.ID {
 	t.Helper()
-	l, err := link.LoadPinnedLink(filepath.Join(e.pin, "apps", "getsockopt"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	info, err := l.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.ID
+	return pinnedLinkID(t, filepath.Join(e.pin, "apps", "getsockopt"))
 }
 
 func linkID(t *testing.T, d *datapath.Datapath, w datapath.Workload) link.ID {
 	t.Helper()
-	l, err := link.LoadPinnedLink(filepath.Join(d.AttachmentLinkDir(w.Key()), "ingress"), nil)
+	return pinnedLinkID(t, filepath.Join(d.AttachmentLinkDir(w.Key()), "ingress"))
+}
+
+func pinnedLinkID(t *testing.T, path string) link.ID {
+	t.Helper()
+	l, err := link.LoadPinnedLink(path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

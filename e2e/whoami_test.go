@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -12,11 +11,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/pktmeta/pktmeta/internal/testbed"
+	"github.com/pktmeta/pktmeta/internal/testutil"
 )
 
 // TestWhoamiExamples: the three example servers of examples/whoami (Go
@@ -105,9 +104,9 @@ func TestWhoamiExamples(t *testing.T) {
 
 // runInPod starts a program in p's network namespace until the test ends,
 // and returns what it writes.
-func runInPod(t *testing.T, p *testbed.Pod, name string, args ...string) *syncBuffer {
+func runInPod(t *testing.T, p *testbed.Pod, name string, args ...string) *testutil.SyncBuffer {
 	t.Helper()
-	out := &syncBuffer{}
+	out := &testutil.SyncBuffer{}
 	cmd := exec.Command("nsenter", append([]string{"--net=" + p.NetnsPath, name}, args...)...)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -121,21 +120,4 @@ func runInPod(t *testing.T, p *testbed.Pod, name string, args ...string) *syncBu
 		}
 	})
 	return out
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
