@@ -22,22 +22,23 @@ type anchorsMeta struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	anchorsMapAllocHash    = "alloc_hash"
-	anchorsMapEventsRing   = "events_ring"
-	anchorsMapSeq          = "seq"
-	anchorsMapSkStore      = "sk_store"
-	anchorsMapTarget       = "target"
-	anchorsMapTaskStore    = "task_store"
-	anchorsProgEventFull   = "event_full"
-	anchorsProgEventV4     = "event_v4"
-	anchorsProgFloorProg   = "floor_prog"
-	anchorsProgFreshV4     = "fresh_v4"
-	anchorsProgFreshV6     = "fresh_v6"
-	anchorsProgHashAlloc   = "hash_alloc"
-	anchorsProgMarkWrite   = "mark_write"
-	anchorsProgSkStorage   = "sk_storage"
-	anchorsProgTaskStorage = "task_storage"
-	anchorsProgXdpMeta     = "xdp_meta"
+	anchorsMapAllocHash        = "alloc_hash"
+	anchorsMapEventsRing       = "events_ring"
+	anchorsMapSeq              = "seq"
+	anchorsMapSkStore          = "sk_store"
+	anchorsMapTarget           = "target"
+	anchorsMapTaskStore        = "task_store"
+	anchorsProgEventFull       = "event_full"
+	anchorsProgEventV4         = "event_v4"
+	anchorsProgFloorProg       = "floor_prog"
+	anchorsProgFreshV4         = "fresh_v4"
+	anchorsProgFreshV6         = "fresh_v6"
+	anchorsProgGetsockoptEmpty = "getsockopt_empty"
+	anchorsProgHashAlloc       = "hash_alloc"
+	anchorsProgMarkWrite       = "mark_write"
+	anchorsProgSkStorage       = "sk_storage"
+	anchorsProgTaskStorage     = "task_storage"
+	anchorsProgXdpMeta         = "xdp_meta"
 )
 
 // loadAnchors returns the embedded CollectionSpec for anchors.
@@ -82,16 +83,17 @@ type anchorsSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type anchorsProgramSpecs struct {
-	EventFull   *ebpf.ProgramSpec `ebpf:"event_full"`
-	EventV4     *ebpf.ProgramSpec `ebpf:"event_v4"`
-	FloorProg   *ebpf.ProgramSpec `ebpf:"floor_prog"`
-	FreshV4     *ebpf.ProgramSpec `ebpf:"fresh_v4"`
-	FreshV6     *ebpf.ProgramSpec `ebpf:"fresh_v6"`
-	HashAlloc   *ebpf.ProgramSpec `ebpf:"hash_alloc"`
-	MarkWrite   *ebpf.ProgramSpec `ebpf:"mark_write"`
-	SkStorage   *ebpf.ProgramSpec `ebpf:"sk_storage"`
-	TaskStorage *ebpf.ProgramSpec `ebpf:"task_storage"`
-	XdpMeta     *ebpf.ProgramSpec `ebpf:"xdp_meta"`
+	EventFull       *ebpf.ProgramSpec `ebpf:"event_full"`
+	EventV4         *ebpf.ProgramSpec `ebpf:"event_v4"`
+	FloorProg       *ebpf.ProgramSpec `ebpf:"floor_prog"`
+	FreshV4         *ebpf.ProgramSpec `ebpf:"fresh_v4"`
+	FreshV6         *ebpf.ProgramSpec `ebpf:"fresh_v6"`
+	GetsockoptEmpty *ebpf.ProgramSpec `ebpf:"getsockopt_empty"`
+	HashAlloc       *ebpf.ProgramSpec `ebpf:"hash_alloc"`
+	MarkWrite       *ebpf.ProgramSpec `ebpf:"mark_write"`
+	SkStorage       *ebpf.ProgramSpec `ebpf:"sk_storage"`
+	TaskStorage     *ebpf.ProgramSpec `ebpf:"task_storage"`
+	XdpMeta         *ebpf.ProgramSpec `ebpf:"xdp_meta"`
 }
 
 // anchorsMapSpecs contains maps before they are loaded into the kernel.
@@ -161,16 +163,17 @@ type anchorsVariables struct {
 //
 // It can be passed to loadAnchorsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type anchorsPrograms struct {
-	EventFull   *ebpf.Program `ebpf:"event_full"`
-	EventV4     *ebpf.Program `ebpf:"event_v4"`
-	FloorProg   *ebpf.Program `ebpf:"floor_prog"`
-	FreshV4     *ebpf.Program `ebpf:"fresh_v4"`
-	FreshV6     *ebpf.Program `ebpf:"fresh_v6"`
-	HashAlloc   *ebpf.Program `ebpf:"hash_alloc"`
-	MarkWrite   *ebpf.Program `ebpf:"mark_write"`
-	SkStorage   *ebpf.Program `ebpf:"sk_storage"`
-	TaskStorage *ebpf.Program `ebpf:"task_storage"`
-	XdpMeta     *ebpf.Program `ebpf:"xdp_meta"`
+	EventFull       *ebpf.Program `ebpf:"event_full"`
+	EventV4         *ebpf.Program `ebpf:"event_v4"`
+	FloorProg       *ebpf.Program `ebpf:"floor_prog"`
+	FreshV4         *ebpf.Program `ebpf:"fresh_v4"`
+	FreshV6         *ebpf.Program `ebpf:"fresh_v6"`
+	GetsockoptEmpty *ebpf.Program `ebpf:"getsockopt_empty"`
+	HashAlloc       *ebpf.Program `ebpf:"hash_alloc"`
+	MarkWrite       *ebpf.Program `ebpf:"mark_write"`
+	SkStorage       *ebpf.Program `ebpf:"sk_storage"`
+	TaskStorage     *ebpf.Program `ebpf:"task_storage"`
+	XdpMeta         *ebpf.Program `ebpf:"xdp_meta"`
 }
 
 func (p *anchorsPrograms) Close() error {
@@ -180,6 +183,7 @@ func (p *anchorsPrograms) Close() error {
 		p.FloorProg,
 		p.FreshV4,
 		p.FreshV6,
+		p.GetsockoptEmpty,
 		p.HashAlloc,
 		p.MarkWrite,
 		p.SkStorage,
