@@ -59,7 +59,9 @@ var (
 	// before pktmeta was installed, or closing). ENOENT.
 	ErrUnknown = errors.New("pktmeta knows no origin for this connection")
 	// ErrNotConnected: the socket has no peer (a listener, an unconnected
-	// UDP socket: connect it to the peer first). ENOTCONN.
+	// UDP socket that has received nothing with a source address yet; an
+	// unconnected one is answered about the datagram its last
+	// recvfrom/ReadFrom returned). ENOTCONN.
 	ErrNotConnected = errors.New("socket has no peer: pktmeta answers for connected sockets")
 	// ErrNotAvailable: nothing answered getsockopt(SOL_PKTMETA): pktmeta
 	// is not on this node, or (Linux before 5.18, where pktmeta cannot

@@ -51,6 +51,44 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pktmeta_wl_netns SEC(".maps");
 
+/* Netns cookie -> the addresses of the pods' interfaces in that netns
+ * (written by userspace with the workloads): the local address of a
+ * datagram to an unconnected UDP socket bound to the wildcard, which the
+ * socket does not hold. */
+#define PKTMETA_NETNS_MAX_ADDRS 8
+struct pktmeta_netns_addrs {
+	__u32 n_addrs;
+	__u32 _pad;
+	__u8 addrs[PKTMETA_NETNS_MAX_ADDRS][16]; /* IPv4-mapped or IPv6 */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct pktmeta_netns_addrs);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_ns_addrs SEC(".maps");
+
+/* Per unconnected UDP socket: the source of the datagram its last
+ * recvmsg()/recvfrom() returned, as the kernel handed it over (written by
+ * pktmeta_recvmsg4/6, which the kernel runs with that address). */
+struct pktmeta_udp_peer {
+	__u8 addr[16]; /* IPv4-mapped or IPv6, as the records keep them */
+	__be16 port;
+	__u16 _pad;
+	__u32 _pad2;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct pktmeta_udp_peer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_udp_peers SEC(".maps");
+
 /* memcpy and memset of more than clang inlines for BPF: 8-byte words,
  * unrolled into fixed offsets the verifier checks against the one bound
  * taken before (n is a constant multiple of 64). The barrier keeps clang
@@ -149,13 +187,129 @@ static __always_inline void reverse_tuple(const struct pktmeta_tuple *t, struct 
 	r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
 }
 
+/* The connection t (peer -> local) as this netns may know it: delivered
+ * to this pod, or opened by it (then t reversed is its own tuple).
+ * Returns PKTMETA_ORIGIN_F_SELF or 0, or -ENOENT. A subprogram: the
+ * wildcard case calls it once per address of the pod. */
+static __noinline int find_conn(const struct pktmeta_tuple *t, __u64 netns, struct pktmeta_record *rec)
+{
+	struct pktmeta_tuple r;
+
+	if (!t || !rec)
+		return -ENOENT;
+	if (pktmeta_lookup(t, rec) == 0 && (rec->flags & PKTMETA_F_DELIVERED) &&
+	    in_netns(rec->peer_workload, netns))
+		return 0; /* This pod received it. */
+	/* This pod opened it: its own tuple, local -> peer. */
+	reverse_tuple(t, &r);
+	if (pktmeta__copy_record(&r, rec) || (rec->flags & PKTMETA_F_REMOTE) ||
+	    !in_netns(rec->origin_workload, netns))
+		return -ENOENT;
+	return PKTMETA_ORIGIN_F_SELF;
+}
+
+static __always_inline int addr_unspecified(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	/* :: or ::ffff:0.0.0.0 (an AF_INET socket's wildcard, mapped). */
+	return w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff)) && w[3] == 0;
+}
+
+static __always_inline int addr_v4mapped(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+/* An unconnected UDP socket: the connection of the datagram its last
+ * recvmsg() returned. Its peer comes from the socket's storage; its local
+ * address is the socket's own, or, bound to the wildcard, whichever of the
+ * pod's addresses of the peer's family the flow was delivered to. */
+static __always_inline int find_udp_last(struct bpf_sock *sk, struct pktmeta_tuple *t, __u64 netns,
+					 struct pktmeta_record *rec)
+{
+	struct pktmeta_netns_addrs *na;
+	struct pktmeta_udp_peer *p;
+	int v4, err;
+
+	p = bpf_sk_storage_get(&pktmeta_udp_peers, sk, 0, 0);
+	if (!p || !p->port)
+		return -ENOTCONN;
+	__builtin_memcpy(t->saddr, p->addr, sizeof(t->saddr));
+	t->sport = p->port;
+	if (!addr_unspecified(t->daddr))
+		return find_conn(t, netns, rec);
+	na = bpf_map_lookup_elem(&pktmeta_ns_addrs, &netns);
+	if (!na)
+		return -ENOENT;
+	v4 = addr_v4mapped(t->saddr);
+	for (__u32 i = 0; i < PKTMETA_NETNS_MAX_ADDRS; i++) {
+		if (i >= na->n_addrs)
+			break;
+		if (addr_v4mapped(na->addrs[i]) != v4)
+			continue;
+		__builtin_memcpy(t->daddr, na->addrs[i], sizeof(t->daddr));
+		err = find_conn(t, netns, rec);
+		if (err >= 0)
+			return err;
+	}
+	return -ENOENT;
+}
+
+/* What an unconnected UDP socket's recvmsg() hands over: the datagram's
+ * source. The kernel runs these for every UDP recvmsg() that asks for the
+ * source address, in the cgroup they are on; they only remember it. */
+static __always_inline struct pktmeta_udp_peer *udp_peer_slot(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		return NULL;
+	/* A connected socket's peer is the socket's own: nothing to keep.
+	 * (4-byte load, as in sock_tuple.) */
+	if (*(volatile __u32 *)&sk->dst_port)
+		return NULL;
+	return bpf_sk_storage_get(&pktmeta_udp_peers, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+}
+
+SEC("cgroup/recvmsg4")
+int pktmeta_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct pktmeta_udp_peer *p = udp_peer_slot(ctx);
+
+	if (p) {
+		pktmeta__v4mapped(p->addr, ctx->user_ip4);
+		p->port = (__be16)ctx->user_port;
+	}
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int pktmeta_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct pktmeta_udp_peer *p = udp_peer_slot(ctx);
+
+	if (p) {
+		__u32 *a = (__u32 *)p->addr;
+
+		a[0] = ctx->user_ip6[0];
+		a[1] = ctx->user_ip6[1];
+		a[2] = ctx->user_ip6[2];
+		a[3] = ctx->user_ip6[3];
+		p->port = (__be16)ctx->user_port;
+	}
+	return 1;
+}
+
 SEC("cgroup/getsockopt")
 int pktmeta_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct pktmeta_workload *w;
 	struct pktmeta_conn_origin *o;
 	struct pktmeta_record rec;
-	struct pktmeta_tuple t, r;
+	struct pktmeta_tuple t;
 	struct bpf_sock *sk;
 	__u32 flags = 0;
 	__u64 netns;
@@ -195,22 +349,15 @@ int pktmeta_getsockopt(struct bpf_sockopt *ctx)
 	sk = ctx->sk;
 	if (!sk)
 		return sockopt_fail(ctx, ENOTCONN);
-	err = sock_tuple(sk, &t);
-	if (err)
-		return sockopt_fail(ctx, -err);
 	netns = bpf_get_netns_cookie(ctx);
-
-	if (pktmeta_lookup(&t, &rec) == 0 && (rec.flags & PKTMETA_F_DELIVERED) &&
-	    in_netns(rec.peer_workload, netns)) {
-		/* This pod received it. */
-	} else {
-		/* This pod opened it: its own tuple, local -> peer. */
-		reverse_tuple(&t, &r);
-		if (pktmeta__copy_record(&r, &rec) || (rec.flags & PKTMETA_F_REMOTE) ||
-		    !in_netns(rec.origin_workload, netns))
-			return sockopt_fail(ctx, ENOENT);
-		flags |= PKTMETA_ORIGIN_F_SELF;
-	}
+	err = sock_tuple(sk, &t);
+	if (err == -ENOTCONN && t.proto == IPPROTO_UDP)
+		err = find_udp_last(sk, &t, netns, &rec);
+	else if (!err)
+		err = find_conn(&t, netns, &rec);
+	if (err < 0)
+		return sockopt_fail(ctx, -err);
+	flags |= err;
 
 	if (rec.flags & PKTMETA_F_REMOTE)
 		flags |= PKTMETA_ORIGIN_F_REMOTE;

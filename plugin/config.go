@@ -66,6 +66,9 @@ type Config struct {
 	// getsockopt(SOL_PKTMETA) who opened their connection: empty for the
 	// node's cgroup v2 root (every pod), "none" for no such interface.
 	ApplicationCgroup string `json:"applicationCgroup,omitempty"`
+	// ApplicationUDP: unconnected UDP sockets may ask too (the recvmsg
+	// programs, which every such receive on the node runs). Absent: on.
+	ApplicationUDP *bool `json:"applicationUDP,omitempty"`
 
 	RuntimeConfig struct {
 		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`

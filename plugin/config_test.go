@@ -34,12 +34,14 @@ func TestParseConfigAllKeys(t *testing.T) {
 		"pinPath":"/sys/fs/bpf/x/","tags":{"team":"payments","env":"prod"},
 		"strictSource":true,"maxConnections":65536,"logFile":"/var/log/pktmeta.log",
 		"logLevel":"debug","attachMode":"legacy",
+		"applicationCgroup":"/sys/fs/cgroup/kubepods.slice","applicationUDP":false,
 		"capabilities":{"io.kubernetes.cri.pod-annotations":true},
 		"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"pktmeta.dev/app":"web","other":"x"}}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.PinPath != "/sys/fs/bpf/x" || !c.StrictSource || c.MaxConnections != 65536 || c.mode != attach.Legacy || c.logLevel != slog.LevelDebug {
+	if c.PinPath != "/sys/fs/bpf/x" || !c.StrictSource || c.MaxConnections != 65536 || c.mode != attach.Legacy || c.logLevel != slog.LevelDebug ||
+		c.ApplicationCgroup != "/sys/fs/cgroup/kubepods.slice" || c.ApplicationUDP == nil || *c.ApplicationUDP {
 		t.Fatalf("parsed: %+v", c)
 	}
 	tags, podTags, err := c.podTags(slog.New(slog.NewTextHandler(io.Discard, nil)))

@@ -133,7 +133,7 @@ func attachApps(d *datapath.Datapath, conf *Config, log *slog.Logger) {
 		dir, err = datapath.CgroupRoot()
 	}
 	if err == nil {
-		err = d.AttachApps(dir)
+		err = d.AttachApps(dir, conf.ApplicationUDP == nil || *conf.ApplicationUDP)
 	}
 	if err != nil {
 		log.Warn("applications cannot ask their sockets who opened their connections (getsockopt SOL_PKTMETA)", "cgroup", dir, "err", err)

@@ -17,9 +17,15 @@
  * What the answer is about: the connection the socket itself is, as the
  * kernel knows it (its local and peer address and port), never anything the
  * caller passes in. A connected TCP socket (accepted or connected), or a
- * connected UDP socket. An unconnected UDP socket has no one connection:
- * connect it to the peer recvmsg() returned (or use a connected socket per
- * peer) and ask that one.
+ * connected UDP socket. An unconnected UDP socket is asked about the flow
+ * of the datagram its last recvfrom()/recvmsg() returned: the source
+ * address the kernel handed over with it (pktmeta remembers it per socket
+ * as the kernel hands it over; a receive that asks for no source address
+ * is not seen), and the socket's local address or, bound to the wildcard,
+ * the pod's own address the flow was delivered to. Ask right after the
+ * receive, from the thread that received: another thread's receive on
+ * the same socket in between changes the answer. recvmmsg() leaves its
+ * last message's.
  *
  * The answer is given to the pod that received the connection (the origin
  * record says it was delivered to this pod) and to the pod that opened it;
@@ -35,7 +41,8 @@
  *                came from outside the cluster, from the host, from a pod
  *                without pktmeta, or before pktmeta was installed, or the
  *                record is gone (the connection is closing)
- *   ENOTCONN     the socket has no peer (listening, unconnected UDP)
+ *   ENOTCONN     the socket has no peer: listening, or unconnected UDP
+ *                that has received nothing yet with a source address
  *   EINVAL       the buffer is shorter than struct pktmeta_conn_origin
  *   ENOPROTOOPT  an option name this pktmeta does not know
  *   EOPNOTSUPP   (IPv4) / ENOPROTOOPT (IPv6): pktmeta's program is not

@@ -117,7 +117,7 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		UDPTimeout:    cfg.UDPTimeout.String(),
 		Counters:      map[string]uint64{},
 	}
-	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack, Apps: d.Getsockopt != nil}
+	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack, Apps: d.Getsockopt != nil, AppsUDP: d.Recvmsg4 != nil}
 	st.Kernel = kernelStatus{Release: datapath.KernelRelease(), TCX: kf.TCX, ConntrackKfuncs: kf.ConntrackKfuncs}
 	for _, m := range kf.Missing() {
 		st.Problems = append(st.Problems, "the datapath was loaded with "+m)
@@ -132,9 +132,9 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	if st.Apps.Attached && !st.Apps.Current {
 		st.Problems = append(st.Problems, "application interface: "+st.Apps.Problem+" (the next CNI ADD moves it)")
 	}
-	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver, datapath.ProgSweep, datapath.ProgGetsockopt} {
+	for _, name := range []string{datapath.ProgOrigin, datapath.ProgStrict, datapath.ProgDeliver, datapath.ProgSweep, datapath.ProgGetsockopt, datapath.ProgRecvmsg4, datapath.ProgRecvmsg6} {
 		p := d.Program(name)
-		if p == nil && name == datapath.ProgGetsockopt {
+		if p == nil && (name == datapath.ProgGetsockopt || name == datapath.ProgRecvmsg4 || name == datapath.ProgRecvmsg6) {
 			continue // said above, with the kernel feature it lacks
 		}
 		if p == nil {
@@ -309,6 +309,9 @@ func printStatus(out io.Writer, st *status) {
 	apps := "not attached: getsockopt(SOL_PKTMETA) is not answered (plugin applicationCgroup \"none\", or no cgroup v2 mount; the next ADD tries again)"
 	if st.Apps.Attached {
 		apps = fmt.Sprintf("getsockopt(SOL_PKTMETA) answered on cgroup id %d", st.Apps.CgroupID)
+		if !st.Apps.UDP {
+			apps += " (not for unconnected UDP sockets)"
+		}
 		if !st.Apps.Current {
 			apps += ", " + st.Apps.Problem
 		}

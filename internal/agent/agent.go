@@ -238,7 +238,8 @@ func (a *Agent) attachApps(d *datapath.Datapath) {
 		root, err = datapath.CgroupRoot()
 	}
 	if err == nil {
-		err = d.AttachApps(root)
+		udp := a.cfg.Plugin.ApplicationUDP == nil || *a.cfg.Plugin.ApplicationUDP
+		err = d.AttachApps(root, udp)
 	}
 	if err != nil {
 		a.log.Warn("applications cannot ask their sockets who opened their connections until the next pod is added", "err", err)

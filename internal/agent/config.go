@@ -36,6 +36,9 @@ type PluginSettings struct {
 	// directory whose sockets may ask who opened their connection; empty
 	// for the node's cgroup v2 root, "none" for no such interface.
 	ApplicationCgroup string `json:"applicationCgroup,omitempty"`
+	// ApplicationUDP is the plugin key of the same name: unconnected UDP
+	// sockets may ask too. Absent: on.
+	ApplicationUDP *bool `json:"applicationUDP,omitempty"`
 }
 
 // parsed is the plugin's own reading of these settings, with its defaults
@@ -312,6 +315,9 @@ func (c *Config) PluginEntry() (map[string]any, error) {
 	}
 	if p.ApplicationCgroup != "" {
 		e["applicationCgroup"] = p.ApplicationCgroup
+	}
+	if p.ApplicationUDP != nil {
+		e["applicationUDP"] = *p.ApplicationUDP
 	}
 	if p.AllowedPodTags != nil { // [] means "none", absent "any"
 		e["allowedPodTags"] = p.AllowedPodTags

@@ -15,6 +15,7 @@ plugin:
   strictSource: true
   maxConnections: 65536
   attachMode: auto
+  applicationUDP: false
 labelTags: [app.kubernetes.io/name]
 gcInterval: 10s
 `), 0o644)
@@ -26,7 +27,7 @@ gcInterval: 10s
 		t.Fatal(err)
 	}
 	e, err := c.PluginEntry()
-	if err != nil || e["type"] != "pktmeta" || e["strictSource"] != true || e["maxConnections"] != uint32(65536) {
+	if err != nil || e["type"] != "pktmeta" || e["strictSource"] != true || e["maxConnections"] != uint32(65536) || e["applicationUDP"] != false {
 		t.Fatalf("entry %v %v", e, err)
 	}
 

@@ -97,6 +97,7 @@ func (d *Datapath) Attach(w *Workload, opts AttachOptions) (err error) {
 	if err := d.putEndpoint(w.HostIfindex, ep); err != nil {
 		return err
 	}
+	d.syncNetnsAddrs(w.NetnsCookie)
 	progs, err := d.programs(*w)
 	if err != nil {
 		return err

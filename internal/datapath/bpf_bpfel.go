@@ -158,6 +158,13 @@ type bpfPktmetaMemberKey struct {
 	Addr      [16]uint8
 }
 
+type bpfPktmetaNetnsAddrs struct {
+	_       structs.HostLayout
+	N_addrs uint32
+	Pad     uint32
+	Addrs   [8][16]uint8
+}
+
 type bpfPktmetaNodeConfig struct {
 	_         structs.HostLayout
 	Version   uint8
@@ -245,6 +252,14 @@ type bpfPktmetaTuple struct {
 	Pad   [3]uint8
 }
 
+type bpfPktmetaUdpPeer struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+	Pad2 uint32
+}
+
 type bpfPktmetaWorkload struct {
 	_             structs.HostLayout
 	Version       uint8
@@ -286,16 +301,20 @@ const (
 	bpfMapPktmetaInbound      = "pktmeta_inbound"
 	bpfMapPktmetaMembers      = "pktmeta_members"
 	bpfMapPktmetaNode         = "pktmeta_node"
+	bpfMapPktmetaNsAddrs      = "pktmeta_ns_addrs"
 	bpfMapPktmetaRemoteLive   = "pktmeta_remote_live"
 	bpfMapPktmetaStats        = "pktmeta_stats"
 	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
 	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
+	bpfMapPktmetaUdpPeers     = "pktmeta_udp_peers"
 	bpfMapPktmetaWlNetns      = "pktmeta_wl_netns"
 	bpfMapPktmetaWloads       = "pktmeta_wloads"
 	bpfMapPktmetaXstats       = "pktmeta_xstats"
 	bpfProgPktmetaDeliver     = "pktmeta_deliver"
 	bpfProgPktmetaGetsockopt  = "pktmeta_getsockopt"
 	bpfProgPktmetaOrigin      = "pktmeta_origin"
+	bpfProgPktmetaRecvmsg4    = "pktmeta_recvmsg4"
+	bpfProgPktmetaRecvmsg6    = "pktmeta_recvmsg6"
 	bpfProgPktmetaStrict      = "pktmeta_strict"
 	bpfProgPktmetaSweep       = "pktmeta_sweep"
 	bpfProgPktmetaUplinkIn    = "pktmeta_uplink_in"
@@ -357,6 +376,8 @@ type bpfProgramSpecs struct {
 	PktmetaDeliver    *ebpf.ProgramSpec `ebpf:"pktmeta_deliver"`
 	PktmetaGetsockopt *ebpf.ProgramSpec `ebpf:"pktmeta_getsockopt"`
 	PktmetaOrigin     *ebpf.ProgramSpec `ebpf:"pktmeta_origin"`
+	PktmetaRecvmsg4   *ebpf.ProgramSpec `ebpf:"pktmeta_recvmsg4"`
+	PktmetaRecvmsg6   *ebpf.ProgramSpec `ebpf:"pktmeta_recvmsg6"`
 	PktmetaStrict     *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
 	PktmetaSweep      *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
 	PktmetaUplinkIn   *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_in"`
@@ -375,10 +396,12 @@ type bpfMapSpecs struct {
 	PktmetaInbound    *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
 	PktmetaMembers    *ebpf.MapSpec `ebpf:"pktmeta_members"`
 	PktmetaNode       *ebpf.MapSpec `ebpf:"pktmeta_node"`
+	PktmetaNsAddrs    *ebpf.MapSpec `ebpf:"pktmeta_ns_addrs"`
 	PktmetaRemoteLive *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
 	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
 	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
+	PktmetaUdpPeers   *ebpf.MapSpec `ebpf:"pktmeta_udp_peers"`
 	PktmetaWlNetns    *ebpf.MapSpec `ebpf:"pktmeta_wl_netns"`
 	PktmetaWloads     *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
 	PktmetaXstats     *ebpf.MapSpec `ebpf:"pktmeta_xstats"`
@@ -428,10 +451,12 @@ type bpfMaps struct {
 	PktmetaInbound    *ebpf.Map `ebpf:"pktmeta_inbound"`
 	PktmetaMembers    *ebpf.Map `ebpf:"pktmeta_members"`
 	PktmetaNode       *ebpf.Map `ebpf:"pktmeta_node"`
+	PktmetaNsAddrs    *ebpf.Map `ebpf:"pktmeta_ns_addrs"`
 	PktmetaRemoteLive *ebpf.Map `ebpf:"pktmeta_remote_live"`
 	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
 	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
+	PktmetaUdpPeers   *ebpf.Map `ebpf:"pktmeta_udp_peers"`
 	PktmetaWlNetns    *ebpf.Map `ebpf:"pktmeta_wl_netns"`
 	PktmetaWloads     *ebpf.Map `ebpf:"pktmeta_wloads"`
 	PktmetaXstats     *ebpf.Map `ebpf:"pktmeta_xstats"`
@@ -447,10 +472,12 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaInbound,
 		m.PktmetaMembers,
 		m.PktmetaNode,
+		m.PktmetaNsAddrs,
 		m.PktmetaRemoteLive,
 		m.PktmetaStats,
 		m.PktmetaUdpEpoch,
 		m.PktmetaUdpHits,
+		m.PktmetaUdpPeers,
 		m.PktmetaWlNetns,
 		m.PktmetaWloads,
 		m.PktmetaXstats,
@@ -480,6 +507,8 @@ type bpfPrograms struct {
 	PktmetaDeliver    *ebpf.Program `ebpf:"pktmeta_deliver"`
 	PktmetaGetsockopt *ebpf.Program `ebpf:"pktmeta_getsockopt"`
 	PktmetaOrigin     *ebpf.Program `ebpf:"pktmeta_origin"`
+	PktmetaRecvmsg4   *ebpf.Program `ebpf:"pktmeta_recvmsg4"`
+	PktmetaRecvmsg6   *ebpf.Program `ebpf:"pktmeta_recvmsg6"`
 	PktmetaStrict     *ebpf.Program `ebpf:"pktmeta_strict"`
 	PktmetaSweep      *ebpf.Program `ebpf:"pktmeta_sweep"`
 	PktmetaUplinkIn   *ebpf.Program `ebpf:"pktmeta_uplink_in"`
@@ -491,6 +520,8 @@ func (p *bpfPrograms) Close() error {
 		p.PktmetaDeliver,
 		p.PktmetaGetsockopt,
 		p.PktmetaOrigin,
+		p.PktmetaRecvmsg4,
+		p.PktmetaRecvmsg6,
 		p.PktmetaStrict,
 		p.PktmetaSweep,
 		p.PktmetaUplinkIn,

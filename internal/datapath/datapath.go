@@ -146,6 +146,10 @@ type Datapath struct {
 	// WorkloadNetnsMap: workload id -> netns cookie (the application
 	// interface, sockopt.go).
 	WorkloadNetnsMap *ebpf.Map
+	// NetnsAddrsMap: netns cookie -> the pods' addresses in it;
+	// UDPPeersMap: per UDP socket, the source its last recvmsg returned.
+	NetnsAddrsMap *ebpf.Map
+	UDPPeersMap   *ebpf.Map
 
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
@@ -157,6 +161,10 @@ type Datapath struct {
 	// Getsockopt answers applications' getsockopt(SOL_PKTMETA) on the
 	// node's cgroup v2 root (sockopt.go).
 	Getsockopt *ebpf.Program
+	// Recvmsg4 and Recvmsg6 remember what unconnected UDP sockets
+	// received, for Getsockopt (sockopt.go).
+	Recvmsg4 *ebpf.Program
+	Recvmsg6 *ebpf.Program
 
 	log  *slog.Logger
 	lock *nodeLock // nil for a reader
@@ -251,22 +259,24 @@ const (
 	mapRemoteLive = "pktmeta_remote_live"
 	mapUDPEpoch   = "pktmeta_udp_epoch"
 	mapWlNetns    = "pktmeta_wl_netns"
+	mapNsAddrs    = "pktmeta_ns_addrs"
+	mapUDPPeers   = "pktmeta_udp_peers"
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapConfig}
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapNsAddrs, mapUDPPeers, mapConfig}
 
 // newerMaps are the maps a datapath of an older release of this layout
 // may not have. A handle that takes pinned state as it is (no programs
 // needed) leaves them nil where they are missing; everything that uses
 // them says what it does without.
-var newerMaps = map[string]bool{mapUDPEpoch: true, mapWlNetns: true}
+var newerMaps = map[string]bool{mapUDPEpoch: true, mapWlNetns: true, mapNsAddrs: true, mapUDPPeers: true}
 
 // optionalProgs are programs a kernel may be unable to run without the
 // rest of the datapath suffering: they are left out of the load there
 // (KernelFeatures says why), and a pinned datapath without them is
 // complete.
-var optionalProgs = map[string]bool{ProgGetsockopt: true}
+var optionalProgs = map[string]bool{ProgGetsockopt: true, ProgRecvmsg4: true, ProgRecvmsg6: true}
 
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
@@ -278,6 +288,8 @@ var progNames = map[string]string{
 	ProgUplinkIn:  bpfProgPktmetaUplinkIn,
 
 	ProgGetsockopt: bpfProgPktmetaGetsockopt,
+	ProgRecvmsg4:   bpfProgPktmetaRecvmsg4,
+	ProgRecvmsg6:   bpfProgPktmetaRecvmsg6,
 }
 
 func (d *Datapath) mapSlots() map[string]**ebpf.Map {
@@ -296,6 +308,8 @@ func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 		mapRemoteLive: &d.RemoteLiveMap,
 		mapUDPEpoch:   &d.UDPEpochMap,
 		mapWlNetns:    &d.WorkloadNetnsMap,
+		mapNsAddrs:    &d.NetnsAddrsMap,
+		mapUDPPeers:   &d.UDPPeersMap,
 	}
 }
 
@@ -309,6 +323,8 @@ func (d *Datapath) progSlots() map[string]**ebpf.Program {
 		ProgUplinkIn:  &d.UplinkIn,
 
 		ProgGetsockopt: &d.Getsockopt,
+		ProgRecvmsg4:   &d.Recvmsg4,
+		ProgRecvmsg6:   &d.Recvmsg6,
 	}
 }
 

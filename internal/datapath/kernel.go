@@ -43,6 +43,11 @@ type KernelFeatures struct {
 	// which pod asks. Without it that program is not loaded; the rest of
 	// the datapath is unaffected.
 	Apps bool
+	// AppsUDP: a cgroup recvmsg program may call bpf_sk_storage_get,
+	// which the application interface needs to answer unconnected UDP
+	// sockets (the source of the datagram recvmsg returned). Without it
+	// those get ENOTCONN; connected sockets are answered as before.
+	AppsUDP bool
 }
 
 // Missing lists, for status and logs, what the datapath goes without.
@@ -53,6 +58,8 @@ func (k KernelFeatures) Missing() []string {
 	}
 	if !k.Apps {
 		m = append(m, "no bpf_get_netns_cookie for cgroup getsockopt programs (Linux 5.15): applications cannot ask their sockets who opened their connections (getsockopt SOL_PKTMETA is not answered)")
+	} else if !k.AppsUDP {
+		m = append(m, "no bpf_sk_storage_get for cgroup recvmsg programs: unconnected UDP sockets cannot ask who opened the flow of the datagram they received (ENOTCONN)")
 	}
 	return m
 }
@@ -61,6 +68,11 @@ func (k KernelFeatures) Missing() []string {
 // load: a getsockopt program that calls bpf_get_netns_cookie.
 func haveAppsProgram() bool {
 	return features.HaveProgramHelper(ebpf.CGroupSockopt, asm.FnGetNetnsCookie) == nil
+}
+
+// haveAppsUDPPrograms reports whether the recvmsg programs can load.
+func haveAppsUDPPrograms() bool {
+	return features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSkStorageGet) == nil
 }
 
 // requiredFeatures refuses a kernel the datapath cannot run on, naming

@@ -395,7 +395,8 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		}
 	}
 	kf := KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: probeConntrackKfuncs(o.Log), Apps: haveAppsProgram()}
-	o.Log.Info("kernel features", "kernel", KernelRelease(), "tcx", kf.TCX, "conntrackKfuncs", kf.ConntrackKfuncs, "apps", kf.Apps)
+	kf.AppsUDP = kf.Apps && haveAppsUDPPrograms()
+	o.Log.Info("kernel features", "kernel", KernelRelease(), "tcx", kf.TCX, "conntrackKfuncs", kf.ConntrackKfuncs, "apps", kf.Apps, "appsUDP", kf.AppsUDP)
 	for _, m := range kf.Missing() {
 		o.Log.Warn("the datapath runs without a kernel feature", "kernel", KernelRelease(), "missing", m)
 	}
@@ -420,6 +421,10 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	if !kf.Apps {
 		// The packet programs do not need it: load them without it.
 		delete(spec.Programs, bpfProgPktmetaGetsockopt)
+	}
+	if !kf.AppsUDP {
+		delete(spec.Programs, bpfProgPktmetaRecvmsg4)
+		delete(spec.Programs, bpfProgPktmetaRecvmsg6)
 	}
 	if HaveSockoptErrno() {
 		if err := spec.Variables[bpfVarPktmetaSockoptErrno].Set(uint32(1)); err != nil {

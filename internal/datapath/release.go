@@ -10,4 +10,4 @@ package datapath
 const Release = 6
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "ee16c6396eb63ab16e9024d8cc946f9c83701c20d556e1db0cd694f0d9b59138"
+const releaseObject = "9b7707b829f24f5ddac4f490231442ad9df136705ab79135f88c45b4dbf9e321"

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"unsafe"
 
@@ -23,19 +25,46 @@ import (
 // socket's connection (bpf/sockopt.h, bpf/include/pktmeta_origin.h). It
 // answers a pod only about connections delivered to it or opened by it,
 // which it tells by the network namespace: each workload's netns cookie is
-// in the map pktmeta_wl_netns.
+// in the map pktmeta_wl_netns. ProgRecvmsg4/6 beside it remember, per
+// unconnected UDP socket, the source of the datagram recvmsg returned;
+// with the pod's addresses (pktmeta_ns_addrs, by netns cookie) that is
+// the flow such a socket is answered about.
 //
 // Layout under the pin path:
 //
-//	apps/getsockopt   the cgroup link
+//	apps/getsockopt   the cgroup links, one per appHooks entry
+//	apps/recvmsg4
+//	apps/recvmsg6
 
-// ProgGetsockopt is the application interface's program.
-const ProgGetsockopt = "getsockopt"
+// The application interface's programs.
+const (
+	ProgGetsockopt = "getsockopt"
+	ProgRecvmsg4   = "recvmsg4"
+	ProgRecvmsg6   = "recvmsg6"
+)
+
+// appHook is one program of the application interface and the cgroup hook
+// it runs on.
+type appHook struct {
+	prog   string // ProgGetsockopt, ...; also the link's pin name
+	attach ebpf.AttachType
+}
+
+// appHooks: which program on which cgroup hook. Attach, upgrade, status
+// and detach all walk this one table. The getsockopt program comes first:
+// where it is, the interface is.
+var appHooks = []appHook{
+	{ProgGetsockopt, ebpf.AttachCGroupGetsockopt},
+	{ProgRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+	{ProgRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+}
 
 func (d *Datapath) appsDir() string { return filepath.Join(d.PinPath, "apps") }
 
+func (d *Datapath) appLinkPath(prog string) string { return filepath.Join(d.appsDir(), prog) }
+
 // AppsLinkPath is where the cgroup link of ProgGetsockopt is pinned.
-func (d *Datapath) AppsLinkPath() string { return filepath.Join(d.appsDir(), "getsockopt") }
+func (d *Datapath) AppsLinkPath() string { return d.appLinkPath(ProgGetsockopt) }
 
 // HaveSockoptErrno reports whether a getsockopt program may choose the
 // errno the caller gets (Linux 5.18 came with bpf_set_retval, which is
@@ -134,48 +163,81 @@ func unescapeMountPath(s string) string {
 // AppsState is whether applications can ask their sockets.
 type AppsState struct {
 	Attached bool `json:"attached"`
-	// CgroupID is the id (inode) of the cgroup the program is on.
+	// UDP: the recvmsg programs are attached too, so unconnected UDP
+	// sockets are answered.
+	UDP bool `json:"udp"`
+	// CgroupID is the id (inode) of the cgroup the programs are on.
 	CgroupID uint64 `json:"cgroupId,omitempty"`
-	// Current: the link runs this datapath's program.
+	// Current: every link runs this datapath's program.
 	Current bool   `json:"current"`
 	Problem string `json:"problem,omitempty"`
 }
 
 // Apps reports the application interface's attachment.
 func (d *Datapath) Apps() AppsState {
-	l, err := link.LoadPinnedLink(d.AppsLinkPath(), nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return AppsState{Problem: "not attached: applications get EOPNOTSUPP/ENOPROTOOPT from getsockopt(SOL_PKTMETA)"}
-	}
-	if err != nil {
-		return AppsState{Problem: fmt.Sprintf("open pinned link: %v", err)}
-	}
-	defer l.Close()
-	info, err := l.Info()
-	if err != nil {
-		return AppsState{Problem: fmt.Sprintf("link info: %v", err)}
-	}
-	st := AppsState{Attached: true}
-	if c := info.Cgroup(); c != nil {
-		st.CgroupID = c.CgroupId
-	}
-	if d.Getsockopt != nil {
-		if pi, err := d.Getsockopt.Info(); err == nil {
-			id, _ := pi.ID()
-			st.Current = id == info.Program
+	st := AppsState{Current: true}
+	var problems []string
+	for _, h := range appHooks {
+		l, err := link.LoadPinnedLink(d.appLinkPath(h.prog), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			if h.prog == ProgGetsockopt {
+				return AppsState{Problem: "not attached: applications get EOPNOTSUPP/ENOPROTOOPT from getsockopt(SOL_PKTMETA)"}
+			}
+			continue // off on this kernel, or applicationUDP false
+		}
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("open pinned link %s: %v", h.prog, err))
+			st.Current = false
+			continue
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("link info %s: %v", h.prog, err))
+			st.Current = false
+			continue
+		}
+		switch h.prog {
+		case ProgGetsockopt:
+			st.Attached = true
+			if c := info.Cgroup(); c != nil {
+				st.CgroupID = c.CgroupId
+			}
+		case ProgRecvmsg6:
+			st.UDP = st.Attached
+		}
+		if !d.runs(h.prog, info.Program) {
+			st.Current = false
+			problems = append(problems, "the "+h.prog+" link runs another program than this datapath's")
 		}
 	}
-	if !st.Current {
-		st.Problem = "the link runs another program than this datapath's"
-	}
+	st.Problem = strings.Join(problems, "; ")
 	return st
 }
 
-// AttachApps puts ProgGetsockopt on the cgroup v2 directory cgroupDir
-// (CgroupRoot for the node) and pins the link. Idempotent: a link already
-// there on that cgroup is moved to this datapath's program if needed; one
-// on another cgroup is replaced. Concurrent callers end with one link.
-func (d *Datapath) AttachApps(cgroupDir string) error {
+// runs reports whether id is this datapath's program prog.
+func (d *Datapath) runs(prog string, id ebpf.ProgramID) bool {
+	p := d.Program(prog)
+	if p == nil {
+		return false
+	}
+	pi, err := p.Info()
+	if err != nil {
+		return false
+	}
+	have, _ := pi.ID()
+	return have == id
+}
+
+// AttachApps puts the application interface's programs on the cgroup v2
+// directory cgroupDir (CgroupRoot for the node) and pins the links; the
+// recvmsg programs only with udp (they run on every unconnected UDP
+// receive of the cgroup: without them such sockets get ENOTCONN), and
+// without it their links are removed. Idempotent: a link already there on
+// that cgroup is moved to this datapath's program if needed; links on
+// another cgroup are replaced. Concurrent callers end with one link per
+// hook.
+func (d *Datapath) AttachApps(cgroupDir string, udp bool) error {
 	if err := d.writable(); err != nil {
 		return err
 	}
@@ -190,24 +252,14 @@ func (d *Datapath) AttachApps(cgroupDir string) error {
 	if err := unix.Statfs(cgroupDir, &sfs); err != nil || sfs.Type != unix.CGROUP2_SUPER_MAGIC {
 		return fmt.Errorf("%s is not a cgroup v2 directory", cgroupDir)
 	}
-	path := d.AppsLinkPath()
-	if l, err := link.LoadPinnedLink(path, nil); err == nil {
-		defer l.Close()
+	if l, err := link.LoadPinnedLink(d.AppsLinkPath(), nil); err == nil {
 		info, err := l.Info()
-		if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == st.Ino {
-			if pi, err := d.Getsockopt.Info(); err == nil {
-				if id, _ := pi.ID(); id == info.Program {
-					return nil // the common case: every ADD after the first
-				}
+		l.Close()
+		if err != nil || info.Cgroup() == nil || info.Cgroup().CgroupId != st.Ino {
+			// Links on another cgroup (or a defunct one): replace them.
+			if err := d.detachApps(); err != nil {
+				return fmt.Errorf("remove the application links on another cgroup: %w", err)
 			}
-			if err := l.Update(d.Getsockopt); err != nil {
-				return fmt.Errorf("move the application link to this datapath's program: %w", err)
-			}
-			return nil
-		}
-		// A link on another cgroup (or a defunct one): replace it.
-		if err := d.detachApps(); err != nil {
-			return fmt.Errorf("remove the application link on another cgroup: %w", err)
 		}
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("open pinned application link: %w", err)
@@ -215,21 +267,60 @@ func (d *Datapath) AttachApps(cgroupDir string) error {
 	if err := os.MkdirAll(d.appsDir(), 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", d.appsDir(), err)
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: ebpf.AttachCGroupGetsockopt, Program: d.Getsockopt})
+	for _, h := range appHooks {
+		var err error
+		if h.prog == ProgGetsockopt || udp {
+			err = d.attachApp(h, cgroupDir)
+		} else {
+			err = d.detachApp(h)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// attachApp makes h's pinned link on cgroupDir run this datapath's
+// program; a program this kernel cannot run leaves no link.
+func (d *Datapath) attachApp(h appHook, cgroupDir string) error {
+	path := d.appLinkPath(h.prog)
+	prog := d.Program(h.prog)
+	l, err := link.LoadPinnedLink(path, nil)
+	switch {
+	case err == nil:
+		defer l.Close()
+		if prog == nil {
+			return d.detachApp(h) // left from a kernel that could run it
+		}
+		info, err := l.Info()
+		if err == nil && d.runs(h.prog, info.Program) {
+			return nil // the common case: every ADD after the first
+		}
+		if err := l.Update(prog); err != nil {
+			return fmt.Errorf("move the application link %s to this datapath's program: %w", h.prog, err)
+		}
+		return nil
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("open pinned application link %s: %w", h.prog, err)
+	case prog == nil:
+		return nil
+	}
+	l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: h.attach, Program: prog})
 	if err != nil {
-		return fmt.Errorf("attach %s to cgroup %s: %w", ProgGetsockopt, cgroupDir, err)
+		return fmt.Errorf("attach %s to cgroup %s: %w", h.prog, cgroupDir, err)
 	}
 	defer l.Close()
 	if err := l.Pin(path); err != nil {
 		if errors.Is(err, os.ErrExist) {
 			return nil // another ADD was first; closing ours detaches it
 		}
-		return fmt.Errorf("pin application link: %w", err)
+		return fmt.Errorf("pin application link %s: %w", h.prog, err)
 	}
 	return nil
 }
 
-// DetachApps takes ProgGetsockopt off its cgroup.
+// DetachApps takes the application interface's programs off their cgroup.
 func (d *Datapath) DetachApps() error {
 	if err := d.writable(); err != nil {
 		return err
@@ -238,42 +329,56 @@ func (d *Datapath) DetachApps() error {
 }
 
 func (d *Datapath) detachApps() error {
-	path := d.AppsLinkPath()
+	var errs []error
+	for _, h := range appHooks {
+		errs = append(errs, d.detachApp(h))
+	}
+	os.Remove(d.appsDir())
+	return errors.Join(errs...)
+}
+
+func (d *Datapath) detachApp(h appHook) error {
+	path := d.appLinkPath(h.prog)
 	l, err := link.LoadPinnedLink(path, nil)
 	if errors.Is(err, os.ErrNotExist) {
-		os.Remove(d.appsDir())
 		return nil
 	}
 	if err != nil {
 		// Not a link we can open: removing the pin is all there is.
 		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			return fmt.Errorf("remove application link: %w", rerr)
+			return fmt.Errorf("remove application link %s: %w", h.prog, rerr)
 		}
-		os.Remove(d.appsDir())
 		return nil
 	}
 	defer l.Close()
 	if err := l.Unpin(); err != nil {
-		return fmt.Errorf("remove application link: %w", err)
+		return fmt.Errorf("remove application link %s: %w", h.prog, err)
 	}
-	os.Remove(d.appsDir())
 	// Now, not when the kernel's deferred release of the last reference
 	// gets to it: whoever removes pktmeta sees the program gone at once.
 	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
-		return fmt.Errorf("detach application link: %w", err)
+		return fmt.Errorf("detach application link %s: %w", h.prog, err)
 	}
 	return nil
 }
 
-// upgradeApps moves the application link to the freshly loaded program.
+// upgradeApps moves the application links to the freshly loaded programs;
+// links for programs the older release did not have come with the next
+// AttachApps (the ADD, the agent's start).
 func (d *Datapath) upgradeApps() {
-	l, err := link.LoadPinnedLink(d.AppsLinkPath(), nil)
-	if err != nil {
-		return
-	}
-	defer l.Close()
-	if err := l.Update(d.Getsockopt); err != nil {
-		d.log.Warn("upgrade application link", "err", err)
+	for _, h := range appHooks {
+		prog := d.Program(h.prog)
+		if prog == nil {
+			continue
+		}
+		l, err := link.LoadPinnedLink(d.appLinkPath(h.prog), nil)
+		if err != nil {
+			continue
+		}
+		if err := l.Update(prog); err != nil {
+			d.log.Warn("upgrade application link", "prog", h.prog, "err", err)
+		}
+		l.Close()
 	}
 }
 
@@ -295,9 +400,70 @@ func (d *Datapath) putWorkloadNetns(id uint32, cookie uint64) error {
 	return nil
 }
 
+// deleteWorkloadNetns forgets workload id's netns, and its addresses there.
 func (d *Datapath) deleteWorkloadNetns(id uint32) {
-	if d.WorkloadNetnsMap != nil {
-		d.WorkloadNetnsMap.Delete(id)
+	if d.WorkloadNetnsMap == nil {
+		return
+	}
+	var cookie uint64
+	if d.WorkloadNetnsMap.Lookup(id, &cookie) != nil {
+		return
+	}
+	d.WorkloadNetnsMap.Delete(id)
+	d.syncNetnsAddrs(cookie)
+}
+
+// syncNetnsAddrs rewrites the addresses the application interface knows
+// for the netns cookie from the workloads in it (an unconnected UDP socket
+// bound to the wildcard is asked about the datagram's flow to one of
+// these): after a workload of that netns comes or goes.
+func (d *Datapath) syncNetnsAddrs(cookie uint64) {
+	if d.NetnsAddrsMap == nil || d.WorkloadNetnsMap == nil || cookie == 0 {
+		return
+	}
+	var (
+		id    uint32
+		c     uint64
+		addrs []netip.Addr
+	)
+	it := d.WorkloadNetnsMap.Iterate()
+	for it.Next(&id, &c) {
+		if c != cookie {
+			continue
+		}
+		w, ok, err := d.Workload(id)
+		if err != nil || !ok {
+			continue
+		}
+		ep, ok, err := d.Endpoint(w.HostIfindex)
+		if err != nil || !ok || ep.Workload != id {
+			continue
+		}
+		for _, a := range ep.Addrs {
+			if !slices.Contains(addrs, a) {
+				addrs = append(addrs, a)
+			}
+		}
+	}
+	if err := it.Err(); err != nil {
+		d.log.Warn("read workload netns entries", "err", err)
+		return
+	}
+	if len(addrs) == 0 {
+		d.NetnsAddrsMap.Delete(cookie)
+		return
+	}
+	var raw bpfPktmetaNetnsAddrs
+	if len(addrs) > len(raw.Addrs) {
+		d.log.Warn("more addresses in one netns than unconnected UDP sockets are answered for", "netns", cookie, "addrs", len(addrs), "kept", len(raw.Addrs))
+		addrs = addrs[:len(raw.Addrs)]
+	}
+	for i, a := range addrs {
+		raw.Addrs[i] = a.As16() // IPv4 as IPv4-mapped, as the records keep it
+	}
+	raw.N_addrs = uint32(len(addrs))
+	if err := d.NetnsAddrsMap.Update(cookie, &raw, ebpf.UpdateAny); err != nil {
+		d.log.Warn("store the pod addresses of a netns: its unconnected UDP sockets get ENOENT", "netns", cookie, "err", err)
 	}
 }
 
@@ -311,7 +477,11 @@ func (d *Datapath) backfillWorkloadNetns() {
 	}
 	for _, w := range ws {
 		var have uint64
-		if d.WorkloadNetnsMap.Lookup(w.ID, &have) == nil || w.Netns == "" {
+		if d.WorkloadNetnsMap.Lookup(w.ID, &have) == nil {
+			d.syncNetnsAddrs(have)
+			continue
+		}
+		if w.Netns == "" {
 			continue
 		}
 		cookie, err := NetnsCookieOf(w.Netns)
@@ -322,6 +492,7 @@ func (d *Datapath) backfillWorkloadNetns() {
 		if err := d.putWorkloadNetns(w.ID, cookie); err != nil {
 			d.log.Warn("store workload netns", "workload", w.ID, "err", err)
 		}
+		d.syncNetnsAddrs(cookie)
 	}
 }
 

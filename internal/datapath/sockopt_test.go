@@ -37,7 +37,7 @@ func mustAttachApps(tb testing.TB) *appsEnv {
 		tb.Fatalf("cgroup v2: %v", err)
 	}
 	d, _ := mustOpen(tb, testutil.PinPath(tb), 4096)
-	if err := d.AttachApps(root); err != nil {
+	if err := d.AttachApps(root, true); err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { d.DetachApps() })
@@ -65,6 +65,28 @@ func (e *appsEnv) receiver(tb testing.TB, name string, netns uint64) uint32 {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { e.d.deleteWorkload(w.ID) })
+	return w.ID
+}
+
+// podAt registers a receiving workload in netns cookie with an endpoint
+// holding addrs, as an ADD would: its netns then has these addresses.
+func (e *appsEnv) podAt(tb testing.TB, name string, netns uint64, ifindex uint32, addrs ...netip.Addr) uint32 {
+	tb.Helper()
+	w := Workload{ContainerID: name, IfName: "eth0", Namespace: "shop", Pod: name, HostIfindex: ifindex}
+	if _, err := e.d.registerWorkload(&w); err != nil {
+		tb.Fatal(err)
+	}
+	if err := e.d.putWorkloadNetns(w.ID, netns); err != nil {
+		tb.Fatal(err)
+	}
+	if err := e.d.putEndpoint(ifindex, Endpoint{Workload: w.ID, Addrs: addrs}); err != nil {
+		tb.Fatal(err)
+	}
+	e.d.syncNetnsAddrs(netns)
+	tb.Cleanup(func() {
+		e.d.DeleteEndpoint(ifindex, w.ID)
+		e.d.deleteWorkload(w.ID)
+	})
 	return w.ID
 }
 
@@ -245,13 +267,23 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 		defer cl.Close()
 		e.putRecord(t, connTuple(ProtoUDP, cl), bpfPktmetaRecord{Flags: FlagDelivered | FlagUDP, ConnId: 4101, ConnGen: 4101, OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
-		// Unconnected, the server's socket has no one connection.
+		// Unconnected and nothing received yet: no peer to ask about.
 		want := pktmeta.ErrNotConnected
 		if !HaveSockoptErrno() {
 			want = pktmeta.ErrNotAvailable
 		}
 		if _, err := pktmeta.Origin(srv); !errors.Is(err, want) {
-			t.Fatalf("unconnected UDP: %v, want %v", err, want)
+			t.Fatalf("unconnected UDP before any datagram: %v, want %v", err, want)
+		}
+		// After recvfrom: the flow of the datagram it returned.
+		if e.d.Recvmsg4 != nil {
+			sendRecv(t, cl, srv)
+			o, err := pktmeta.Origin(srv)
+			if err != nil || !o.UDP || o.ConnID != 4101 {
+				t.Fatalf("unconnected UDP after recvfrom: %+v, %v", o, err)
+			}
+		} else {
+			t.Log("this kernel cannot run the recvmsg programs (KernelFeatures.AppsUDP): unconnected sockets are not answered")
 		}
 		// Connected to the peer recvmsg named, it answers.
 		connectUDP(t, srv, cl.LocalAddr().(*net.UDPAddr))
@@ -261,6 +293,109 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 		if !o.UDP || o.ConnID != 4101 {
 			t.Fatalf("origin %+v", o)
+		}
+	})
+
+	t.Run("unconnected UDP bound to the wildcard: the datagram recvfrom returned", func(t *testing.T) {
+		if e.d.Recvmsg4 == nil {
+			t.Skip("this kernel cannot run the recvmsg programs (bpf_sk_storage_get for cgroup sock_addr programs)")
+		}
+		rcv := e.podAt(t, "server-wild", e.netns, 1<<30, netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1"))
+		elsewhere := e.podAt(t, "server-elsewhere", e.netns+1, 1<<30+1, netip.MustParseAddr("127.0.0.1"))
+		for _, c := range []struct {
+			name       string
+			listen     string // network of the server's wildcard socket
+			dial, to   string
+			connID     uint64
+			podAddress bool // to is one of the pod's addresses
+			elsewhere  bool // the flow was delivered to a pod in another netns
+		}{
+			{"IPv4 socket", "udp4", "udp4", "127.0.0.1", 4201, true, false},
+			{"IPv6 socket", "udp6", "udp6", "::1", 4202, true, false},
+			{"dual-stack socket, IPv4 datagram", "udp", "udp4", "127.0.0.1", 4203, true, false},
+			{"to an address the pod does not have", "udp4", "udp4", "127.0.0.2", 4204, false, false},
+			{"a flow delivered to another netns", "udp4", "udp4", "127.0.0.1", 4205, true, true},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				srv, err := net.ListenUDP(c.listen, nil)
+				if err != nil {
+					t.Skipf("no %s here: %v", c.listen, err)
+				}
+				defer srv.Close()
+				to := netip.AddrPortFrom(netip.MustParseAddr(c.to), uint16(srv.LocalAddr().(*net.UDPAddr).Port))
+				cl, err := net.DialUDP(c.dial, nil, net.UDPAddrFromAddrPort(to))
+				if err != nil {
+					t.Skipf("no %s route here: %v", c.to, err)
+				}
+				defer cl.Close()
+				peer := rcv
+				if c.elsewhere {
+					peer = elsewhere
+				}
+				e.putRecord(t, connTuple(ProtoUDP, cl), bpfPktmetaRecord{Flags: FlagDelivered | FlagUDP, ConnId: c.connID, ConnGen: uint32(c.connID),
+					OriginWorkload: e.origin.ID, PeerWorkload: peer, FirstSeenNs: now})
+				sendRecv(t, cl, srv)
+				o, err := pktmeta.Origin(srv)
+				if !c.podAddress || c.elsewhere {
+					if !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
+						t.Fatalf("got %+v, %v; want unknown: not this pod's address, or not this pod's flow", o, err)
+					}
+					return
+				}
+				if err != nil || o.ConnID != c.connID || !o.UDP || o.Pod != "client-7d9f" {
+					t.Fatalf("got %+v, %v; want connection %d", o, err, c.connID)
+				}
+				// The next datagram is from a flow pktmeta does not know:
+				// the answer follows the last recvfrom.
+				other, err := net.DialUDP(c.dial, nil, net.UDPAddrFromAddrPort(to))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer other.Close()
+				sendRecv(t, other, srv)
+				if o, err := pktmeta.Origin(srv); !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
+					t.Fatalf("after a datagram of an unknown flow: %+v, %v", o, err)
+				}
+			})
+		}
+	})
+
+	t.Run("applicationUDP false: the recvmsg hooks off, the rest on", func(t *testing.T) {
+		if e.d.Recvmsg4 == nil {
+			t.Skip("this kernel cannot run the recvmsg programs (bpf_sk_storage_get for cgroup sock_addr programs)")
+		}
+		root, _ := CgroupRoot()
+		if err := e.d.AttachApps(root, false); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.d.AttachApps(root, true) })
+		if st := e.d.Apps(); !st.Attached || !st.Current || st.UDP {
+			t.Fatalf("with udp false: %+v", st)
+		}
+		for _, p := range []string{ProgRecvmsg4, ProgRecvmsg6} {
+			if _, err := os.Stat(e.d.appLinkPath(p)); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("%s link still pinned: %v", p, err)
+			}
+		}
+		srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Close()
+		cl, err := net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		sendRecv(t, cl, srv)
+		if _, err := pktmeta.Origin(srv); !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) {
+			t.Fatalf("unconnected socket without the recvmsg hooks: %v, want not connected", err)
+		}
+		if err := e.d.AttachApps(root, true); err != nil {
+			t.Fatal(err)
+		}
+		if st := e.d.Apps(); !st.UDP || !st.Current {
+			t.Fatalf("back on: %+v", st)
 		}
 	})
 
@@ -371,6 +506,28 @@ func wantUnknown(tb testing.TB, c net.Conn) {
 	}
 	if !errors.Is(err, want) {
 		tb.Fatalf("got %+v, %v; want %v", o, err, want)
+	}
+}
+
+// wantErr is what the client library says for err on this kernel: before
+// 5.18 pktmeta cannot choose the errno.
+func wantErr(err error) error {
+	if !HaveSockoptErrno() {
+		return pktmeta.ErrNotAvailable
+	}
+	return err
+}
+
+// sendRecv sends one datagram from cl and reads it at srv with recvfrom.
+func sendRecv(tb testing.TB, cl, srv *net.UDPConn) {
+	tb.Helper()
+	if _, err := cl.Write([]byte("who")); err != nil {
+		tb.Fatal(err)
+	}
+	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 16)
+	if _, _, err := srv.ReadFromUDPAddrPort(buf); err != nil {
+		tb.Fatal(err)
 	}
 }
 
