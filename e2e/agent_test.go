@@ -251,7 +251,7 @@ func TestAgentOnANode(t *testing.T) {
 	if st := d.Apps(); !st.Attached || !st.Current {
 		t.Fatalf("application interface after the agent started: %+v", st)
 	}
-	asker := startAppServer(t, srv)
+	asker := startAppServer(t, srv, d)
 	ac, err := old.DialTCP(ae.ctx, netip.AddrPortFrom(srv.IPv4, appTCPPort))
 	if err != nil {
 		t.Fatal(err)
@@ -260,6 +260,18 @@ func TestAgentOnANode(t *testing.T) {
 		t.Fatalf("server in a pod from before the install asked its socket: %+v, %v; want a partial identity", a.o, a.err)
 	}
 	ac.Close()
+	// Its unconnected UDP socket too: the agent's cover gave the pod's
+	// netns its addresses.
+	asker.udpOnce(t, srv)
+	uc, err := old.DialUDP(netip.AddrPortFrom(srv.IPv4, appUDPPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc.Write([]byte("who"))
+	if a := asker.next(t); a.err != nil || !a.o.Partial || (asker.udpUnconnected && a.unconnected.ConnID != a.o.ConnID) {
+		t.Fatalf("UDP server in a pod from before the install: %+v, unconnected %+v, %v", a.o, a.unconnected, a.err)
+	}
+	uc.Close()
 
 	// New pods go through the chain the agent wrote, annotations included.
 	ae.chainFromConfDir()

@@ -36,6 +36,9 @@ type answer struct {
 	local, peer netip.AddrPort
 	rcvbuf      int
 	tcpState    uint8
+	// UDP: what the socket said before it was connected, right after
+	// recvfrom returned the datagram.
+	unconnected *pktmeta.ConnOrigin
 }
 
 // appServer is an application in pod b: for every TCP connection it
@@ -43,11 +46,14 @@ type answer struct {
 // connects to the sender), it asks the socket who opened the connection.
 type appServer struct {
 	answers chan answer
+	// udpUnconnected: the datapath answers unconnected UDP sockets
+	// (KernelFeatures.AppsUDP).
+	udpUnconnected bool
 }
 
-func startAppServer(t *testing.T, p *testbed.Pod) *appServer {
+func startAppServer(t *testing.T, p *testbed.Pod, d *datapath.Datapath) *appServer {
 	t.Helper()
-	s := &appServer{answers: make(chan answer, 16)}
+	s := &appServer{answers: make(chan answer, 16), udpUnconnected: d.Recvmsg4 != nil}
 	l, err := p.ListenTCP(appTCPPort)
 	if err != nil {
 		t.Fatal(err)
@@ -77,9 +83,9 @@ func startAppServer(t *testing.T, p *testbed.Pod) *appServer {
 	return s
 }
 
-// udpOnce receives one datagram on a fresh socket in p, connects the socket
-// to its sender (what the interface asks of UDP servers), asks it, and
-// answers the sender.
+// udpOnce receives one datagram with recvfrom on a fresh socket in p
+// (dual-stack, bound to the wildcard), asks it, connects it to the sender,
+// asks it again, and answers the sender.
 func (s *appServer) udpOnce(t *testing.T, p *testbed.Pod) {
 	t.Helper()
 	u, err := p.ListenUDP(appUDPPort)
@@ -96,14 +102,22 @@ func (s *appServer) udpOnce(t *testing.T, p *testbed.Pod) {
 			return
 		}
 		a := answer{peer: from}
-		want := pktmeta.ErrNotConnected
-		if !datapath.HaveSockoptErrno() {
-			want = pktmeta.ErrNotAvailable
-		}
-		if _, err := pktmeta.Origin(u); !errors.Is(err, want) {
-			a.err = fmt.Errorf("unconnected socket: %v, want not connected", err)
-			s.answers <- a
-			return
+		if s.udpUnconnected {
+			if a.unconnected, err = pktmeta.Origin(u); err != nil {
+				a.err = fmt.Errorf("unconnected socket after recvfrom: %w", err)
+				s.answers <- a
+				return
+			}
+		} else {
+			want := pktmeta.ErrNotConnected
+			if !datapath.HaveSockoptErrno() {
+				want = pktmeta.ErrNotAvailable
+			}
+			if _, err := pktmeta.Origin(u); !errors.Is(err, want) {
+				a.err = fmt.Errorf("unconnected socket on a kernel without the recvmsg programs: %v, want not connected", err)
+				s.answers <- a
+				return
+			}
 		}
 		raw, _ := u.SyscallConn()
 		var cerr error
@@ -161,7 +175,7 @@ func sockaddr(ap netip.AddrPort) unix.Sockaddr {
 func TestApplicationsAskWhoOpened(t *testing.T) {
 	tp := newTwoPods(t, envOptions{})
 	d := tp.open()
-	srv := startAppServer(t, tp.b)
+	srv := startAppServer(t, tp.b, d)
 	for _, svc := range []testbed.Service{
 		{Proto: "tcp", VIP: netip.AddrPortFrom(appVIP4, 90), Backend: netip.AddrPortFrom(tp.b.IPv4, appTCPPort)},
 		{Proto: "udp", VIP: netip.AddrPortFrom(appVIP4, 91), Backend: netip.AddrPortFrom(tp.b.IPv4, appUDPPort)},
@@ -228,6 +242,12 @@ func TestApplicationsAskWhoOpened(t *testing.T) {
 			}
 			if since := time.Since(o.FirstSeen); since < 0 || since > time.Minute {
 				t.Fatalf("first seen %v (%v ago)", o.FirstSeen, since)
+			}
+			if u := a.unconnected; u != nil && (u.ConnID != o.ConnID || u.Pod != o.Pod || u.NAT != o.NAT || !u.UDP) {
+				t.Fatalf("unconnected socket after recvfrom said %+v, connected %+v", u, o)
+			}
+			if c.proto == datapath.ProtoUDP && a.unconnected == nil {
+				t.Log("this kernel cannot run the recvmsg programs: the unconnected socket was not answered")
 			}
 			if c.proto == datapath.ProtoTCP && (a.rcvbuf <= 0 || a.tcpState != 1) {
 				t.Fatalf("unrelated options on the same socket: SO_RCVBUF %d, TCP_INFO state %d", a.rcvbuf, a.tcpState)

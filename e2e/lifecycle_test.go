@@ -401,7 +401,7 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 			// its workloads without netns entries, and (legacy) one from
 			// before the application interface, without the cgroup link,
 			// or (tcx) one whose link the upgrade moves.
-			srv := startAppServer(t, tp.b)
+			srv := startAppServer(t, tp.b, d)
 			oldApps := appsLinkID(t, tp.env)
 			forgetApps(t, tp.env, mode == "legacy")
 			tp.rewriteConfig(func(c *datapath.Config) { c.Release--; c.DatapathID = [32]byte{1} })
@@ -452,13 +452,28 @@ func TestUpgradeReplacesProgramsInPlace(t *testing.T) {
 			if a := srv.next(t); a.err != nil || a.o.Pod != "frontend" {
 				t.Fatalf("server in an old pod asked its socket after the upgrade: %+v, %v", a.o, a.err)
 			}
+			// Unconnected UDP too: the upgrade gave the old pods' netns
+			// their addresses.
+			if st := d2.Apps(); st.UDP != (d2.Recvmsg4 != nil) {
+				t.Fatalf("recvmsg programs attached: %+v, loaded: %v", st, d2.Recvmsg4 != nil)
+			}
+			srv.udpOnce(t, tp.b)
+			uc, err := tp.a.DialUDP(netip.AddrPortFrom(tp.b.IPv4, appUDPPort))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer uc.Close()
+			uc.Write([]byte("who"))
+			if a := srv.next(t); a.err != nil || a.o.Pod != "frontend" || (srv.udpUnconnected && a.unconnected.Pod != "frontend") {
+				t.Fatalf("UDP server in an old pod after the upgrade: %+v, unconnected %+v, %v", a.o, a.unconnected, a.err)
+			}
 		})
 	}
 }
 
 // forgetApps takes the application interface's state away, as a release
-// before it had none: the workloads' netns entries and, with detach, the
-// cgroup link.
+// before it had none: the workloads' netns entries and the netns
+// addresses and, with detach, the cgroup links.
 func forgetApps(t *testing.T, e *env, detach bool) {
 	t.Helper()
 	d, err := datapath.OpenExisting(e.pin, nil)
@@ -486,6 +501,19 @@ func forgetApps(t *testing.T, e *env, detach bool) {
 	}
 	if len(keys) == 0 {
 		t.Fatal("no workload had a netns entry to forget")
+	}
+	var (
+		ns      uint64
+		nsAddrs []uint64
+		raw     = make([]byte, d.NetnsAddrsMap.ValueSize())
+	)
+	for it := d.NetnsAddrsMap.Iterate(); it.Next(&ns, &raw); {
+		nsAddrs = append(nsAddrs, ns)
+	}
+	for _, k := range nsAddrs {
+		if err := d.NetnsAddrsMap.Delete(k); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

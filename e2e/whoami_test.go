@@ -36,7 +36,7 @@ func TestWhoamiExamples(t *testing.T) {
 	t.Run("go http", func(t *testing.T) {
 		bin := filepath.Join(dir, "whoami-go")
 		build(t, "go", "build", "-o", bin, "./examples/whoami")
-		logs := runInPod(t, tp.b, bin, "-listen", ":9300")
+		logs := runInPod(t, tp.b, bin, "-listen", ":9300", "-udp", ":9303")
 		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
 				return tp.a.DialTCP(ctx, netip.MustParseAddrPort(addr))
@@ -59,6 +59,36 @@ func TestWhoamiExamples(t *testing.T) {
 		}
 		if l := logs.String(); !strings.Contains(l, "caller=shop/frontend") || !strings.Contains(l, "map[cluster:e2e]") {
 			t.Fatalf("whoami logged:\n%s", l)
+		}
+
+		// The same binary's unconnected UDP socket, over IPv4 and IPv6.
+		d := tp.open()
+		if d.Recvmsg4 == nil {
+			t.Log("this kernel cannot run the recvmsg programs: the UDP answer is not checked")
+			return
+		}
+		for _, dst := range []netip.Addr{tp.b.IPv4, tp.b.IPv6} {
+			u, err := tp.a.DialUDP(netip.AddrPortFrom(dst, 9303))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer u.Close()
+			got.Namespace, got.Pod, got.Tags, got.PodTags = "", "", nil, nil
+			eventually(t, "whoami answers a datagram", func() error {
+				if _, err := u.Write([]byte("who am i")); err != nil {
+					return err
+				}
+				u.SetReadDeadline(time.Now().Add(time.Second))
+				buf := make([]byte, 4096)
+				n, err := u.Read(buf)
+				if err != nil {
+					return err
+				}
+				return json.Unmarshal(buf[:n], &got)
+			})
+			if got.Namespace != "shop" || got.Pod != "frontend" || got.PodTags["app"] != "web" {
+				t.Fatalf("whoami answered a datagram to %s with %+v", dst, got)
+			}
 		}
 	})
 

@@ -338,8 +338,8 @@ func TestAgentInContainerd(t *testing.T) {
 	// cgroup filesystem mounted read-only), put the application interface
 	// on the host's cgroup v2 root.
 	eventually(t, 10*time.Second, "application interface attached by the agent", func() error {
-		if st := d.Apps(); !st.Attached || !st.Current {
-			return fmt.Errorf("application interface: %+v", st)
+		if st := d.Apps(); !st.Attached || !st.Current || st.UDP != (d.Recvmsg4 != nil) {
+			return fmt.Errorf("application interface: %+v (recvmsg programs loaded: %v)", st, d.Recvmsg4 != nil)
 		}
 		root, err := datapath.CgroupRoot()
 		if err != nil {

@@ -7,6 +7,12 @@
 //	whoami -listen :8080
 //	curl http://whoami.default.svc:8080/
 //	{"namespace":"shop","pod":"frontend-7d9f","tags":{"team":"payments"},...}
+//
+// With -udp it also answers datagrams on one unconnected UDP socket, as a
+// DNS-like server would: right after each receive it asks the socket, which
+// then tells the origin of the flow that datagram came on.
+//
+//	whoami -udp :8081
 package main
 
 import (
@@ -41,10 +47,59 @@ type caller struct {
 	Unknown   string            `json:"unknown,omitempty"`
 }
 
+// callerOf turns what the socket said into the answer; err is returned
+// when it is neither an answer nor "unknown".
+func callerOf(o *pktmeta.ConnOrigin, err error) (caller, error) {
+	switch {
+	case err == nil:
+		return caller{Namespace: o.Namespace, Pod: o.Pod, UID: o.UID, Tags: o.Tags, PodTags: o.PodTags,
+			ConnID: o.ConnID, FirstSeen: o.FirstSeen, Remote: o.Remote, Node: o.Node, Service: o.NAT}, nil
+	case errors.Is(err, pktmeta.ErrUnknown), errors.Is(err, pktmeta.ErrNotAvailable):
+		return caller{Unknown: err.Error()}, nil
+	}
+	return caller{}, err
+}
+
+// serveUDP answers every datagram on one unconnected socket with who sent
+// it. The question follows the receive on the same goroutine: the socket
+// is asked about the last datagram it returned.
+func serveUDP(log *slog.Logger, addr string) error {
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return err
+	}
+	u := pc.(*net.UDPConn)
+	buf := make([]byte, 2048)
+	for {
+		_, from, err := u.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return err
+		}
+		c, err := callerOf(pktmeta.Origin(u))
+		if err != nil {
+			log.Error("ask the socket who opened the flow", "from", from, "err", err)
+			continue
+		}
+		log.Info("datagram", "caller", c.Namespace+"/"+c.Pod, "tags", c.Tags, "podTags", c.PodTags, "from", from, "unknown", c.Unknown)
+		b, _ := json.Marshal(c)
+		u.WriteToUDPAddrPort(b, from)
+	}
+}
+
 func main() {
 	listen := flag.String("listen", ":8080", "address to serve HTTP on")
+	udp := flag.String("udp", "", "address to answer UDP datagrams on (off when empty)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if *udp != "" {
+		go func() {
+			log.Info("serving UDP", "listen", *udp)
+			if err := serveUDP(log, *udp); err != nil {
+				log.Error("serve UDP", "err", err)
+				os.Exit(1)
+			}
+		}()
+	}
 
 	srv := &http.Server{
 		Addr: *listen,
@@ -55,21 +110,17 @@ func main() {
 		ReadHeaderTimeout: 10 * time.Second,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			conn := r.Context().Value(connKey{}).(net.Conn)
-			var c caller
-			o, err := pktmeta.Origin(conn)
+			c, err := callerOf(pktmeta.Origin(conn))
 			switch {
-			case err == nil:
-				c = caller{Namespace: o.Namespace, Pod: o.Pod, UID: o.UID, Tags: o.Tags, PodTags: o.PodTags,
-					ConnID: o.ConnID, FirstSeen: o.FirstSeen, Remote: o.Remote, Node: o.Node, Service: o.NAT}
-				log.Info("request", "caller", o.Namespace+"/"+o.Pod, "tags", o.Tags, "podTags", o.PodTags,
-					"remoteNode", o.Node, "path", r.URL.Path)
-			case errors.Is(err, pktmeta.ErrUnknown), errors.Is(err, pktmeta.ErrNotAvailable):
-				c.Unknown = err.Error()
-				log.Info("request", "caller", "unknown", "from", r.RemoteAddr, "why", err, "path", r.URL.Path)
-			default:
+			case err != nil:
 				log.Error("ask the socket who opened the connection", "err", err)
 				http.Error(w, err.Error(), http.StatusInternalServerError)
 				return
+			case c.Unknown != "":
+				log.Info("request", "caller", "unknown", "from", r.RemoteAddr, "why", c.Unknown, "path", r.URL.Path)
+			default:
+				log.Info("request", "caller", c.Namespace+"/"+c.Pod, "tags", c.Tags, "podTags", c.PodTags,
+					"remoteNode", c.Node, "path", r.URL.Path)
 			}
 			w.Header().Set("Content-Type", "application/json")
 			json.NewEncoder(w).Encode(c)
