@@ -36,6 +36,7 @@ const (
 	anchorsProgGetsockoptEmpty = "getsockopt_empty"
 	anchorsProgHashAlloc       = "hash_alloc"
 	anchorsProgMarkWrite       = "mark_write"
+	anchorsProgRecvmsg4Empty   = "recvmsg4_empty"
 	anchorsProgSkStorage       = "sk_storage"
 	anchorsProgTaskStorage     = "task_storage"
 	anchorsProgXdpMeta         = "xdp_meta"
@@ -91,6 +92,7 @@ type anchorsProgramSpecs struct {
 	GetsockoptEmpty *ebpf.ProgramSpec `ebpf:"getsockopt_empty"`
 	HashAlloc       *ebpf.ProgramSpec `ebpf:"hash_alloc"`
 	MarkWrite       *ebpf.ProgramSpec `ebpf:"mark_write"`
+	Recvmsg4Empty   *ebpf.ProgramSpec `ebpf:"recvmsg4_empty"`
 	SkStorage       *ebpf.ProgramSpec `ebpf:"sk_storage"`
 	TaskStorage     *ebpf.ProgramSpec `ebpf:"task_storage"`
 	XdpMeta         *ebpf.ProgramSpec `ebpf:"xdp_meta"`
@@ -171,6 +173,7 @@ type anchorsPrograms struct {
 	GetsockoptEmpty *ebpf.Program `ebpf:"getsockopt_empty"`
 	HashAlloc       *ebpf.Program `ebpf:"hash_alloc"`
 	MarkWrite       *ebpf.Program `ebpf:"mark_write"`
+	Recvmsg4Empty   *ebpf.Program `ebpf:"recvmsg4_empty"`
 	SkStorage       *ebpf.Program `ebpf:"sk_storage"`
 	TaskStorage     *ebpf.Program `ebpf:"task_storage"`
 	XdpMeta         *ebpf.Program `ebpf:"xdp_meta"`
@@ -186,6 +189,7 @@ func (p *anchorsPrograms) Close() error {
 		p.GetsockoptEmpty,
 		p.HashAlloc,
 		p.MarkWrite,
+		p.Recvmsg4Empty,
 		p.SkStorage,
 		p.TaskStorage,
 		p.XdpMeta,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -86,6 +87,51 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 	if o, err := pktmeta.Origin(known); err != nil || o.Pod != "client" {
 		return fmt.Errorf("the server's socket does not answer: %+v %v", o, err)
 	}
+	// An unconnected UDP server bound to the wildcard that received a
+	// datagram from the client pod: asked about that datagram's flow.
+	udpSrv, err := server.ListenUDP(echoPort)
+	if err != nil {
+		return err
+	}
+	defer udpSrv.Close()
+	udpCl, err := client.DialUDP(netip.AddrPortFrom(server.IPv4, echoPort))
+	if err != nil {
+		return err
+	}
+	defer udpCl.Close()
+	if _, err := udpCl.Write([]byte("who")); err != nil {
+		return err
+	}
+	udpSrv.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, _, err := udpSrv.ReadFromUDPAddrPort(make([]byte, 16)); err != nil {
+		return err
+	}
+	udpSrv.SetReadDeadline(time.Time{})
+	udpAnswered := false
+	if o, err := pktmeta.Origin(udpSrv); err == nil && o.Pod == "client" {
+		udpAnswered = true
+	} else if !errors.Is(err, pktmeta.ErrNotConnected) && !errors.Is(err, pktmeta.ErrNotAvailable) {
+		return fmt.Errorf("the unconnected UDP socket: %+v %v", o, err)
+	}
+	// recvfrom on a socket of the server pod, from a sender in the same
+	// pod over loopback (delivered within the send, so the receives do
+	// not wait).
+	// An IPv4 socket, so that the recvmsg4 hook is the one that runs
+	// (a dual-stack socket's receives run recvmsg6).
+	var loopRcv *net.UDPConn
+	if err := server.Do(func() error {
+		loopRcv, err = net.ListenUDP("udp4", &net.UDPAddr{Port: echoPort + 1})
+		return err
+	}); err != nil {
+		return err
+	}
+	defer loopRcv.Close()
+	loopSnd, err := server.DialUDP(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), echoPort+1))
+	if err != nil {
+		return err
+	}
+	defer loopSnd.Close()
+	loopRcvFD, loopSndFD := fdOf(loopRcv), fdOf(loopSnd)
 
 	root, err := datapath.CgroupRoot()
 	if err != nil {
@@ -97,7 +143,7 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 	}
 	defer d.Close()
 
-	knownFD, unknownFD := fdOf(known), fdOf(unknown)
+	knownFD, unknownFD := fdOf(known.(syscall.Conn)), fdOf(unknown.(syscall.Conn))
 	cases := []getsockoptCase{
 		{name: "SO_RCVBUF (4 bytes)", fd: knownFD, level: unix.SOL_SOCKET, opt: unix.SO_RCVBUF, size: 4},
 		{name: "TCP_INFO (232 bytes)", fd: knownFD, level: unix.IPPROTO_TCP, opt: unix.TCP_INFO, size: 232},
@@ -106,6 +152,9 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 	}
 	if !datapath.HaveSockoptErrno() {
 		cases[3].wantErr = unix.EOPNOTSUPP
+	}
+	if udpAnswered {
+		cases = append(cases, getsockoptCase{name: "SOL_PKTMETA, unconnected UDP after recvfrom, answered (1952 bytes)", fd: fdOf(udpSrv), level: 0x706d, opt: 1, size: pktmeta.RawOriginSize, withProgOnly: true})
 	}
 	var anchors anchorsObjects
 	if err := loadAnchorObjs(&anchors); err != nil {
@@ -124,7 +173,13 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 		ours
 	)
 	samples := make([][3][]float64, len(cases))
+	var recvSamples [3][]float64
 	measure := func(state int) error {
+		ns, err := recvfromLoop(loopSndFD, loopRcvFD, calls)
+		if err != nil {
+			return err
+		}
+		recvSamples[state] = append(recvSamples[state], ns)
 		for i, c := range cases {
 			if c.withProgOnly && state != ours {
 				continue
@@ -152,12 +207,18 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 		if err != nil {
 			return fmt.Errorf("attach the empty getsockopt program: %w", err)
 		}
+		lr, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: ebpf.AttachCGroupUDP4Recvmsg, Program: anchors.Recvmsg4Empty})
+		if err != nil {
+			l.Close()
+			return fmt.Errorf("attach the empty recvmsg4 program: %w", err)
+		}
 		err = measure(empty)
 		l.Close()
+		lr.Close()
 		if err != nil {
 			return err
 		}
-		if err := d.AttachApps(root); err != nil {
+		if err := d.AttachApps(root, true); err != nil {
 			return err
 		}
 		if err := measure(ours); err != nil {
@@ -166,6 +227,17 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 	}
 	if err := d.DetachApps(); err != nil {
 		return err
+	}
+	if d.Recvmsg4 != nil {
+		base := summarize("recvfrom, unconnected UDP socket, 64-byte datagram, no recvmsg program", "ns/call", "apps", recvSamples[none])
+		hook := summarize("recvfrom, unconnected UDP socket, 64-byte datagram, an empty recvmsg4 program", "ns/call", "apps", recvSamples[empty])
+		r := summarize("recvfrom, unconnected UDP socket, 64-byte datagram, pktmeta's recvmsg4 program", "ns/call", "apps", recvSamples[ours])
+		hook.Baseline, r.Baseline = base.Name, base.Name
+		hookOver, ownOver := pairedDiff(recvSamples[empty], recvSamples[none]), pairedDiff(recvSamples[ours], recvSamples[empty])
+		hook.OverFloor, r.OverFloor = &hookOver, &ownOver
+		hook.Note = "the kernel's cgroup recvmsg4 hook with any program on it; over floor: paired difference to no program"
+		r.Note = "over floor: paired difference to the empty program, what remembering the source costs (one socket-storage write)"
+		rep.add(base, hook, r)
 	}
 	for i, c := range cases {
 		r := summarize("getsockopt "+c.name+", pktmeta's program", "ns/call", "apps", samples[i][ours])
@@ -195,14 +267,44 @@ func pairedDiff(a, b []float64) float64 {
 	return median(d)
 }
 
-func fdOf(c net.Conn) int {
-	raw, err := c.(*net.TCPConn).SyscallConn()
+func fdOf(c syscall.Conn) int {
+	raw, err := c.SyscallConn()
 	if err != nil {
 		return -1
 	}
 	var fd int
 	raw.Control(func(f uintptr) { fd = int(f) })
 	return fd
+}
+
+// recvfromLoop sends calls 64-byte datagrams from snd to rcv, a batch at
+// a time, and returns the mean time of one recvfrom (with the source
+// address, as servers ask) at rcv.
+func recvfromLoop(snd, rcv, calls int) (float64, error) {
+	const batch = 64
+	payload := make([]byte, 64)
+	buf := make([]byte, 128)
+	var spent time.Duration
+	for done := 0; done < calls; done += batch {
+		for range batch {
+			if _, err := unix.Write(snd, payload); err != nil {
+				return 0, fmt.Errorf("send: %w", err)
+			}
+		}
+		start := time.Now()
+		for i := 0; i < batch; {
+			_, _, err := unix.Recvfrom(rcv, buf, 0)
+			if errors.Is(err, unix.EAGAIN) {
+				continue // Go's sockets are non-blocking; loopback has not delivered yet
+			}
+			if err != nil {
+				return 0, fmt.Errorf("recvfrom: %w", err)
+			}
+			i++
+		}
+		spent += time.Since(start)
+	}
+	return float64(spent.Nanoseconds()) / float64(calls/batch*batch), nil
 }
 
 // getsockoptLoop makes calls getsockopts of c and returns the mean time
