@@ -58,11 +58,13 @@ var (
 	// (from outside the cluster, the host, a pod without pktmeta, opened
 	// before pktmeta was installed, or closing). ENOENT.
 	ErrUnknown = errors.New("pktmeta knows no origin for this connection")
-	// ErrNotConnected: the socket has no peer (a listener, an unconnected
-	// UDP socket that has received nothing with a source address yet; an
-	// unconnected one is answered about the datagram its last
-	// recvfrom/ReadFrom returned). ENOTCONN.
-	ErrNotConnected = errors.New("socket has no peer: pktmeta answers for connected sockets")
+	// ErrNotConnected: the socket has no peer to ask about: a listener,
+	// or an unconnected UDP socket that has received nothing with a
+	// source address yet, or whose node runs pktmeta with
+	// applicationUDP false (or on a kernel without the recvmsg programs).
+	// Otherwise an unconnected UDP socket is answered about the datagram
+	// its last recvfrom/ReadFrom returned, by any thread. ENOTCONN.
+	ErrNotConnected = errors.New("socket has no peer pktmeta can answer about (a listener, or an unconnected UDP socket before a datagram pktmeta saw it receive)")
 	// ErrNotAvailable: nothing answered getsockopt(SOL_PKTMETA): pktmeta
 	// is not on this node, or (Linux before 5.18, where pktmeta cannot
 	// choose the errno) it knows nothing about this socket.

@@ -55,7 +55,7 @@ struct {
  * (written by userspace with the workloads): the local address of a
  * datagram to an unconnected UDP socket bound to the wildcard, which the
  * socket does not hold. */
-#define PKTMETA_NETNS_MAX_ADDRS 8
+#define PKTMETA_NETNS_MAX_ADDRS 16 /* MaxAddrs: one endpoint's worth */
 struct pktmeta_netns_addrs {
 	__u32 n_addrs;
 	__u32 _pad;
@@ -232,7 +232,8 @@ static __always_inline int find_udp_last(struct bpf_sock *sk, struct pktmeta_tup
 {
 	struct pktmeta_netns_addrs *na;
 	struct pktmeta_udp_peer *p;
-	int v4, err;
+	__u64 conn_id = 0;
+	int v4, found = -1;
 
 	p = bpf_sk_storage_get(&pktmeta_udp_peers, sk, 0, 0);
 	if (!p || !p->port)
@@ -245,17 +246,30 @@ static __always_inline int find_udp_last(struct bpf_sock *sk, struct pktmeta_tup
 	if (!na)
 		return -ENOENT;
 	v4 = addr_v4mapped(t->saddr);
+	/* Every address, not the first that matches: the peer may have a flow
+	 * to two of the pod's addresses from one port, and the socket does
+	 * not say which of them the datagram came to. Then there is no one
+	 * answer, and a wrong one is worse than none. */
 	for (__u32 i = 0; i < PKTMETA_NETNS_MAX_ADDRS; i++) {
 		if (i >= na->n_addrs)
 			break;
 		if (addr_v4mapped(na->addrs[i]) != v4)
 			continue;
 		__builtin_memcpy(t->daddr, na->addrs[i], sizeof(t->daddr));
-		err = find_conn(t, netns, rec);
-		if (err >= 0)
-			return err;
+		if (find_conn(t, netns, rec) < 0)
+			continue;
+		if (found < 0) {
+			found = i;
+			conn_id = rec->conn_id;
+		} else if (rec->conn_id != conn_id) {
+			return -ENOENT;
+		}
 	}
-	return -ENOENT;
+	if (found < 0 || found >= PKTMETA_NETNS_MAX_ADDRS)
+		return -ENOENT;
+	/* rec holds what the last lookup left: the match's again. */
+	__builtin_memcpy(t->daddr, na->addrs[found], sizeof(t->daddr));
+	return find_conn(t, netns, rec);
 }
 
 /* What an unconnected UDP socket's recvmsg() hands over: the datagram's

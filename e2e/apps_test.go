@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/pktmeta/pktmeta"
@@ -324,7 +325,7 @@ func TestApplicationsAskWhoOpened(t *testing.T) {
 		}
 	})
 
-	t.Run("uninstalled, the program is off the cgroup", func(t *testing.T) {
+	t.Run("uninstalled, the programs are off the cgroup", func(t *testing.T) {
 		root, err := datapath.CgroupRoot()
 		if err != nil {
 			t.Fatal(err)
@@ -333,20 +334,39 @@ func TestApplicationsAskWhoOpened(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		info, err := w.Getsockopt.Info()
-		w.Close()
-		if err != nil {
-			t.Fatal(err)
+		ours := map[string]ebpf.ProgramID{}
+		for name, p := range map[string]*ebpf.Program{datapath.ProgGetsockopt: w.Getsockopt, datapath.ProgRecvmsg4: w.Recvmsg4, datapath.ProgRecvmsg6: w.Recvmsg6} {
+			if p == nil {
+				continue // a kernel that cannot run it
+			}
+			info, err := p.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ours[name], _ = info.ID()
 		}
-		id, _ := info.ID()
-		if ids, err := datapath.GetsockoptPrograms(root); err != nil || !slices.Contains(ids, id) {
-			t.Fatalf("before uninstall: programs %v (%v), want %d among them", ids, err, id)
+		w.Close()
+		attached := func() map[string][]ebpf.ProgramID {
+			progs, err := datapath.CgroupAppPrograms(root)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return progs
+		}
+		before := attached()
+		for h, id := range ours {
+			if !slices.Contains(before[h], id) {
+				t.Fatalf("before uninstall: %s programs %v, want %d among them", h, before[h], id)
+			}
 		}
 		if err := datapath.Destroy(tp.pin, nil); err != nil {
 			t.Fatal(err)
 		}
-		if ids, err := datapath.GetsockoptPrograms(root); err != nil || slices.Contains(ids, id) {
-			t.Fatalf("after uninstall: programs %v (%v), want %d gone", ids, err, id)
+		after := attached()
+		for h, id := range ours {
+			if slices.Contains(after[h], id) {
+				t.Fatalf("after uninstall: %s programs %v, want %d gone", h, after[h], id)
+			}
 		}
 	})
 }

@@ -242,7 +242,7 @@ func cmdGC(args *skel.CmdArgs) error {
 		// Only this network's attachments: another network (Multus, a
 		// second conflist) has its own GC, and the agent judges its covers.
 		res, err := d.CollectGarbage(func(w datapath.Workload) bool { return w.Network != conf.Name || valid[w.Key()] })
-		log.Info("gc", "attachments", res.Attachments, "orphanLinks", res.OrphanLinks, "orphanEndpoints", res.OrphanEndpoints,
+		log.Info("gc", "attachments", res.Attachments, "orphanLinks", res.OrphanLinks, "orphanEndpoints", res.OrphanEndpoints, "netnsAddrs", res.Netns,
 			"records", res.Sweep.Removed(), "aliases", res.Sweep.Aliases)
 		return err
 	})

@@ -22,10 +22,12 @@
  * address the kernel handed over with it (pktmeta remembers it per socket
  * as the kernel hands it over; a receive that asks for no source address
  * is not seen), and the socket's local address or, bound to the wildcard,
- * the pod's own address the flow was delivered to. Ask right after the
- * receive, from the thread that received: another thread's receive on
- * the same socket in between changes the answer. recvmmsg() leaves its
- * last message's.
+ * the pod's own address the flow was delivered to. The answer belongs
+ * to the socket, not to the thread: it is about the last datagram any
+ * reader received, so ask right after the receive, and where the answer
+ * decides access give each reader its own socket (SO_REUSEPORT) or
+ * connect one per peer. recvmmsg() leaves its last message's. A peer with
+ * flows to two of a wildcard socket's pod addresses gets ENOENT.
  *
  * The answer is given to the pod that received the connection (the origin
  * record says it was delivered to this pod) and to the pod that opened it;

@@ -117,7 +117,7 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 		UDPTimeout:    cfg.UDPTimeout.String(),
 		Counters:      map[string]uint64{},
 	}
-	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack, Apps: d.Getsockopt != nil, AppsUDP: d.Recvmsg4 != nil}
+	kf := datapath.KernelFeatures{TCX: attach.HaveTCX(), ConntrackKfuncs: !cfg.NoConntrack, Apps: d.Getsockopt != nil, AppsUDP: d.Recvmsg4 != nil && d.Recvmsg6 != nil}
 	st.Kernel = kernelStatus{Release: datapath.KernelRelease(), TCX: kf.TCX, ConntrackKfuncs: kf.ConntrackKfuncs}
 	for _, m := range kf.Missing() {
 		st.Problems = append(st.Problems, "the datapath was loaded with "+m)

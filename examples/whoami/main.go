@@ -54,7 +54,8 @@ func callerOf(o *pktmeta.ConnOrigin, err error) (caller, error) {
 	case err == nil:
 		return caller{Namespace: o.Namespace, Pod: o.Pod, UID: o.UID, Tags: o.Tags, PodTags: o.PodTags,
 			ConnID: o.ConnID, FirstSeen: o.FirstSeen, Remote: o.Remote, Node: o.Node, Service: o.NAT}, nil
-	case errors.Is(err, pktmeta.ErrUnknown), errors.Is(err, pktmeta.ErrNotAvailable):
+	case errors.Is(err, pktmeta.ErrUnknown), errors.Is(err, pktmeta.ErrNotAvailable),
+		errors.Is(err, pktmeta.ErrNotConnected): // UDP where the node does not answer unconnected sockets
 		return caller{Unknown: err.Error()}, nil
 	}
 	return caller{}, err

@@ -39,9 +39,9 @@ func (a *Agent) reconcile(ctx context.Context, pinPath string) error {
 	for range res.Attachments {
 		a.metrics.Action("gc")
 	}
-	if res.Attachments+res.OrphanLinks+res.OrphanEndpoints+res.Sweep.Removed() > 0 {
+	if res.Attachments+res.OrphanLinks+res.OrphanEndpoints+res.Netns+res.Sweep.Removed() > 0 {
 		a.log.Info("reconcile removed", "attachments", res.Attachments, "orphanLinks", res.OrphanLinks,
-			"orphanEndpoints", res.OrphanEndpoints, "records", res.Sweep.Removed(), "aliases", res.Sweep.Aliases)
+			"orphanEndpoints", res.OrphanEndpoints, "netnsAddrs", res.Netns, "records", res.Sweep.Removed(), "aliases", res.Sweep.Aliases)
 	}
 	if res.Sweep.CTUnavailable {
 		a.log.Debug("no conntrack kfuncs: TCP records are swept by age and handshake only")

@@ -247,15 +247,17 @@ type GCResult struct {
 	Attachments     int // workloads not kept
 	OrphanLinks     int // link pin directories no workload owns
 	OrphanEndpoints int // endpoints whose workload is gone
+	Netns           int // netns address entries rewritten or removed
 	Sweep           SweepResult
 }
 
 // CollectGarbage removes what no longer belongs to a live pod: the
 // attachments keep rejects (CNI GC: not in valid-attachments; the agent:
-// the veth is gone), link pins and endpoints that no workload owns (what a
-// killed ADD left), and, in one sweep, idle UDP records, TCP records whose
-// connection is over and aliases whose record is gone. CNI GC, the agent
-// and uninstall all go through it.
+// the veth is gone), link pins and endpoints that no workload owns
+// (what a killed ADD left), netns addresses that differ from the
+// workloads' (a killed DEL, two ADDs racing), and, in one sweep, idle
+// UDP records, TCP records whose connection is over and aliases whose
+// record is gone. CNI GC, the agent and uninstall all go through it.
 func (d *Datapath) CollectGarbage(keep func(Workload) bool) (GCResult, error) {
 	var res GCResult
 	if err := d.writable(); err != nil {
@@ -285,6 +287,7 @@ func (d *Datapath) CollectGarbage(keep func(Workload) bool) (GCResult, error) {
 	n, err = d.removeOrphanEndpoints()
 	res.OrphanEndpoints = n
 	errs = append(errs, err)
+	res.Netns = d.reconcileNetnsAddrs()
 	sw, err := d.Sweep(SweepOptions{Hygiene: true})
 	res.Sweep = sw
 	errs = append(errs, err)

@@ -162,7 +162,7 @@ type bpfPktmetaNetnsAddrs struct {
 	_       structs.HostLayout
 	N_addrs uint32
 	Pad     uint32
-	Addrs   [8][16]uint8
+	Addrs   [16][16]uint8
 }
 
 type bpfPktmetaNodeConfig struct {

@@ -453,14 +453,8 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		m.Close()
 	}
 
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: d.mapsDir()},
-	})
+	coll, err := loadCollection(spec, d.mapsDir(), o.Log)
 	if err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			o.Log.Error("BPF verifier rejected the datapath", "log", fmt.Sprintf("%+v", verr))
-		}
 		return fmt.Errorf("load datapath against the maps in %s: %w", d.mapsDir(), err)
 	}
 	defer coll.Close()
@@ -504,6 +498,45 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	o.Log.Info("datapath loaded", "pinPath", d.PinPath, "release", Release, "createdMaps", res.Created,
 		"previous", res.Previous, "upgradedAttachments", res.Upgraded)
 	return nil
+}
+
+// optionalLoadSteps: what is left out, in turn, when the verifier rejects
+// the object: the recvmsg programs, then the getsockopt program too. The
+// probes above decide by helper, but a verifier may still refuse a
+// program (its complexity limit, a backported helper with other rules):
+// that costs the application interface, never the packet programs.
+var optionalLoadSteps = [][]string{
+	{bpfProgPktmetaRecvmsg4, bpfProgPktmetaRecvmsg6},
+	{bpfProgPktmetaGetsockopt},
+}
+
+// loadCollection loads spec with its maps pinned in mapsDir, leaving
+// optional programs out while the verifier rejects it.
+func loadCollection(spec *ebpf.CollectionSpec, mapsDir string, log *slog.Logger) (*ebpf.Collection, error) {
+	opts := ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir}}
+	next := 0
+	for {
+		coll, err := ebpf.NewCollectionWithOptions(spec, opts)
+		var verr *ebpf.VerifierError
+		if err == nil || !errors.As(err, &verr) {
+			return coll, err
+		}
+		var dropped []string
+		for ; len(dropped) == 0 && next < len(optionalLoadSteps); next++ {
+			for _, name := range optionalLoadSteps[next] {
+				if _, ok := spec.Programs[name]; ok {
+					delete(spec.Programs, name)
+					dropped = append(dropped, name)
+				}
+			}
+		}
+		if len(dropped) == 0 {
+			log.Error("BPF verifier rejected the datapath", "log", fmt.Sprintf("%+v", verr))
+			return nil, err
+		}
+		log.Warn("BPF verifier rejected the datapath: loading it again without some of the application interface's programs",
+			"leftOut", dropped, "err", err)
+	}
 }
 
 // pinPrograms pins the loaded programs, replacing older pins atomically

@@ -10,4 +10,4 @@ package datapath
 const Release = 6
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "9b7707b829f24f5ddac4f490231442ad9df136705ab79135f88c45b4dbf9e321"
+const releaseObject = "3d9605da4b06a909c359c040de4d9a74f9930b17e0817addcbfb10a8ffed1765"

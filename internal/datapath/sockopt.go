@@ -177,6 +177,7 @@ type AppsState struct {
 func (d *Datapath) Apps() AppsState {
 	st := AppsState{Current: true}
 	var problems []string
+	udpLinks := 0
 	for _, h := range appHooks {
 		l, err := link.LoadPinnedLink(d.appLinkPath(h.prog), nil)
 		if errors.Is(err, os.ErrNotExist) {
@@ -203,13 +204,20 @@ func (d *Datapath) Apps() AppsState {
 			if c := info.Cgroup(); c != nil {
 				st.CgroupID = c.CgroupId
 			}
-		case ProgRecvmsg6:
-			st.UDP = st.Attached
+		case ProgRecvmsg4, ProgRecvmsg6:
+			udpLinks++
 		}
 		if !d.runs(h.prog, info.Program) {
 			st.Current = false
 			problems = append(problems, "the "+h.prog+" link runs another program than this datapath's")
 		}
+	}
+	switch udpLinks {
+	case 2:
+		st.UDP = st.Attached
+	case 1:
+		st.Current = false
+		problems = append(problems, "one recvmsg link of two (an interrupted attach: the next ADD or the agent completes it)")
 	}
 	st.Problem = strings.Join(problems, "; ")
 	return st
@@ -252,17 +260,16 @@ func (d *Datapath) AttachApps(cgroupDir string, udp bool) error {
 	if err := unix.Statfs(cgroupDir, &sfs); err != nil || sfs.Type != unix.CGROUP2_SUPER_MAGIC {
 		return fmt.Errorf("%s is not a cgroup v2 directory", cgroupDir)
 	}
-	if l, err := link.LoadPinnedLink(d.AppsLinkPath(), nil); err == nil {
-		info, err := l.Info()
-		l.Close()
-		if err != nil || info.Cgroup() == nil || info.Cgroup().CgroupId != st.Ino {
-			// Links on another cgroup (or a defunct one): replace them.
-			if err := d.detachApps(); err != nil {
-				return fmt.Errorf("remove the application links on another cgroup: %w", err)
-			}
+	elsewhere, err := d.appLinksElsewhere(st.Ino)
+	if err != nil {
+		return err
+	}
+	if elsewhere {
+		// Links on another cgroup (or a defunct one): replace them all,
+		// so that the hooks never run on two cgroups.
+		if err := d.detachApps(); err != nil {
+			return fmt.Errorf("remove the application links on another cgroup: %w", err)
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("open pinned application link: %w", err)
 	}
 	if err := os.MkdirAll(d.appsDir(), 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", d.appsDir(), err)
@@ -279,6 +286,26 @@ func (d *Datapath) AttachApps(cgroupDir string, udp bool) error {
 		}
 	}
 	return nil
+}
+
+// appLinksElsewhere reports whether any pinned application link is on
+// another cgroup than cgroupID, or on one that is gone.
+func (d *Datapath) appLinksElsewhere(cgroupID uint64) (bool, error) {
+	for _, h := range appHooks {
+		l, err := link.LoadPinnedLink(d.appLinkPath(h.prog), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return false, fmt.Errorf("open pinned application link %s: %w", h.prog, err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil || info.Cgroup() == nil || info.Cgroup().CgroupId != cgroupID {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // attachApp makes h's pinned link on cgroupDir run this datapath's
@@ -421,64 +448,93 @@ func (d *Datapath) syncNetnsAddrs(cookie uint64) {
 	if d.NetnsAddrsMap == nil || d.WorkloadNetnsMap == nil || cookie == 0 {
 		return
 	}
-	var (
-		id    uint32
-		c     uint64
-		addrs []netip.Addr
-	)
-	it := d.WorkloadNetnsMap.Iterate()
-	for it.Next(&id, &c) {
-		if c != cookie {
-			continue
-		}
-		w, ok, err := d.Workload(id)
-		if err != nil || !ok {
-			continue
-		}
-		ep, ok, err := d.Endpoint(w.HostIfindex)
-		if err != nil || !ok || ep.Workload != id {
-			continue
-		}
-		for _, a := range ep.Addrs {
-			if !slices.Contains(addrs, a) {
-				addrs = append(addrs, a)
-			}
-		}
-	}
-	if err := it.Err(); err != nil {
+	want, err := d.wantedNetnsAddrs(cookie)
+	if err != nil {
 		d.log.Warn("read workload netns entries", "err", err)
 		return
 	}
-	if len(addrs) == 0 {
+	raw, ok := want[cookie]
+	if !ok {
 		d.NetnsAddrsMap.Delete(cookie)
 		return
 	}
-	var raw bpfPktmetaNetnsAddrs
-	if len(addrs) > len(raw.Addrs) {
-		d.log.Warn("more addresses in one netns than unconnected UDP sockets are answered for", "netns", cookie, "addrs", len(addrs), "kept", len(raw.Addrs))
-		addrs = addrs[:len(raw.Addrs)]
-	}
-	for i, a := range addrs {
-		raw.Addrs[i] = a.As16() // IPv4 as IPv4-mapped, as the records keep it
-	}
-	raw.N_addrs = uint32(len(addrs))
 	if err := d.NetnsAddrsMap.Update(cookie, &raw, ebpf.UpdateAny); err != nil {
 		d.log.Warn("store the pod addresses of a netns: its unconnected UDP sockets get ENOENT", "netns", cookie, "err", err)
 	}
 }
 
+// wantedNetnsAddrs computes, from the workloads' netns entries and
+// endpoints, the pod addresses of the netns cookie only, or of every
+// netns (only 0), as pktmeta_ns_addrs should hold them.
+func (d *Datapath) wantedNetnsAddrs(only uint64) (map[uint64]bpfPktmetaNetnsAddrs, error) {
+	var (
+		id     uint32
+		cookie uint64
+	)
+	addrs := map[uint64][]netip.Addr{}
+	it := d.WorkloadNetnsMap.Iterate()
+	for it.Next(&id, &cookie) {
+		if only != 0 && cookie != only {
+			continue
+		}
+		w, ok, err := d.Workload(id)
+		if err != nil {
+			d.log.Warn("read a workload of a netns", "workload", id, "err", err)
+		}
+		if !ok {
+			continue
+		}
+		ep, ok, err := d.Endpoint(w.HostIfindex)
+		if err != nil {
+			d.log.Warn("read an endpoint of a netns", "workload", id, "ifindex", w.HostIfindex, "err", err)
+		}
+		if !ok || ep.Workload != id {
+			continue
+		}
+		for _, a := range ep.Addrs {
+			if !slices.Contains(addrs[cookie], a) {
+				addrs[cookie] = append(addrs[cookie], a)
+			}
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, err
+	}
+	want := make(map[uint64]bpfPktmetaNetnsAddrs, len(addrs))
+	for c, as := range addrs {
+		// One order whatever the map's iteration order: IPv4 first, then
+		// by address, so that which ones are kept past the limit does not
+		// change from one sync to the next.
+		slices.SortFunc(as, netip.Addr.Compare)
+		var raw bpfPktmetaNetnsAddrs
+		if len(as) > len(raw.Addrs) {
+			d.log.Warn("more addresses in one netns than unconnected UDP sockets are answered for", "netns", c, "addrs", len(as), "kept", len(raw.Addrs))
+			as = as[:len(raw.Addrs)]
+		}
+		for i, a := range as {
+			raw.Addrs[i] = a.As16() // IPv4 as IPv4-mapped, as the records keep it
+		}
+		raw.N_addrs = uint32(len(as))
+		want[c] = raw
+	}
+	return want, nil
+}
+
 // backfillWorkloadNetns gives the workloads of an older release, which
 // had no netns entries, theirs (an upgrade): from their netns path, as
-// long as the pod lives.
+// long as the pod lives. Then every netns's addresses are rewritten once,
+// and the table is reconciled with the workloads.
 func (d *Datapath) backfillWorkloadNetns() {
 	ws, err := d.Workloads()
 	if err != nil {
+		d.log.Warn("read workloads for their netns entries", "err", err)
 		return
 	}
+	cookies := map[uint64]bool{}
 	for _, w := range ws {
 		var have uint64
 		if d.WorkloadNetnsMap.Lookup(w.ID, &have) == nil {
-			d.syncNetnsAddrs(have)
+			cookies[have] = true
 			continue
 		}
 		if w.Netns == "" {
@@ -492,8 +548,55 @@ func (d *Datapath) backfillWorkloadNetns() {
 		if err := d.putWorkloadNetns(w.ID, cookie); err != nil {
 			d.log.Warn("store workload netns", "workload", w.ID, "err", err)
 		}
-		d.syncNetnsAddrs(cookie)
+		cookies[cookie] = true
 	}
+	for c := range cookies {
+		d.syncNetnsAddrs(c)
+	}
+	d.reconcileNetnsAddrs()
+}
+
+// reconcileNetnsAddrs brings pktmeta_ns_addrs in line with the
+// workloads: it removes the entries of netns no workload is in (what a
+// crash between a workload's removal and its netns's sync left) and
+// rewrites entries that differ (two ADDs into one netns racing). Each
+// netns found wrong is synced afresh rather than written from this pass's
+// view, so that a workload an ADD puts there meanwhile keeps its entry.
+// It returns how many entries it rewrote or removed.
+func (d *Datapath) reconcileNetnsAddrs() int {
+	if d.NetnsAddrsMap == nil || d.WorkloadNetnsMap == nil {
+		return 0
+	}
+	want, err := d.wantedNetnsAddrs(0)
+	if err != nil {
+		d.log.Warn("read workload netns entries", "err", err)
+		return 0
+	}
+	var (
+		cookie uint64
+		raw    bpfPktmetaNetnsAddrs
+		wrong  []uint64
+	)
+	have := map[uint64]bool{}
+	it := d.NetnsAddrsMap.Iterate()
+	for it.Next(&cookie, &raw) {
+		have[cookie] = true
+		if w, ok := want[cookie]; !ok || w != raw {
+			wrong = append(wrong, cookie)
+		}
+	}
+	if err := it.Err(); err != nil {
+		d.log.Warn("read netns addresses", "err", err)
+	}
+	for c := range want {
+		if !have[c] {
+			wrong = append(wrong, c)
+		}
+	}
+	for _, c := range wrong {
+		d.syncNetnsAddrs(c)
+	}
+	return len(wrong)
 }
 
 // CurrentNetnsCookie returns the cookie of the calling thread's network
@@ -525,21 +628,24 @@ func NetnsCookieOf(path string) (uint64, error) {
 	return cookie, err
 }
 
-// GetsockoptPrograms lists the ids of the getsockopt programs attached
-// to the cgroup v2 directory cgroupDir, pktmeta's and anyone else's.
-func GetsockoptPrograms(cgroupDir string) ([]ebpf.ProgramID, error) {
+// CgroupAppPrograms lists, per application hook (ProgGetsockopt,
+// ProgRecvmsg4, ProgRecvmsg6), the ids of the programs attached to the
+// cgroup v2 directory cgroupDir on that hook, pktmeta's and anyone else's.
+func CgroupAppPrograms(cgroupDir string) (map[string][]ebpf.ProgramID, error) {
 	f, err := os.Open(cgroupDir)
 	if err != nil {
 		return nil, fmt.Errorf("open cgroup: %w", err)
 	}
 	defer f.Close()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: ebpf.AttachCGroupGetsockopt})
-	if err != nil {
-		return nil, fmt.Errorf("query getsockopt programs of %s: %w", cgroupDir, err)
+	progs := map[string][]ebpf.ProgramID{}
+	for _, h := range appHooks {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: h.attach})
+		if err != nil {
+			return nil, fmt.Errorf("query %s programs of %s: %w", h.prog, cgroupDir, err)
+		}
+		for _, p := range res.Programs {
+			progs[h.prog] = append(progs[h.prog], p.ID)
+		}
 	}
-	var ids []ebpf.ProgramID
-	for _, p := range res.Programs {
-		ids = append(ids, p.ID)
-	}
-	return ids, nil
+	return progs, nil
 }

@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
 	"github.com/pktmeta/pktmeta"
@@ -268,12 +269,8 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		defer cl.Close()
 		e.putRecord(t, connTuple(ProtoUDP, cl), bpfPktmetaRecord{Flags: FlagDelivered | FlagUDP, ConnId: 4101, ConnGen: 4101, OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
 		// Unconnected and nothing received yet: no peer to ask about.
-		want := pktmeta.ErrNotConnected
-		if !HaveSockoptErrno() {
-			want = pktmeta.ErrNotAvailable
-		}
-		if _, err := pktmeta.Origin(srv); !errors.Is(err, want) {
-			t.Fatalf("unconnected UDP before any datagram: %v, want %v", err, want)
+		if _, err := pktmeta.Origin(srv); !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) {
+			t.Fatalf("unconnected UDP before any datagram: %v, want %v", err, wantErr(pktmeta.ErrNotConnected))
 		}
 		// After recvfrom: the flow of the datagram it returned.
 		if e.d.Recvmsg4 != nil {
@@ -360,6 +357,114 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 	})
 
+	t.Run("unconnected UDP: a peer with flows to two of the pod's addresses gets no answer", func(t *testing.T) {
+		if e.d.Recvmsg4 == nil {
+			t.Skip("this kernel cannot run the recvmsg programs (bpf_sk_storage_get for cgroup sock_addr programs)")
+		}
+		a1, a2 := netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.3")
+		rcv := e.podAt(t, "server-two", e.netns, 1<<30+2, a1, a2)
+		srv, err := net.ListenUDP("udp4", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Close()
+		port := uint16(srv.LocalAddr().(*net.UDPAddr).Port)
+		// One client socket, one source port, a datagram to each address.
+		cl, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		src := addrPort(cl.LocalAddr())
+		to1 := Tuple{Proto: ProtoUDP, Src: src, Dst: netip.AddrPortFrom(a1, port)}
+		to2 := Tuple{Proto: ProtoUDP, Src: src, Dst: netip.AddrPortFrom(a2, port)}
+		for i, tu := range []Tuple{to1, to2} {
+			e.putRecord(t, tu, bpfPktmetaRecord{Flags: FlagDelivered | FlagUDP, ConnId: 4301 + uint64(i), ConnGen: 4301 + uint32(i),
+				OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
+		}
+		recvFrom := func(to netip.AddrPort) {
+			t.Helper()
+			if _, err := cl.WriteToUDPAddrPort([]byte("who"), to); err != nil {
+				t.Fatal(err)
+			}
+			srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, _, err := srv.ReadFromUDPAddrPort(make([]byte, 16)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		recvFrom(to1.Dst)
+		if o, err := pktmeta.Origin(srv); !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
+			t.Fatalf("two flows of one peer port, one to each pod address: %+v, %v; want unknown", o, err)
+		}
+		// The other flow gone, the one left is the answer.
+		k := to2.key()
+		if err := e.d.ConnsMap.Delete(&k); err != nil {
+			t.Fatal(err)
+		}
+		recvFrom(to1.Dst)
+		if o, err := pktmeta.Origin(srv); err != nil || o.ConnID != 4301 {
+			t.Fatalf("one flow left: %+v, %v; want connection 4301", o, err)
+		}
+	})
+
+	t.Run("the pod addresses of a netns: its workloads' union, in one order, gone with the last, mended by GC", func(t *testing.T) {
+		if e.d.NetnsAddrsMap == nil {
+			t.Skip("this kernel cannot run the recvmsg programs: no netns addresses are kept")
+		}
+		cookie := e.netns + 100
+		var first []netip.Addr
+		for i := range 9 {
+			first = append(first, netip.AddrFrom4([4]byte{10, 0, 1, byte(9 - i)}))
+		}
+		second := []netip.Addr{netip.MustParseAddr("fd00::2"), netip.MustParseAddr("10.0.0.1")}
+		for i := range 7 {
+			second = append(second, netip.AddrFrom4([4]byte{10, 0, 2, byte(i)}))
+		}
+		w1 := e.podAt(t, "multi-a", cookie, 1<<30+3, first...)
+		w2 := e.podAt(t, "multi-b", cookie, 1<<30+4, second...)
+		all := slices.Concat(first, second)
+		slices.SortFunc(all, netip.Addr.Compare)
+		// 18 addresses, 16 kept: IPv4 first, by address, every time.
+		if got := netnsAddrs(t, e.d, cookie); !slices.Equal(got, all[:16]) {
+			t.Fatalf("two workloads: %v, want %v", got, all[:16])
+		}
+		e.d.DeleteEndpoint(1<<30+3, w1)
+		e.d.deleteWorkload(w1)
+		want := slices.Clone(second)
+		slices.SortFunc(want, netip.Addr.Compare)
+		if got := netnsAddrs(t, e.d, cookie); !slices.Equal(got, want) {
+			t.Fatalf("after one workload's removal: %v, want %v", got, want)
+		}
+		e.d.DeleteEndpoint(1<<30+4, w2)
+		e.d.deleteWorkload(w2)
+		if got := netnsAddrs(t, e.d, cookie); got != nil {
+			t.Fatalf("after the last workload's removal: %v, want no entry", got)
+		}
+		// What a crash between a workload's removal and the sync leaves (an
+		// orphan), and what two ADDs into one netns racing may (a wrong
+		// entry): garbage collection mends both.
+		e.podAt(t, "multi-c", cookie+1, 1<<30+5, netip.MustParseAddr("10.0.3.1"))
+		wrong := bpfPktmetaNetnsAddrs{N_addrs: 1}
+		wrong.Addrs[0] = netip.MustParseAddr("10.9.9.9").As16()
+		for _, c := range []uint64{cookie, cookie + 1} {
+			if err := e.d.NetnsAddrsMap.Update(c, &wrong, ebpf.UpdateAny); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := e.d.reconcileNetnsAddrs(); n != 2 {
+			t.Fatalf("reconciled %d netns entries, want 2", n)
+		}
+		if got := netnsAddrs(t, e.d, cookie); got != nil {
+			t.Fatalf("orphaned entry left: %v", got)
+		}
+		if got := netnsAddrs(t, e.d, cookie+1); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("10.0.3.1")}) {
+			t.Fatalf("a live netns's entry: %v", got)
+		}
+		if n := e.d.reconcileNetnsAddrs(); n != 0 {
+			t.Fatalf("reconciled %d netns entries a second time, want 0", n)
+		}
+	})
+
 	t.Run("applicationUDP false: the recvmsg hooks off, the rest on", func(t *testing.T) {
 		if e.d.Recvmsg4 == nil {
 			t.Skip("this kernel cannot run the recvmsg programs (bpf_sk_storage_get for cgroup sock_addr programs)")
@@ -388,8 +493,26 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 		defer cl.Close()
 		sendRecv(t, cl, srv)
-		if _, err := pktmeta.Origin(srv); !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) {
-			t.Fatalf("unconnected socket without the recvmsg hooks: %v, want not connected", err)
+		// This datapath's recvmsg programs did not run: no storage.
+		var peer bpfPktmetaUdpPeer
+		if err := e.d.UDPPeersMap.Lookup(uint32(sysFD(t, srv)), &peer); !errors.Is(err, ebpf.ErrKeyNotExist) {
+			t.Fatalf("the socket's storage in this datapath: %+v, %v; want none", peer, err)
+		}
+		// What the application hears also depends on the other pktmeta
+		// datapaths on the cgroup root (test packages running beside
+		// this one attach theirs): with their recvmsg programs there,
+		// theirs answer last (ENOENT: their tables do not know the flow).
+		progs, err := CgroupAppPrograms(root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = pktmeta.Origin(srv)
+		if others := len(progs[ProgRecvmsg4]); others == 0 {
+			if !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) {
+				t.Fatalf("unconnected socket without the recvmsg hooks: %v, want not connected", err)
+			}
+		} else if !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) && !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
+			t.Fatalf("unconnected socket without this datapath's recvmsg hooks, %d other recvmsg4 programs on the cgroup: %v", others, err)
 		}
 		if err := e.d.AttachApps(root, true); err != nil {
 			t.Fatal(err)
@@ -476,9 +599,20 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 			t.Fatalf("TCP_INFO into a big buffer: state %d", big[0])
 		}
 		root, _ := CgroupRoot()
-		id := progID(t, e.d.Getsockopt)
-		if ids, err := GetsockoptPrograms(root); err != nil || !slices.Contains(ids, id) {
-			t.Fatalf("attached: programs %v (%v), want %d among them", ids, err, id)
+		ours := map[string]ebpf.ProgramID{}
+		for _, h := range appHooks {
+			if p := e.d.Program(h.prog); p != nil {
+				ours[h.prog] = progID(t, p)
+			}
+		}
+		if progs, err := CgroupAppPrograms(root); err != nil {
+			t.Fatal(err)
+		} else {
+			for h, id := range ours {
+				if !slices.Contains(progs[h], id) {
+					t.Fatalf("attached: %s programs %v, want %d among them", h, progs[h], id)
+				}
+			}
 		}
 		if err := e.d.DetachApps(); err != nil {
 			t.Fatal(err)
@@ -488,8 +622,14 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 		// Detached: the program is off the cgroup (other tests' datapaths
 		// may have theirs on it, so the level itself may still answer).
-		if ids, err := GetsockoptPrograms(root); err != nil || slices.Contains(ids, id) {
-			t.Fatalf("detached: programs %v (%v), want %d gone", ids, err, id)
+		if progs, err := CgroupAppPrograms(root); err != nil {
+			t.Fatal(err)
+		} else {
+			for h, id := range ours {
+				if slices.Contains(progs[h], id) {
+					t.Fatalf("detached: %s programs %v, want %d gone", h, progs[h], id)
+				}
+			}
 		}
 		if st := e.d.Apps(); st.Attached {
 			t.Fatalf("still attached: %+v", st)
@@ -574,4 +714,78 @@ func monoNow(tb testing.TB) uint64 {
 		tb.Fatal(err)
 	}
 	return uint64(ts.Nano())
+}
+
+// A program the verifier rejects (here: it reads an uninitialised
+// register) costs only the application interface, step by step; a
+// rejected packet program still fails the load.
+func TestVerifierRejectionLeavesOutOnlyTheApplicationInterface(t *testing.T) {
+	testutil.RequireRoot(t)
+	good := func() *ebpf.ProgramSpec {
+		return &ebpf.ProgramSpec{Type: ebpf.SocketFilter, License: "GPL",
+			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}}
+	}
+	bad := func() *ebpf.ProgramSpec {
+		return &ebpf.ProgramSpec{Type: ebpf.SocketFilter, License: "GPL",
+			Instructions: asm.Instructions{asm.Mov.Reg(asm.R0, asm.R3), asm.Return()}}
+	}
+	for _, c := range []struct {
+		name     string
+		rejected []string // programs the verifier rejects
+		want     []string // programs loaded; nil: the load fails
+	}{
+		{"a recvmsg program", []string{bpfProgPktmetaRecvmsg6}, []string{"packet", bpfProgPktmetaGetsockopt}},
+		{"the getsockopt program", []string{bpfProgPktmetaGetsockopt}, []string{"packet"}},
+		{"a packet program", []string{"packet"}, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			spec := &ebpf.CollectionSpec{Programs: map[string]*ebpf.ProgramSpec{}}
+			for _, n := range []string{"packet", bpfProgPktmetaGetsockopt, bpfProgPktmetaRecvmsg4, bpfProgPktmetaRecvmsg6} {
+				spec.Programs[n] = good()
+				if slices.Contains(c.rejected, n) {
+					spec.Programs[n] = bad()
+				}
+			}
+			coll, err := loadCollection(spec, t.TempDir(), testLogger())
+			if c.want == nil {
+				var verr *ebpf.VerifierError
+				if !errors.As(err, &verr) {
+					t.Fatalf("got %v, want the verifier's error", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer coll.Close()
+			var got []string
+			for n := range coll.Programs {
+				got = append(got, n)
+			}
+			slices.Sort(got)
+			slices.Sort(c.want)
+			if !slices.Equal(got, c.want) {
+				t.Fatalf("loaded %v, want %v", got, c.want)
+			}
+		})
+	}
+}
+
+// netnsAddrs reads the addresses the application interface keeps for a
+// netns cookie; nil without an entry.
+func netnsAddrs(tb testing.TB, d *Datapath, cookie uint64) []netip.Addr {
+	tb.Helper()
+	var raw bpfPktmetaNetnsAddrs
+	err := d.NetnsAddrsMap.Lookup(cookie, &raw)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var addrs []netip.Addr
+	for i := range min(int(raw.N_addrs), len(raw.Addrs)) {
+		addrs = append(addrs, netip.AddrFrom16(raw.Addrs[i]).Unmap())
+	}
+	return addrs
 }
