@@ -99,14 +99,21 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 		return err
 	}
 	defer udpCl.Close()
-	if _, err := udpCl.Write([]byte("who")); err != nil {
+	// A datagram from the client, received: after every attach of the
+	// recvmsg programs, since what a socket remembered from before an
+	// attach is not answered about.
+	receiveFromClient := func() error {
+		if _, err := udpCl.Write([]byte("who")); err != nil {
+			return err
+		}
+		udpSrv.SetReadDeadline(time.Now().Add(5 * time.Second))
+		defer udpSrv.SetReadDeadline(time.Time{})
+		_, _, err := udpSrv.ReadFromUDPAddrPort(make([]byte, 16))
 		return err
 	}
-	udpSrv.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, _, err := udpSrv.ReadFromUDPAddrPort(make([]byte, 16)); err != nil {
+	if err := receiveFromClient(); err != nil {
 		return err
 	}
-	udpSrv.SetReadDeadline(time.Time{})
 	udpAnswered := false
 	if o, err := pktmeta.Origin(udpSrv); err == nil && o.Pod == "client" {
 		udpAnswered = true
@@ -219,6 +226,9 @@ func apps(ctx context.Context, cfg config, rep *Report, pinRoot string) error {
 			return err
 		}
 		if err := d.AttachApps(root, true); err != nil {
+			return err
+		}
+		if err := receiveFromClient(); err != nil {
 			return err
 		}
 		if err := measure(ours); err != nil {

@@ -55,10 +55,11 @@ struct {
  * (written by userspace with the workloads): the local address of a
  * datagram to an unconnected UDP socket bound to the wildcard, which the
  * socket does not hold. */
-#define PKTMETA_NETNS_MAX_ADDRS 16 /* MaxAddrs: one endpoint's worth */
+#define PKTMETA_NETNS_MAX_ADDRS 8
+#define PKTMETA_NETNS_F_TRUNCATED 1 /* more addresses than fit: no answers */
 struct pktmeta_netns_addrs {
 	__u32 n_addrs;
-	__u32 _pad;
+	__u32 flags; /* PKTMETA_NETNS_F_* */
 	__u8 addrs[PKTMETA_NETNS_MAX_ADDRS][16]; /* IPv4-mapped or IPv6 */
 };
 
@@ -78,7 +79,7 @@ struct pktmeta_udp_peer {
 	__u8 addr[16]; /* IPv4-mapped or IPv6, as the records keep them */
 	__be16 port;
 	__u16 _pad;
-	__u32 _pad2;
+	__u32 gen; /* pktmeta_udp_peer_gen when it was written */
 };
 
 struct {
@@ -88,6 +89,26 @@ struct {
 	__type(value, struct pktmeta_udp_peer);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pktmeta_udp_peers SEC(".maps");
+
+/* The generation of the recvmsg programs' attachment, moved by userspace
+ * before they are attached and after they are detached. Datagrams received
+ * while they were off went unseen, so a peer remembered in an earlier
+ * generation is not the socket's last one: such sockets get ENOTCONN until
+ * they receive again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_udp_peer_gen SEC(".maps");
+
+static __always_inline __u32 udp_peer_gen(void)
+{
+	__u32 zero = 0, *g = bpf_map_lookup_elem(&pktmeta_udp_peer_gen, &zero);
+
+	return g ? *g : 0;
+}
 
 /* memcpy and memset of more than clang inlines for BPF: 8-byte words,
  * unrolled into fixed offsets the verifier checks against the one bound
@@ -233,23 +254,28 @@ static __always_inline int find_udp_last(struct bpf_sock *sk, struct pktmeta_tup
 	struct pktmeta_netns_addrs *na;
 	struct pktmeta_udp_peer *p;
 	__u64 conn_id = 0;
-	int v4, found = -1;
+	__u8 match[16];
+	int v4;
 
 	p = bpf_sk_storage_get(&pktmeta_udp_peers, sk, 0, 0);
-	if (!p || !p->port)
+	if (!p || !p->port || p->gen != udp_peer_gen())
 		return -ENOTCONN;
 	__builtin_memcpy(t->saddr, p->addr, sizeof(t->saddr));
 	t->sport = p->port;
 	if (!addr_unspecified(t->daddr))
 		return find_conn(t, netns, rec);
 	na = bpf_map_lookup_elem(&pktmeta_ns_addrs, &netns);
-	if (!na)
+	/* Truncated: the datagram may have come to an address not listed,
+	 * and a listed one matching would be a wrong answer. */
+	if (!na || (na->flags & PKTMETA_NETNS_F_TRUNCATED))
 		return -ENOENT;
 	v4 = addr_v4mapped(t->saddr);
 	/* Every address, not the first that matches: the peer may have a flow
 	 * to two of the pod's addresses from one port, and the socket does
 	 * not say which of them the datagram came to. Then there is no one
-	 * answer, and a wrong one is worse than none. */
+	 * answer, and a wrong one is worse than none. (The match is kept by
+	 * its connection id and address, never by its index: an index the
+	 * verifier tracks exactly multiplies the states it walks.) */
 	for (__u32 i = 0; i < PKTMETA_NETNS_MAX_ADDRS; i++) {
 		if (i >= na->n_addrs)
 			break;
@@ -258,17 +284,15 @@ static __always_inline int find_udp_last(struct bpf_sock *sk, struct pktmeta_tup
 		__builtin_memcpy(t->daddr, na->addrs[i], sizeof(t->daddr));
 		if (find_conn(t, netns, rec) < 0)
 			continue;
-		if (found < 0) {
-			found = i;
-			conn_id = rec->conn_id;
-		} else if (rec->conn_id != conn_id) {
+		if (conn_id && rec->conn_id != conn_id)
 			return -ENOENT;
-		}
+		conn_id = rec->conn_id;
+		__builtin_memcpy(match, t->daddr, sizeof(match));
 	}
-	if (found < 0 || found >= PKTMETA_NETNS_MAX_ADDRS)
+	if (!conn_id)
 		return -ENOENT;
 	/* rec holds what the last lookup left: the match's again. */
-	__builtin_memcpy(t->daddr, na->addrs[found], sizeof(t->daddr));
+	__builtin_memcpy(t->daddr, match, sizeof(t->daddr));
 	return find_conn(t, netns, rec);
 }
 
@@ -296,6 +320,7 @@ int pktmeta_recvmsg4(struct bpf_sock_addr *ctx)
 	if (p) {
 		pktmeta__v4mapped(p->addr, ctx->user_ip4);
 		p->port = (__be16)ctx->user_port;
+		p->gen = udp_peer_gen();
 	}
 	return 1;
 }
@@ -313,6 +338,7 @@ int pktmeta_recvmsg6(struct bpf_sock_addr *ctx)
 		a[2] = ctx->user_ip6[2];
 		a[3] = ctx->user_ip6[3];
 		p->port = (__be16)ctx->user_port;
+		p->gen = udp_peer_gen();
 	}
 	return 1;
 }

@@ -26,8 +26,10 @@
  * to the socket, not to the thread: it is about the last datagram any
  * reader received, so ask right after the receive, and where the answer
  * decides access give each reader its own socket (SO_REUSEPORT) or
- * connect one per peer. recvmmsg() leaves its last message's. A peer with
- * flows to two of a wildcard socket's pod addresses gets ENOENT.
+ * connect one per peer. recvmmsg() leaves its last message's. A wildcard
+ * socket gets ENOENT where two of the pod's addresses each have a flow
+ * from the datagram's source to its port (it cannot tell which one the
+ * datagram came to), and where the pod has more than 8 addresses.
  *
  * The answer is given to the pod that received the connection (the origin
  * record says it was delivered to this pod) and to the pod that opened it;

@@ -161,8 +161,8 @@ type bpfPktmetaMemberKey struct {
 type bpfPktmetaNetnsAddrs struct {
 	_       structs.HostLayout
 	N_addrs uint32
-	Pad     uint32
-	Addrs   [16][16]uint8
+	Flags   uint32
+	Addrs   [8][16]uint8
 }
 
 type bpfPktmetaNodeConfig struct {
@@ -257,7 +257,7 @@ type bpfPktmetaUdpPeer struct {
 	Addr [16]uint8
 	Port uint16
 	Pad  uint16
-	Pad2 uint32
+	Gen  uint32
 }
 
 type bpfPktmetaWorkload struct {
@@ -306,6 +306,7 @@ const (
 	bpfMapPktmetaStats        = "pktmeta_stats"
 	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
 	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
+	bpfMapPktmetaUdpPeerGen   = "pktmeta_udp_peer_gen"
 	bpfMapPktmetaUdpPeers     = "pktmeta_udp_peers"
 	bpfMapPktmetaWlNetns      = "pktmeta_wl_netns"
 	bpfMapPktmetaWloads       = "pktmeta_wloads"
@@ -401,6 +402,7 @@ type bpfMapSpecs struct {
 	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
 	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
+	PktmetaUdpPeerGen *ebpf.MapSpec `ebpf:"pktmeta_udp_peer_gen"`
 	PktmetaUdpPeers   *ebpf.MapSpec `ebpf:"pktmeta_udp_peers"`
 	PktmetaWlNetns    *ebpf.MapSpec `ebpf:"pktmeta_wl_netns"`
 	PktmetaWloads     *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
@@ -456,6 +458,7 @@ type bpfMaps struct {
 	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
 	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
+	PktmetaUdpPeerGen *ebpf.Map `ebpf:"pktmeta_udp_peer_gen"`
 	PktmetaUdpPeers   *ebpf.Map `ebpf:"pktmeta_udp_peers"`
 	PktmetaWlNetns    *ebpf.Map `ebpf:"pktmeta_wl_netns"`
 	PktmetaWloads     *ebpf.Map `ebpf:"pktmeta_wloads"`
@@ -477,6 +480,7 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaStats,
 		m.PktmetaUdpEpoch,
 		m.PktmetaUdpHits,
+		m.PktmetaUdpPeerGen,
 		m.PktmetaUdpPeers,
 		m.PktmetaWlNetns,
 		m.PktmetaWloads,

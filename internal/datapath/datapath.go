@@ -150,6 +150,8 @@ type Datapath struct {
 	// UDPPeersMap: per UDP socket, the source its last recvmsg returned.
 	NetnsAddrsMap *ebpf.Map
 	UDPPeersMap   *ebpf.Map
+	// UDPPeerGenMap: the generation of the recvmsg programs' attachment.
+	UDPPeerGenMap *ebpf.Map
 
 	Origin  *ebpf.Program
 	Strict  *ebpf.Program
@@ -261,16 +263,17 @@ const (
 	mapWlNetns    = "pktmeta_wl_netns"
 	mapNsAddrs    = "pktmeta_ns_addrs"
 	mapUDPPeers   = "pktmeta_udp_peers"
+	mapUDPPeerGen = "pktmeta_udp_peer_gen"
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapNsAddrs, mapUDPPeers, mapConfig}
+var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapNsAddrs, mapUDPPeers, mapUDPPeerGen, mapConfig}
 
 // newerMaps are the maps a datapath of an older release of this layout
 // may not have. A handle that takes pinned state as it is (no programs
 // needed) leaves them nil where they are missing; everything that uses
 // them says what it does without.
-var newerMaps = map[string]bool{mapUDPEpoch: true, mapWlNetns: true, mapNsAddrs: true, mapUDPPeers: true}
+var newerMaps = map[string]bool{mapUDPEpoch: true, mapWlNetns: true, mapNsAddrs: true, mapUDPPeers: true, mapUDPPeerGen: true}
 
 // optionalProgs are programs a kernel may be unable to run without the
 // rest of the datapath suffering: they are left out of the load there
@@ -310,6 +313,7 @@ func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 		mapWlNetns:    &d.WorkloadNetnsMap,
 		mapNsAddrs:    &d.NetnsAddrsMap,
 		mapUDPPeers:   &d.UDPPeersMap,
+		mapUDPPeerGen: &d.UDPPeerGenMap,
 	}
 }
 

@@ -466,6 +466,11 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	for name, dst := range d.progSlots() {
 		*dst = coll.Programs[progNames[name]]
 		delete(coll.Programs, progNames[name])
+		if *dst == nil && optionalProgs[name] {
+			// Not loaded (this kernel, or its verifier): no copy an
+			// older load pinned may run on in its place.
+			d.dropApp(name)
+		}
 	}
 
 	cfg := Config{LayoutVersion: LayoutVersion, UDPTimeout: o.UDPTimeout, NoConntrack: !kf.ConntrackKfuncs}
@@ -500,43 +505,44 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	return nil
 }
 
-// optionalLoadSteps: what is left out, in turn, when the verifier rejects
-// the object: the recvmsg programs, then the getsockopt program too. The
-// probes above decide by helper, but a verifier may still refuse a
-// program (its complexity limit, a backported helper with other rules):
-// that costs the application interface, never the packet programs.
-var optionalLoadSteps = [][]string{
-	{bpfProgPktmetaRecvmsg4, bpfProgPktmetaRecvmsg6},
-	{bpfProgPktmetaGetsockopt},
-}
-
-// loadCollection loads spec with its maps pinned in mapsDir, leaving
-// optional programs out while the verifier rejects it.
+// loadCollection loads spec with its maps pinned in mapsDir. A program
+// of the application interface the verifier rejects is left out (the
+// probes decide by helper, but a verifier may still refuse one: its
+// complexity limit, a backported helper with other rules): that costs the
+// application interface, never the packet programs. Without the
+// getsockopt program the recvmsg programs are of no use, and the two
+// recvmsg programs go together.
 func loadCollection(spec *ebpf.CollectionSpec, mapsDir string, log *slog.Logger) (*ebpf.Collection, error) {
 	opts := ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir}}
-	next := 0
 	for {
 		coll, err := ebpf.NewCollectionWithOptions(spec, opts)
 		var verr *ebpf.VerifierError
 		if err == nil || !errors.As(err, &verr) {
 			return coll, err
 		}
-		var dropped []string
-		for ; len(dropped) == 0 && next < len(optionalLoadSteps); next++ {
-			for _, name := range optionalLoadSteps[next] {
-				if _, ok := spec.Programs[name]; ok {
-					delete(spec.Programs, name)
-					dropped = append(dropped, name)
-				}
-			}
-		}
-		if len(dropped) == 0 {
+		var drop []string
+		switch {
+		case rejected(err, bpfProgPktmetaGetsockopt):
+			drop = []string{bpfProgPktmetaGetsockopt, bpfProgPktmetaRecvmsg4, bpfProgPktmetaRecvmsg6}
+		case rejected(err, bpfProgPktmetaRecvmsg4), rejected(err, bpfProgPktmetaRecvmsg6):
+			drop = []string{bpfProgPktmetaRecvmsg4, bpfProgPktmetaRecvmsg6}
+		default:
 			log.Error("BPF verifier rejected the datapath", "log", fmt.Sprintf("%+v", verr))
 			return nil, err
 		}
-		log.Warn("BPF verifier rejected the datapath: loading it again without some of the application interface's programs",
-			"leftOut", dropped, "err", err)
+		log.Warn("BPF verifier rejected a program of the application interface: loading the datapath without it",
+			"leftOut", drop, "err", err)
+		log.Debug("verifier log", "log", fmt.Sprintf("%+v", verr))
+		for _, name := range drop {
+			delete(spec.Programs, name)
+		}
 	}
+}
+
+// rejected reports whether err is about loading program name (cilium/ebpf
+// names it: "program NAME: ...").
+func rejected(err error, name string) bool {
+	return strings.Contains(err.Error(), "program "+name+":")
 }
 
 // pinPrograms pins the loaded programs, replacing older pins atomically

@@ -10,4 +10,4 @@ package datapath
 const Release = 6
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "3d9605da4b06a909c359c040de4d9a74f9930b17e0817addcbfb10a8ffed1765"
+const releaseObject = "b3c08c2fd46fa831d9c27fc65d804db8d1ca0bae2fe3e90a7a652e9de555a0ab"

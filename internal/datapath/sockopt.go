@@ -182,7 +182,13 @@ func (d *Datapath) Apps() AppsState {
 		l, err := link.LoadPinnedLink(d.appLinkPath(h.prog), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			if h.prog == ProgGetsockopt {
-				return AppsState{Problem: "not attached: applications get EOPNOTSUPP/ENOPROTOOPT from getsockopt(SOL_PKTMETA)"}
+				st := AppsState{Problem: "not attached: applications get EOPNOTSUPP/ENOPROTOOPT from getsockopt(SOL_PKTMETA)"}
+				for _, o := range appHooks {
+					if _, err := os.Stat(d.appLinkPath(o.prog)); o.prog != ProgGetsockopt && err == nil {
+						st.Problem += "; the " + o.prog + " link is left on without it (uninstall, or the next ADD, mends it)"
+					}
+				}
+				return st
 			}
 			continue // off on this kernel, or applicationUDP false
 		}
@@ -333,6 +339,12 @@ func (d *Datapath) attachApp(h appHook, cgroupDir string) error {
 	case prog == nil:
 		return nil
 	}
+	if h.prog != ProgGetsockopt {
+		// Before: what an earlier attachment remembered is stale.
+		if err := d.bumpUDPPeerGen(); err != nil {
+			return err
+		}
+	}
 	l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: h.attach, Program: prog})
 	if err != nil {
 		return fmt.Errorf("attach %s to cgroup %s: %w", h.prog, cgroupDir, err)
@@ -345,6 +357,19 @@ func (d *Datapath) attachApp(h appHook, cgroupDir string) error {
 		return fmt.Errorf("pin application link %s: %w", h.prog, err)
 	}
 	return nil
+}
+
+// dropApp removes the pinned program prog and its link: for a program
+// this load left out, so that an older load's copy does not run on.
+func (d *Datapath) dropApp(prog string) {
+	os.Remove(filepath.Join(d.progsDir(), prog))
+	for _, h := range appHooks {
+		if h.prog == prog {
+			if err := d.detachApp(h); err != nil {
+				d.log.Warn("remove the link of a program not loaded", "prog", prog, "err", err)
+			}
+		}
+	}
 }
 
 // DetachApps takes the application interface's programs off their cgroup.
@@ -375,16 +400,38 @@ func (d *Datapath) detachApp(h appHook) error {
 		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 			return fmt.Errorf("remove application link %s: %w", h.prog, rerr)
 		}
+	} else {
+		defer l.Close()
+		if err := l.Unpin(); err != nil {
+			return fmt.Errorf("remove application link %s: %w", h.prog, err)
+		}
+		// Now, not when the kernel's deferred release of the last
+		// reference gets to it: whoever removes pktmeta sees the program
+		// gone at once.
+		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			return fmt.Errorf("detach application link %s: %w", h.prog, err)
+		}
+	}
+	if h.prog != ProgGetsockopt {
+		// After: the datagrams from now on go unseen.
+		return d.bumpUDPPeerGen()
+	}
+	return nil
+}
+
+// bumpUDPPeerGen moves the generation of the recvmsg programs'
+// attachment (pktmeta_udp_peer_gen): every peer a socket remembers from
+// before is stale, and the socket gets ENOTCONN until it receives again.
+func (d *Datapath) bumpUDPPeerGen() error {
+	if d.UDPPeerGenMap == nil {
 		return nil
 	}
-	defer l.Close()
-	if err := l.Unpin(); err != nil {
-		return fmt.Errorf("remove application link %s: %w", h.prog, err)
+	var gen uint32
+	if err := d.UDPPeerGenMap.Lookup(uint32(0), &gen); err != nil {
+		return fmt.Errorf("read the recvmsg programs' generation: %w", err)
 	}
-	// Now, not when the kernel's deferred release of the last reference
-	// gets to it: whoever removes pktmeta sees the program gone at once.
-	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
-		return fmt.Errorf("detach application link %s: %w", h.prog, err)
+	if err := d.UDPPeerGenMap.Update(uint32(0), gen+1, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("move the recvmsg programs' generation: %w", err)
 	}
 	return nil
 }
@@ -439,6 +486,10 @@ func (d *Datapath) deleteWorkloadNetns(id uint32) {
 	d.WorkloadNetnsMap.Delete(id)
 	d.syncNetnsAddrs(cookie)
 }
+
+// netnsAddrsTruncated is PKTMETA_NETNS_F_TRUNCATED: the netns has more
+// pod addresses than pktmeta_ns_addrs holds.
+const netnsAddrsTruncated = 1
 
 // syncNetnsAddrs rewrites the addresses the application interface knows
 // for the netns cookie from the workloads in it (an unconnected UDP socket
@@ -508,8 +559,11 @@ func (d *Datapath) wantedNetnsAddrs(only uint64) (map[uint64]bpfPktmetaNetnsAddr
 		slices.SortFunc(as, netip.Addr.Compare)
 		var raw bpfPktmetaNetnsAddrs
 		if len(as) > len(raw.Addrs) {
-			d.log.Warn("more addresses in one netns than unconnected UDP sockets are answered for", "netns", c, "addrs", len(as), "kept", len(raw.Addrs))
+			// Flagged: the program then answers no wildcard socket of
+			// this netns, rather than maybe about the wrong address.
+			d.log.Warn("more addresses in one netns than fit: its unconnected UDP sockets bound to the wildcard get ENOENT", "netns", c, "addrs", len(as), "max", len(raw.Addrs))
 			as = as[:len(raw.Addrs)]
+			raw.Flags |= netnsAddrsTruncated
 		}
 		for i, a := range as {
 			raw.Addrs[i] = a.As16() // IPv4 as IPv4-mapped, as the records keep it
@@ -522,19 +576,18 @@ func (d *Datapath) wantedNetnsAddrs(only uint64) (map[uint64]bpfPktmetaNetnsAddr
 
 // backfillWorkloadNetns gives the workloads of an older release, which
 // had no netns entries, theirs (an upgrade): from their netns path, as
-// long as the pod lives. Then every netns's addresses are rewritten once,
-// and the table is reconciled with the workloads.
+// long as the pod lives. Then every netns's addresses are reconciled with
+// the workloads (written where missing or different, removed where no
+// workload is).
 func (d *Datapath) backfillWorkloadNetns() {
 	ws, err := d.Workloads()
 	if err != nil {
 		d.log.Warn("read workloads for their netns entries", "err", err)
 		return
 	}
-	cookies := map[uint64]bool{}
 	for _, w := range ws {
 		var have uint64
 		if d.WorkloadNetnsMap.Lookup(w.ID, &have) == nil {
-			cookies[have] = true
 			continue
 		}
 		if w.Netns == "" {
@@ -548,10 +601,6 @@ func (d *Datapath) backfillWorkloadNetns() {
 		if err := d.putWorkloadNetns(w.ID, cookie); err != nil {
 			d.log.Warn("store workload netns", "workload", w.ID, "err", err)
 		}
-		cookies[cookie] = true
-	}
-	for c := range cookies {
-		d.syncNetnsAddrs(c)
 	}
 	d.reconcileNetnsAddrs()
 }
@@ -559,9 +608,10 @@ func (d *Datapath) backfillWorkloadNetns() {
 // reconcileNetnsAddrs brings pktmeta_ns_addrs in line with the
 // workloads: it removes the entries of netns no workload is in (what a
 // crash between a workload's removal and its netns's sync left) and
-// rewrites entries that differ (two ADDs into one netns racing). Each
-// netns found wrong is synced afresh rather than written from this pass's
-// view, so that a workload an ADD puts there meanwhile keeps its entry.
+// rewrites entries that differ (a sync that lost a race with another,
+// e.g. garbage collection's with an ADD). Each netns found wrong is
+// synced afresh rather than written from this pass's view, which narrows
+// that race (two syncs may still interleave; the next pass mends it).
 // It returns how many entries it rewrote or removed.
 func (d *Datapath) reconcileNetnsAddrs() int {
 	if d.NetnsAddrsMap == nil || d.WorkloadNetnsMap == nil {

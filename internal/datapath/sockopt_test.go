@@ -405,6 +405,20 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		if o, err := pktmeta.Origin(srv); err != nil || o.ConnID != 4301 {
 			t.Fatalf("one flow left: %+v, %v; want connection 4301", o, err)
 		}
+		// A netns with more addresses than the table holds: no answer
+		// (the datagram may have come to one left out).
+		var raw bpfPktmetaNetnsAddrs
+		if err := e.d.NetnsAddrsMap.Lookup(e.netns, &raw); err != nil {
+			t.Fatal(err)
+		}
+		raw.Flags |= netnsAddrsTruncated
+		if err := e.d.NetnsAddrsMap.Update(e.netns, &raw, ebpf.UpdateExist); err != nil {
+			t.Fatal(err)
+		}
+		if o, err := pktmeta.Origin(srv); !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
+			t.Fatalf("netns addresses truncated: %+v, %v; want unknown", o, err)
+		}
+		e.d.syncNetnsAddrs(e.netns)
 	})
 
 	t.Run("the pod addresses of a netns: its workloads' union, in one order, gone with the last, mended by GC", func(t *testing.T) {
@@ -413,27 +427,36 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 		cookie := e.netns + 100
 		var first []netip.Addr
-		for i := range 9 {
+		for i := range 5 {
 			first = append(first, netip.AddrFrom4([4]byte{10, 0, 1, byte(9 - i)}))
 		}
-		second := []netip.Addr{netip.MustParseAddr("fd00::2"), netip.MustParseAddr("10.0.0.1")}
-		for i := range 7 {
-			second = append(second, netip.AddrFrom4([4]byte{10, 0, 2, byte(i)}))
-		}
+		second := []netip.Addr{netip.MustParseAddr("fd00::2"), netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.2.1")}
 		w1 := e.podAt(t, "multi-a", cookie, 1<<30+3, first...)
-		w2 := e.podAt(t, "multi-b", cookie, 1<<30+4, second...)
-		all := slices.Concat(first, second)
-		slices.SortFunc(all, netip.Addr.Compare)
-		// 18 addresses, 16 kept: IPv4 first, by address, every time.
-		if got := netnsAddrs(t, e.d, cookie); !slices.Equal(got, all[:16]) {
-			t.Fatalf("two workloads: %v, want %v", got, all[:16])
+		want := slices.Concat(first, second)
+		slices.SortFunc(want, netip.Addr.Compare)
+		if want[len(want)-1] != netip.MustParseAddr("fd00::2") {
+			t.Fatalf("IPv6 sorts after IPv4: %v", want)
 		}
+		w2 := e.podAt(t, "multi-b", cookie, 1<<30+4, second...)
+		// 8 addresses, all kept: IPv4 first, by address, every time.
+		if got, truncated := netnsAddrsFlagged(t, e.d, cookie); !slices.Equal(got, want) || truncated {
+			t.Fatalf("two workloads: %v (truncated %v), want %v", got, truncated, want)
+		}
+		// One more address than fit: flagged, so that the program answers
+		// no wildcard socket there (it cannot know the datagram did not
+		// come to the address left out).
+		w3 := e.podAt(t, "multi-c", cookie, 1<<30+6, netip.MustParseAddr("10.0.4.1"))
+		if got, truncated := netnsAddrsFlagged(t, e.d, cookie); len(got) != 8 || !truncated {
+			t.Fatalf("9 addresses: %v (truncated %v), want 8 kept and the flag", got, truncated)
+		}
+		e.d.DeleteEndpoint(1<<30+6, w3)
+		e.d.deleteWorkload(w3)
 		e.d.DeleteEndpoint(1<<30+3, w1)
 		e.d.deleteWorkload(w1)
-		want := slices.Clone(second)
+		want = slices.Clone(second)
 		slices.SortFunc(want, netip.Addr.Compare)
-		if got := netnsAddrs(t, e.d, cookie); !slices.Equal(got, want) {
-			t.Fatalf("after one workload's removal: %v, want %v", got, want)
+		if got, truncated := netnsAddrsFlagged(t, e.d, cookie); !slices.Equal(got, want) || truncated {
+			t.Fatalf("after two workloads' removal: %v (truncated %v), want %v", got, truncated, want)
 		}
 		e.d.DeleteEndpoint(1<<30+4, w2)
 		e.d.deleteWorkload(w2)
@@ -441,9 +464,9 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 			t.Fatalf("after the last workload's removal: %v, want no entry", got)
 		}
 		// What a crash between a workload's removal and the sync leaves (an
-		// orphan), and what two ADDs into one netns racing may (a wrong
-		// entry): garbage collection mends both.
-		e.podAt(t, "multi-c", cookie+1, 1<<30+5, netip.MustParseAddr("10.0.3.1"))
+		// orphan), and what a sync losing a race may (a wrong entry):
+		// garbage collection mends both.
+		e.podAt(t, "multi-d", cookie+1, 1<<30+5, netip.MustParseAddr("10.0.3.1"))
 		wrong := bpfPktmetaNetnsAddrs{N_addrs: 1}
 		wrong.Addrs[0] = netip.MustParseAddr("10.9.9.9").As16()
 		for _, c := range []uint64{cookie, cookie + 1} {
@@ -465,23 +488,12 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 		}
 	})
 
-	t.Run("applicationUDP false: the recvmsg hooks off, the rest on", func(t *testing.T) {
+	t.Run("applicationUDP false: the recvmsg hooks off, the rest on, and nothing remembered from before answers", func(t *testing.T) {
 		if e.d.Recvmsg4 == nil {
 			t.Skip("this kernel cannot run the recvmsg programs (bpf_sk_storage_get for cgroup sock_addr programs)")
 		}
 		root, _ := CgroupRoot()
-		if err := e.d.AttachApps(root, false); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.d.AttachApps(root, true) })
-		if st := e.d.Apps(); !st.Attached || !st.Current || st.UDP {
-			t.Fatalf("with udp false: %+v", st)
-		}
-		for _, p := range []string{ProgRecvmsg4, ProgRecvmsg6} {
-			if _, err := os.Stat(e.d.appLinkPath(p)); !errors.Is(err, os.ErrNotExist) {
-				t.Fatalf("%s link still pinned: %v", p, err)
-			}
-		}
+		rcv := e.receiver(t, "server-udp-off", e.netns)
 		srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
 			t.Fatal(err)
@@ -492,33 +504,71 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer cl.Close()
+		e.putRecord(t, connTuple(ProtoUDP, cl), bpfPktmetaRecord{Flags: FlagDelivered | FlagUDP, ConnId: 4401, ConnGen: 4401, OriginWorkload: e.origin.ID, PeerWorkload: rcv, FirstSeenNs: now})
+		// With the hooks on, the socket remembers the datagram and answers.
 		sendRecv(t, cl, srv)
-		// This datapath's recvmsg programs did not run: no storage.
-		var peer bpfPktmetaUdpPeer
-		if err := e.d.UDPPeersMap.Lookup(uint32(sysFD(t, srv)), &peer); !errors.Is(err, ebpf.ErrKeyNotExist) {
-			t.Fatalf("the socket's storage in this datapath: %+v, %v; want none", peer, err)
+		if o, err := pktmeta.Origin(srv); err != nil || o.ConnID != 4401 {
+			t.Fatalf("hooks on: %+v, %v", o, err)
 		}
-		// What the application hears also depends on the other pktmeta
-		// datapaths on the cgroup root (test packages running beside
-		// this one attach theirs): with their recvmsg programs there,
-		// theirs answer last (ENOENT: their tables do not know the flow).
-		progs, err := CgroupAppPrograms(root)
-		if err != nil {
+		fd := uint32(sysFD(t, srv))
+
+		if err := e.d.AttachApps(root, false); err != nil {
 			t.Fatal(err)
 		}
-		_, err = pktmeta.Origin(srv)
-		if others := len(progs[ProgRecvmsg4]); others == 0 {
-			if !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) {
-				t.Fatalf("unconnected socket without the recvmsg hooks: %v, want not connected", err)
+		t.Cleanup(func() {
+			if err := e.d.AttachApps(root, true); err != nil {
+				t.Errorf("attach the recvmsg hooks again: %v", err)
 			}
-		} else if !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) && !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
-			t.Fatalf("unconnected socket without this datapath's recvmsg hooks, %d other recvmsg4 programs on the cgroup: %v", others, err)
+		})
+		if st := e.d.Apps(); !st.Attached || !st.Current || st.UDP {
+			t.Fatalf("with udp false: %+v", st)
 		}
+		for _, p := range []string{ProgRecvmsg4, ProgRecvmsg6} {
+			if _, err := os.Stat(e.d.appLinkPath(p)); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("%s link still pinned: %v", p, err)
+			}
+		}
+		// What pktmeta's program answers is ENOTCONN. Other pktmeta
+		// datapaths on the cgroup root (test packages running beside this
+		// one attach theirs) answer after it, and theirs may say ENOENT;
+		// none may answer with the connection.
+		notAnswered := func(when string) {
+			t.Helper()
+			o, err := pktmeta.Origin(srv)
+			if !errors.Is(err, wantErr(pktmeta.ErrNotConnected)) && !errors.Is(err, wantErr(pktmeta.ErrUnknown)) {
+				t.Fatalf("%s: %+v, %v; want not connected (or unknown, from another datapath)", when, o, err)
+			}
+		}
+		// The peer the socket remembered from before is from an earlier
+		// generation: not answered about, though the storage still holds it.
+		notAnswered("hooks off, the datagram from before")
+		var peer bpfPktmetaUdpPeer
+		if err := e.d.UDPPeersMap.Lookup(fd, &peer); err != nil {
+			t.Fatalf("the socket's storage: %v", err)
+		}
+		var gen uint32
+		if err := e.d.UDPPeerGenMap.Lookup(uint32(0), &gen); err != nil || peer.Gen == gen {
+			t.Fatalf("storage generation %d, current %d (%v): want them apart", peer.Gen, gen, err)
+		}
+		// A datagram now goes unseen by this datapath.
+		sendRecv(t, cl, srv)
+		var again bpfPktmetaUdpPeer
+		if err := e.d.UDPPeersMap.Lookup(fd, &again); err != nil || again != peer {
+			t.Fatalf("the socket's storage changed with the hooks off: %+v -> %+v (%v)", peer, again, err)
+		}
+		notAnswered("hooks off, a datagram since")
+
+		// On again: still nothing from before, until the next datagram.
 		if err := e.d.AttachApps(root, true); err != nil {
 			t.Fatal(err)
 		}
 		if st := e.d.Apps(); !st.UDP || !st.Current {
 			t.Fatalf("back on: %+v", st)
+		}
+		notAnswered("hooks on again, before a datagram")
+		sendRecv(t, cl, srv)
+		if o, err := pktmeta.Origin(srv); err != nil || o.ConnID != 4401 {
+			t.Fatalf("hooks on again, after a datagram: %+v, %v", o, err)
 		}
 	})
 
@@ -775,10 +825,18 @@ func TestVerifierRejectionLeavesOutOnlyTheApplicationInterface(t *testing.T) {
 // netns cookie; nil without an entry.
 func netnsAddrs(tb testing.TB, d *Datapath, cookie uint64) []netip.Addr {
 	tb.Helper()
+	addrs, _ := netnsAddrsFlagged(tb, d, cookie)
+	return addrs
+}
+
+// netnsAddrsFlagged is netnsAddrs and whether the entry says it is
+// truncated.
+func netnsAddrsFlagged(tb testing.TB, d *Datapath, cookie uint64) ([]netip.Addr, bool) {
+	tb.Helper()
 	var raw bpfPktmetaNetnsAddrs
 	err := d.NetnsAddrsMap.Lookup(cookie, &raw)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil
+		return nil, false
 	}
 	if err != nil {
 		tb.Fatal(err)
@@ -787,5 +845,5 @@ func netnsAddrs(tb testing.TB, d *Datapath, cookie uint64) []netip.Addr {
 	for i := range min(int(raw.N_addrs), len(raw.Addrs)) {
 		addrs = append(addrs, netip.AddrFrom16(raw.Addrs[i]).Unmap())
 	}
-	return addrs
+	return addrs, raw.Flags&netnsAddrsTruncated != 0
 }
