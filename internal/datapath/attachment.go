@@ -255,7 +255,7 @@ type GCResult struct {
 // attachments keep rejects (CNI GC: not in valid-attachments; the agent:
 // the veth is gone), link pins and endpoints that no workload owns
 // (what a killed ADD left), netns addresses that differ from the
-// workloads' (a killed DEL, two ADDs racing), and, in one sweep, idle
+// workloads' (a killed DEL, a sync that lost a race), and, in one sweep, idle
 // UDP records, TCP records whose connection is over and aliases whose
 // record is gone. CNI GC, the agent and uninstall all go through it.
 func (d *Datapath) CollectGarbage(keep func(Workload) bool) (GCResult, error) {
