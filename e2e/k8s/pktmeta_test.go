@@ -260,17 +260,18 @@ func (s *suite) identity(t *testing.T) {
 	// socket (getsockopt SOL_PKTMETA): the same answer.
 	// Label tags come from the API through the agent, maybe after web
 	// accepted: they may be missing from its answer, never wrong.
-	s.wantAsked(t, local, client, map[string]string{"team": "payments", "app.kubernetes.io/name": "client", "app.kubernetes.io/component": "frontend"}, []string{"team"}, false)
+	s.wantAsked(t, "accept", local, client, map[string]string{"team": "payments", "app.kubernetes.io/name": "client", "app.kubernetes.io/component": "frontend"}, []string{"team"}, false)
 }
 
-// wantAsked finds web's accept of the connection from remote and checks
-// what web's socket said about who opened it: pod tags among podTags, the
-// keys of must among them.
-func (s *suite) wantAsked(t *testing.T, remote string, client *corev1.Pod, podTags map[string]string, must []string, nat bool) {
+// wantAsked finds web's event (accept: TCP; datagram: UDP, on its
+// unconnected socket right after the receive) for the connection from
+// remote and checks what web's socket said about who opened it: pod tags
+// among podTags, the keys of must among them.
+func (s *suite) wantAsked(t *testing.T, event, remote string, client *corev1.Pod, podTags map[string]string, must []string, nat bool) {
 	t.Helper()
 	var origin map[string]any
-	poll(t, "web logging what its socket said of the connection from "+remote, time.Minute, func() error {
-		for _, ev := range s.c.events(t, s.ns, "web", "accept") {
+	poll(t, "web logging what its socket said of the "+event+" from "+remote, time.Minute, func() error {
+		for _, ev := range s.c.events(t, s.ns, "web", event) {
 			if ev["remote"] == remote {
 				origin, _ = ev["origin"].(map[string]any)
 				return nil
@@ -321,12 +322,13 @@ func (s *suite) services(t *testing.T) {
 		pod := s.c.runPod(t, s.ns, podSpec{name: "svc-tcp", args: []string{"dial", "--tcp", net.JoinHostPort(s.webSvc, "80"), "--count", "1", "--every", "1s"}})
 		local := s.c.waitEvent(t, s.ns, pod.Name, "connected", 1)[0]["local"].(string)
 		s.wantNAT(t, "tcp", pod, local, net.JoinHostPort(s.webSvc, "80"), s.webAddr(t, 8080))
-		s.wantAsked(t, local, pod, map[string]string{}, nil, true)
+		s.wantAsked(t, "accept", local, pod, map[string]string{}, nil, true)
 	})
 	t.Run("udp", func(t *testing.T) {
 		pod := s.c.runPod(t, s.ns, podSpec{name: "svc-udp", args: []string{"udp", "--addr", net.JoinHostPort(s.dnsSvc, "53"), "--count", "3", "--every", "1s", "--hold", "-1s"}})
 		local := s.c.waitEvent(t, s.ns, pod.Name, "answered", 1)[0]["local"].(string)
 		s.wantNAT(t, "udp", pod, local, net.JoinHostPort(s.dnsSvc, "53"), s.webAddr(t, 5353))
+		s.wantAsked(t, "datagram", local, pod, map[string]string{}, nil, true)
 	})
 }
 

@@ -114,7 +114,10 @@ func originOf(c net.Conn) obj {
 // bound to the wildcard address, so the local address of a datagram comes
 // from IP_PKTINFO / IPV6_PKTINFO: the address the client actually reached
 // (after any service DNAT). The reply goes out with the kernel's choice of
-// source, which in a pod with one address is that same address.
+// source, which in a pod with one address is that same address. Before
+// the reply, the socket is asked who opened the flow of the datagram it
+// just returned (an unconnected socket bound to the wildcard: pktmeta's
+// recvmsg programs remembered the source).
 func serveUDP(ctx context.Context, e *env, c *net.UDPConn) error {
 	enablePktinfo(c)
 	port := uint16(0)
@@ -131,6 +134,7 @@ func serveUDP(ctx context.Context, e *env, c *net.UDPConn) error {
 			}
 			return err
 		}
+		origin := originOf(c)
 		local := addrString(c.LocalAddr())
 		if dst, ok := pktinfoDst(oob[:oobn]); ok {
 			local = netip.AddrPortFrom(dst, port).String()
@@ -139,7 +143,7 @@ func serveUDP(ctx context.Context, e *env, c *net.UDPConn) error {
 			e.out.emit(obj{"event": "error", "proto": "udp", "local": local, "remote": unmapped(from), "err": errString(err)})
 			continue
 		}
-		e.out.emit(obj{"event": "datagram", "proto": "udp", "local": local, "remote": unmapped(from)})
+		e.out.emit(obj{"event": "datagram", "proto": "udp", "local": local, "remote": unmapped(from), "origin": origin})
 	}
 }
 
