@@ -509,6 +509,10 @@ func (d *Datapath) syncNetnsAddrs(cookie uint64) {
 		d.NetnsAddrsMap.Delete(cookie)
 		return
 	}
+	if raw.Flags&netnsAddrsTruncated != 0 {
+		// Here, where the entry is written, not in every GC's comparison.
+		d.log.Warn("more pod addresses in one netns than fit: its unconnected UDP sockets bound to the wildcard get ENOENT", "netns", cookie, "max", len(raw.Addrs))
+	}
 	if err := d.NetnsAddrsMap.Update(cookie, &raw, ebpf.UpdateAny); err != nil {
 		d.log.Warn("store the pod addresses of a netns: its unconnected UDP sockets get ENOENT", "netns", cookie, "err", err)
 	}
@@ -561,7 +565,6 @@ func (d *Datapath) wantedNetnsAddrs(only uint64) (map[uint64]bpfPktmetaNetnsAddr
 		if len(as) > len(raw.Addrs) {
 			// Flagged: the program then answers no wildcard socket of
 			// this netns, rather than maybe about the wrong address.
-			d.log.Warn("more addresses in one netns than fit: its unconnected UDP sockets bound to the wildcard get ENOENT", "netns", c, "addrs", len(as), "max", len(raw.Addrs))
 			as = as[:len(raw.Addrs)]
 			raw.Flags |= netnsAddrsTruncated
 		}
