@@ -19,6 +19,16 @@
 /* IPv6 extension headers skipped before giving up. */
 #define PKTMETA_MAX_EXT_HDRS 8
 
+/* The first byte of an IPv4 header without options: version 4, five
+ * 32-bit words. */
+#define IPV4_NO_OPTIONS 0x45
+/* The fragment offset bits of frag_off (host order): non-zero in a
+ * fragment other than the first, which carries no L4 header. */
+#define IPV4_FRAG_OFFSET 0x1fff
+/* Bytes 8-11 of an IPv4-mapped address (::ffff:a.b.c.d) as one word the
+ * way memory holds them. */
+#define V4MAPPED_WORD ((__u64)bpf_htonl(0x0000ffff))
+
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
@@ -49,7 +59,7 @@ static __always_inline void v4mapped(__u8 dst[16], __be32 addr)
 
 	w[0] = 0;
 	w[1] = 0;
-	w[2] = bpf_htonl(0x0000ffff);
+	w[2] = V4MAPPED_WORD;
 	w[3] = addr;
 }
 
@@ -57,7 +67,7 @@ static __always_inline int is_v4mapped(const __u8 a[16])
 {
 	const __u32 *w = (const __u32 *)a;
 
-	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
+	return w[0] == 0 && w[1] == 0 && w[2] == V4MAPPED_WORD;
 }
 
 static __always_inline int is_ipv6_ext(__u8 nexthdr)
@@ -198,7 +208,7 @@ static __always_inline enum parse_result parse_linear(struct __sk_buff *skb, str
 		proto = iph->protocol;
 		l4 = (void *)iph + ihl;
 		/* Non-first fragments carry no L4 header. */
-		if (iph->frag_off & bpf_htons(0x1fff))
+		if (iph->frag_off & bpf_htons(IPV4_FRAG_OFFSET))
 			proto = 0;
 		if (!need_tuple && tcp_plain(l4, data_end, proto))
 			return PARSE_TCP_PLAIN;

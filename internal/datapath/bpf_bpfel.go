@@ -281,12 +281,12 @@ type bpfPktmetaWorkload struct {
 }
 
 type bpfUdpHit struct {
-	_       structs.HostLayout
-	T       bpfPktmetaTuple
-	Ifindex uint32
-	Pad     uint32
-	UntilNs uint64
-	Epoch   uint64
+	_            structs.HostLayout
+	T            bpfPktmetaTuple
+	Ifindex      uint32
+	Births       uint32
+	UntilJiffies uint64
+	Epoch        uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -304,6 +304,7 @@ const (
 	bpfMapPktmetaNsAddrs      = "pktmeta_ns_addrs"
 	bpfMapPktmetaRemoteLive   = "pktmeta_remote_live"
 	bpfMapPktmetaStats        = "pktmeta_stats"
+	bpfMapPktmetaUdpBirths    = "pktmeta_udp_births"
 	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
 	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
 	bpfMapPktmetaUdpPeerGen   = "pktmeta_udp_peer_gen"
@@ -400,6 +401,7 @@ type bpfMapSpecs struct {
 	PktmetaNsAddrs    *ebpf.MapSpec `ebpf:"pktmeta_ns_addrs"`
 	PktmetaRemoteLive *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
 	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
+	PktmetaUdpBirths  *ebpf.MapSpec `ebpf:"pktmeta_udp_births"`
 	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
 	PktmetaUdpPeerGen *ebpf.MapSpec `ebpf:"pktmeta_udp_peer_gen"`
@@ -456,6 +458,7 @@ type bpfMaps struct {
 	PktmetaNsAddrs    *ebpf.Map `ebpf:"pktmeta_ns_addrs"`
 	PktmetaRemoteLive *ebpf.Map `ebpf:"pktmeta_remote_live"`
 	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
+	PktmetaUdpBirths  *ebpf.Map `ebpf:"pktmeta_udp_births"`
 	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
 	PktmetaUdpPeerGen *ebpf.Map `ebpf:"pktmeta_udp_peer_gen"`
@@ -478,6 +481,7 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaNsAddrs,
 		m.PktmetaRemoteLive,
 		m.PktmetaStats,
+		m.PktmetaUdpBirths,
 		m.PktmetaUdpEpoch,
 		m.PktmetaUdpHits,
 		m.PktmetaUdpPeerGen,

@@ -1487,6 +1487,134 @@ func TestUDPShortcut(t *testing.T) {
 			}
 		})
 	})
+	// IPv4 without options is judged from the headers before the parse
+	// (udp4_known); everything else by the parsed tuple (udp_shortcut).
+	// Both must find the same slot and take the same decisions.
+	withOptions := func(src, dst netip.AddrPort) testutil.Packet {
+		p := udp(src, dst)
+		p.IPv4Options = []byte{1, 1, 1, 1} // four NOPs: a 24-byte header
+		return p
+	}
+	originPackets := func(e *progEnv) uint64 { return e.stats().OriginPackets }
+	t.Run("both ways of asking share the slot", func(t *testing.T) {
+		for _, c := range []struct {
+			name          string
+			remember, ask testutil.Packet
+		}{
+			{"remembered parsed, asked from the headers", withOptions(podA, podB), udp(podA, podB)},
+			{"remembered from the headers, asked parsed", udp(podA, podB), withOptions(podA, podB)},
+			{"both parsed", withOptions(podA, podB), withOptions(podA, podB)},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				onOneCPUIn(t, func(e *progEnv) {
+					a := e.addPod(1, podOpts{}, podA)
+					e.from(a, c.remember) // the record
+					e.from(a, c.remember) // fresh: remembered
+					seen := originPackets(e)
+					e.from(a, c.ask)
+					if got := originPackets(e); got != seen {
+						t.Fatalf("origin packets %d then %d: the remembered flow went the full path", seen, got)
+					}
+				})
+			})
+		}
+	})
+	t.Run("an IPv6 flow never answers an IPv4 datagram", func(t *testing.T) {
+		// The same low address words, the same ports, the same bytes
+		// 8-11 (00 00 ff ff) as the IPv4-mapped form: the same slot, and
+		// only the addresses' first eight bytes tell the tuples apart.
+		lookalikeA := netip.MustParseAddrPort("[2001:db8::ffff:10.244.1.2]:40000")
+		lookalikeB := netip.MustParseAddrPort("[2001:db8::ffff:10.244.1.3]:8080")
+		onOneCPUIn(t, func(e *progEnv) {
+			a := e.addPod(1, podOpts{}, podA, lookalikeA)
+			e.from(a, udp(lookalikeA, lookalikeB))
+			e.from(a, udp(lookalikeA, lookalikeB)) // remembered
+			e.mustRecord(udpTuple(lookalikeA, lookalikeB))
+			e.from(a, udp(podA, podB))
+			e.mustRecord(flow)
+		})
+	})
+	t.Run("what the parser would not take is never a hit", func(t *testing.T) {
+		// A non-first fragment whose payload reads like the flow's ports,
+		// and a datagram whose IP length leaves no room for a UDP header:
+		// neither is a datagram of the flow, and neither may leave as
+		// one. The full path counts them as not parsed.
+		fragment := udp(podA, podB)
+		fragment.FragOffset = 8
+		short := udp(podA, podB).Bytes()
+		binary.BigEndian.PutUint16(short[14+2:], 20+4) // total length: IP header + 4
+		for _, c := range []struct {
+			name string
+			pkt  []byte
+		}{
+			{"a non-first fragment", fragment.Bytes()},
+			{"an IP length shorter than a UDP header", short},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				onOneCPUIn(t, func(e *progEnv) {
+					a := e.addPod(1, podOpts{}, podA)
+					e.from(a, udp(podA, podB))
+					e.from(a, udp(podA, podB)) // remembered
+					before := e.stats().NotParsed
+					e.runOn(e.d.Origin, a.ifindex, c.pkt)
+					if got := e.stats().NotParsed; got != before+1 {
+						t.Fatalf("not parsed %d then %d: the packet was taken for the remembered flow", before, got)
+					}
+				})
+			})
+		}
+	})
+	// Datagrams that need nothing because no record or alias is under
+	// their tuple are remembered too, until one is made (births).
+	t.Run("a pod's replies to a flow it received skip the table", func(t *testing.T) {
+		onOneCPUIn(t, func(e *progEnv) {
+			a := e.addPod(1, podOpts{}, podA)
+			b := e.addPod(2, podOpts{}, podB)
+			e.from(a, udp(podA, podB))
+			e.to(b, udp(podA, podB))   // delivered to b
+			e.from(b, udp(podB, podA)) // b's reply: the full path
+			seen := originPackets(e)
+			e.from(b, udp(podB, podA))
+			if got := originPackets(e); got != seen {
+				t.Fatalf("origin packets %d then %d: the reply went the full path", seen, got)
+			}
+			if recs := e.records(); len(recs) != 1 || recs[0].OriginWorkload != a.id {
+				t.Fatalf("records %+v: the reply was tagged as a flow of its own", recs)
+			}
+			// The flow answered goes: the reply is judged again (and, with
+			// nothing left to answer, is a flow of b's own).
+			if _, err := e.d.Sweep(SweepOptions{Workload: a.id}); err != nil {
+				t.Fatal(err)
+			}
+			e.from(b, udp(podB, podA))
+			if recs := e.records(); len(recs) != 1 || recs[0].OriginWorkload != b.id {
+				t.Fatalf("records %+v: after a's record went, b's datagram was still taken for a reply", recs)
+			}
+		})
+	})
+	t.Run("a datagram nobody here opened is remembered until a record is made", func(t *testing.T) {
+		onOneCPUIn(t, func(e *progEnv) {
+			a := e.addPod(1, podOpts{}, podA)
+			b := e.addPod(2, podOpts{}, podB)
+			// Reaches b without passing a's hook (from off the node, with
+			// a's address): no record, nothing in conntrack.
+			e.to(b, udp(podA, podB))
+			e.to(b, udp(podA, podB)) // needs nothing: remembered
+			seen := e.stats().DeliverPackets
+			e.to(b, udp(podA, podB))
+			if got := e.stats().DeliverPackets; got != seen {
+				t.Fatalf("delivery packets %d then %d: the datagram went the full path", seen, got)
+			}
+			// a opens the flow: its record is made, and the next datagram
+			// at b must find it.
+			e.from(a, udp(podA, podB))
+			e.mustRecord(flow)
+			e.to(b, udp(podA, podB))
+			if r := e.mustRecord(flow); !r.IsDelivered() {
+				t.Fatalf("%+v: the record made after the datagram was remembered was never delivered", r)
+			}
+		})
+	})
 	t.Run("the refresh still happens", func(t *testing.T) {
 		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)

@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 6
+const Release = 7
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "b3c08c2fd46fa831d9c27fc65d804db8d1ca0bae2fe3e90a7a652e9de555a0ab"
+const releaseObject = "30423930a0ae57d2dd295241dd2e8b94ead5993454fbb9f73b1e9d05eabbdb4e"
