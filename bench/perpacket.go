@@ -230,8 +230,15 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		repeat int
 		note   string
 	}
+	// A UDP flow nobody on the node opened (from off the node, untagged)
+	// to the pod, and the pod's answer.
+	offNode := netip.MustParseAddrPort("10.244.9.9:1111")
+	udpIn, udpAnswer := pkt(offNode, podB, 17, 0), pkt(podB, offNode, 17, 0)
+	if _, err := b.runs(b.d.Deliver, udpIn, retNext, 1, 1); err != nil {
+		return err
+	}
 	// Known UDP flows, delivered records for the destination hit.
-	for _, p := range [][]byte{udp4, udp6, syn4} {
+	for _, p := range [][]byte{udp4, udp6, syn4, udpAnswer} {
 		if _, err := b.runs(b.d.Origin, p, retNext, 1, 1); err != nil {
 			return err
 		}
@@ -256,6 +263,8 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		{name: "origin, not first: udp6 known flow", prog: b.d.Origin, data: udp6, want: retNext, repeat: repeat},
 		{name: "origin strict, not first: tcp4", prog: b.d.Strict, data: ack4, want: retNext, repeat: repeat, note: "adds the endpoint lookup and source check"},
 		{name: "destination, not first: udp4 delivered flow", prog: b.d.Deliver, data: udp4, want: retNext, repeat: repeat, note: "the per-CPU shortcut; the full path is one hash lookup"},
+		{name: "destination, not first: udp4 flow nobody on the node opened", prog: b.d.Deliver, data: udpIn, want: retNext, repeat: repeat, note: "from off the node, untagged: the per-CPU shortcut (release 7); the full path is three lookups, a conntrack lookup and the inbound table's"},
+		{name: "origin, not first: udp4 answer to such a flow", prog: b.d.Origin, data: udpAnswer, want: retNext, repeat: repeat, note: "the pod answers it: the per-CPU shortcut (release 7); the full path is three lookups"},
 		{name: "destination, first packet: record hit", prog: b.d.Deliver, data: syn4, want: retNext, repeat: repeat, note: "SYN of a known, delivered connection: one lookup"},
 		{name: "destination, first packet: miss", prog: b.d.Deliver, data: missSyn, want: retNext, repeat: repeat, note: "no record: a lookup and a conntrack lookup that finds nothing"},
 		{name: "destination, first packet: NAT resolved, alias written", prog: b.d.Deliver, data: natSyn, want: retNext, repeat: repeat, note: "lookup miss, conntrack lookup (reply direction), lookup of the original tuple, alias update"},
