@@ -169,19 +169,21 @@ struct {
  * datagram of a flow whose record is this veth's and fresh, or the pod's
  * answer to a flow it received; at the destination, one of a flow already
  * delivered, a reply to a flow the pod opened, or one of a flow nobody on
- * the node opened (the last two rest on births, below). A datagram that
- * matches one
- * skips the table until until_jiffies, which is never later than the moment
- * the full path would next have work to do (refresh last_seen, ask
- * conntrack about an alias), and only while pktmeta_udp_epoch has not
- * moved. The deadline is in jiffies because the verifier inlines
- * bpf_jiffies64() into one load, where a clock is a helper call: about a
- * fifth of what a hit costs. A slot
- * is written only after the element its decision was read from is checked
- * to still hold that connection under that tuple. TC programs run with
- * bottom halves disabled, which serialises them on a CPU (on PREEMPT_RT
- * too, where local_bh_disable() takes a per-CPU lock), so a slot is never
- * read half-written. Not pinned: each load starts with an empty one. */
+ * the node opened (answers, replies and those rest on births, below). A
+ * datagram that
+ * matches one skips the table until until_jiffies, which is never later
+ * than the moment the full path would next have work to do (refresh
+ * last_seen, ask conntrack about an alias), and only while
+ * pktmeta_udp_epoch has not moved. The deadline is in jiffies because the
+ * verifier inlines bpf_jiffies64() into one load, where a clock is a
+ * helper call: about a fifth of what a hit costs. The epoch (and births)
+ * are read before the tables, so a record that goes after its element was
+ * read voids the slot; a fresh record's slot is written only after the
+ * element is checked to still hold that connection under that tuple as
+ * well. TC programs run with bottom halves disabled, which serialises them
+ * on a CPU (on PREEMPT_RT too, where local_bh_disable() takes a per-CPU
+ * lock), so a slot is never read half-written. Not pinned: each load
+ * starts with an empty one. */
 #define UDP_HIT_SLOTS 16
 #define UDP_HIT_ORIGIN 0
 #define UDP_HIT_DELIVERY UDP_HIT_SLOTS

@@ -10,4 +10,4 @@ package datapath
 const Release = 7
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "30423930a0ae57d2dd295241dd2e8b94ead5993454fbb9f73b1e9d05eabbdb4e"
+const releaseObject = "fad2bb9eff8b2a9add3aa03c18ea51342979ab2c9983d8a0f928f973deb84a86"
