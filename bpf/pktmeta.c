@@ -200,6 +200,8 @@ struct udp_hit {
 	__u64 epoch; /* pktmeta_udp_epoch when the decision was taken */
 };
 
+/* Odd: births only ever moves by two from zero, so no count is ever taken
+ * for it. */
 #define UDP_BIRTHS_ANY 0xffffffffU
 
 /* What a shortcut's decision is taken under: both read before any table
@@ -238,7 +240,12 @@ struct {
  * received, a datagram from off the node) goes the full path again the
  * moment one could be. Its own counter, not the epoch: new flows are
  * frequent, and must not void what the fresh flows' slots remember. Not
- * pinned, like the slots. */
+ * pinned, like the slots: another load's programs (an upgrade, or a repair,
+ * moving attachments over) do not move it, and a slot that misses a record
+ * made there runs out at its deadline. On weakly ordered CPUs the
+ * increment may be seen before the insert it follows; the same deadline
+ * bounds that. Either way the miss is one of the record not delivered or
+ * not refreshed for at most a second, never of a record made wrongly. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -304,14 +311,14 @@ static __always_inline __u32 udp_births(void)
 }
 
 /* A UDP record or an alias was made: forget the shortcuts that rest on
- * there being none. */
+ * there being none. By two, so that births is never UDP_BIRTHS_ANY. */
 static __always_inline void udp_born(void)
 {
 	__u32 zero = 0;
 	__u64 *b = bpf_map_lookup_elem(&pktmeta_udp_births, &zero);
 
 	if (b)
-		__sync_fetch_and_add(b, 1);
+		__sync_fetch_and_add(b, 2);
 }
 
 /* A UDP record or alias left or was replaced: forget every shortcut. */
@@ -1266,9 +1273,11 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		 * the node), or one conntrack knows. */
 		if (check_sender(skb, p, c, &ep) != SENDER_OK)
 			return;
-		/* Either answer holds for the flow's next datagrams until a
-		 * record is made under their tuple (births), the record answered
-		 * goes (the epoch), or a second passes: remembered. */
+		/* Each "an answer" below (to a record this pod received, to its
+		 * inbound entry, or conntrack's) holds for the flow's next
+		 * datagrams until a record is made under their tuple (births),
+		 * the record answered goes (the epoch), or a second passes:
+		 * remembered. */
 		tuple_reverse(&rev, &p->t);
 		r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
 		if (r && received_here(r, ep)) {
@@ -1294,10 +1303,14 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		ct = ct_direction(skb, &p->t, NULL);
 		if (ct == CT_REPLY) {
 			c->udp_replies++;
+			udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, st->epoch, st->births,
+				     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
 			return;
 		}
 		if (ct == CT_ORIGINAL) {
 			c->udp_preexisting++;
+			udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, st->epoch, st->births,
+				     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
 			return;
 		}
 		tag(skb, p, c, ep);
@@ -1491,9 +1504,10 @@ static __always_inline __u32 now_seconds(void)
 }
 
 /* What deliver_nat() found. */
-#define NAT_NONE 0 /* no record behind the packet, or conntrack cannot be asked */
+#define NAT_NONE 0 /* conntrack tracks the flow, and no record is behind the packet */
 #define NAT_DELIVERED 1 /* the packet belongs to a record, delivered now or before */
 #define NAT_FAILED 2 /* it does, but the alias could not be written */
+#define NAT_UNTRACKED 3 /* conntrack cannot be asked, or has no entry */
 
 /* First packet at the destination with no record under the tuple it
  * carries: ask conntrack what the origin sent, and alias the two. Returns
@@ -1518,7 +1532,7 @@ static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, 
 	}
 	if (dir < 0) {
 		c->ct_unavailable++;
-		return NAT_NONE;
+		return NAT_UNTRACKED;
 	}
 	if (dir != CT_REPLY || tuple_equal(&alias.origin, &p->t))
 		goto miss;
@@ -1548,7 +1562,7 @@ static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, 
 miss:
 	c->misses++;
 	drop_alias(&p->t);
-	return NAT_NONE;
+	return dir == CT_NONE ? NAT_UNTRACKED : NAT_NONE;
 }
 
 /* Whether an alias still resolves, through conntrack, to its connection:
@@ -1641,8 +1655,11 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 		in.ifindex = skb->ifindex;
 		bpf_map_update_elem(&pktmeta_inbound, &rev, &in, BPF_ANY);
 	}
-	/* An alias that could not be written is tried again with the next
-	 * datagram. */
+	/* Remembered only where conntrack tracks the flow: where it does not,
+	 * the inbound entry just written is all that tells the pod's answers
+	 * from flows it opens, and every datagram must keep it (an LRU) from
+	 * going. An alias that could not be written is tried again with the
+	 * next datagram. */
 	if (nat == NAT_NONE)
 		udp_remember(p, skb->ifindex, UDP_HIT_DELIVERY, st->epoch, st->births,
 			     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"os/exec"
+	"strconv"
 	"testing"
 	"time"
 
@@ -1345,6 +1347,21 @@ func onOneCPU(t *testing.T) (restore func()) {
 	}
 }
 
+// conntrackUDP inserts (op "-I") or deletes ("-D") a UDP entry src -> dst
+// in the calling thread's netns, as if the flow had crossed conntrack.
+func conntrackUDP(t *testing.T, op string, src, dst netip.AddrPort) {
+	t.Helper()
+	args := []string{op, "-p", "udp", "-s", src.Addr().String(), "-d", dst.Addr().String(),
+		"--sport", strconv.Itoa(int(src.Port())), "--dport", strconv.Itoa(int(dst.Port()))}
+	if op == "-I" {
+		args = append(args, "-t", "60", "-r", dst.Addr().String(), "-q", src.Addr().String(),
+			"--reply-port-src", strconv.Itoa(int(dst.Port())), "--reply-port-dst", strconv.Itoa(int(src.Port())))
+	}
+	if out, err := exec.Command("conntrack", args...).CombinedOutput(); err != nil {
+		t.Fatalf("conntrack %v: %v: %s", args, err, out)
+	}
+}
+
 // udpSlot mirrors udp_hit_slot() in bpf/pktmeta.c (the origin side).
 func udpSlot(ifindex uint32, t Tuple) uint32 {
 	k := t.key()
@@ -1597,7 +1614,8 @@ func TestUDPShortcut(t *testing.T) {
 			a := e.addPod(1, podOpts{}, podA)
 			b := e.addPod(2, podOpts{}, podB)
 			// Reaches b without passing a's hook (from off the node, with
-			// a's address): no record, nothing in conntrack.
+			// a's address), through conntrack: no record behind it.
+			conntrackUDP(t, "-I", podA, podB)
 			e.to(b, udp(podA, podB))
 			e.to(b, udp(podA, podB)) // needs nothing: remembered
 			seen := e.stats().DeliverPackets
@@ -1605,13 +1623,42 @@ func TestUDPShortcut(t *testing.T) {
 			if got := e.stats().DeliverPackets; got != seen {
 				t.Fatalf("delivery packets %d then %d: the datagram went the full path", seen, got)
 			}
-			// a opens the flow: its record is made, and the next datagram
-			// at b must find it.
+			// The conntrack entry goes and a opens the flow: its record is
+			// made, and the next datagram at b must find it.
+			conntrackUDP(t, "-D", podA, podB)
 			e.from(a, udp(podA, podB))
 			e.mustRecord(flow)
 			e.to(b, udp(podA, podB))
 			if r := e.mustRecord(flow); !r.IsDelivered() {
 				t.Fatalf("%+v: the record made after the datagram was remembered was never delivered", r)
+			}
+		})
+	})
+	t.Run("without conntrack, a datagram nobody here opened keeps its inbound entry", func(t *testing.T) {
+		// Where conntrack does not track the flow, pktmeta_inbound (an
+		// LRU) is all that tells b's answers from flows b opens: every
+		// datagram must write it back, so none is remembered.
+		onOneCPUIn(t, func(e *progEnv) {
+			e.addPod(1, podOpts{}, podA)
+			b := e.addPod(2, podOpts{}, podB)
+			e.to(b, udp(podA, podB))
+			e.to(b, udp(podA, podB))
+			answer := udpTuple(podB, podA).key()
+			if err := e.d.InboundMap.Delete(answer); err != nil {
+				t.Fatalf("no inbound entry for b's answers: %v", err)
+			}
+			seen := e.stats().DeliverPackets
+			e.to(b, udp(podA, podB))
+			if got := e.stats().DeliverPackets; got != seen+1 {
+				t.Fatalf("delivery packets %d then %d: the datagram was remembered", seen, got)
+			}
+			var in bpfPktmetaInboundFlow
+			if err := e.d.InboundMap.Lookup(answer, &in); err != nil || in.Ifindex != b.ifindex {
+				t.Fatalf("the inbound entry was not written back (%v, %+v)", err, in)
+			}
+			e.from(b, udp(podB, podA))
+			if recs := e.records(); len(recs) != 0 {
+				t.Fatalf("records %+v: b's answer was taken for a flow of its own", recs)
 			}
 		})
 	})

@@ -10,4 +10,4 @@ package datapath
 const Release = 7
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "fad2bb9eff8b2a9add3aa03c18ea51342979ab2c9983d8a0f928f973deb84a86"
+const releaseObject = "8f6d62d19f48165946d7d683edea337db7414c1b8da7664fd89d51d493cb629b"
