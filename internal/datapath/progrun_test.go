@@ -1506,7 +1506,11 @@ func TestUDPShortcut(t *testing.T) {
 	})
 	// IPv4 without options is judged from the headers before the parse
 	// (udp4_known); everything else by the parsed tuple (udp_shortcut).
-	// Both must find the same slot and take the same decisions.
+	// Slots are written from the parsed tuple either way. A miss in
+	// udp4_known asks udp_shortcut on the same slot, so these cases show
+	// that a hit is a hit whichever way the datagram asks, not which of
+	// the two answered: that the header path answers shows in the bench
+	// (a known flow's figure); that it never answers wrongly, below.
 	withOptions := func(src, dst netip.AddrPort) testutil.Packet {
 		p := udp(src, dst)
 		p.IPv4Options = []byte{1, 1, 1, 1} // four NOPs: a 24-byte header
@@ -1518,9 +1522,9 @@ func TestUDPShortcut(t *testing.T) {
 			name          string
 			remember, ask testutil.Packet
 		}{
-			{"remembered parsed, asked from the headers", withOptions(podA, podB), udp(podA, podB)},
-			{"remembered from the headers, asked parsed", udp(podA, podB), withOptions(podA, podB)},
-			{"both parsed", withOptions(podA, podB), withOptions(podA, podB)},
+			{"remembered from an IP-options datagram, asked by a plain one", withOptions(podA, podB), udp(podA, podB)},
+			{"remembered from a plain datagram, asked by an IP-options one", udp(podA, podB), withOptions(podA, podB)},
+			{"IP options both times", withOptions(podA, podB), withOptions(podA, podB)},
 		} {
 			t.Run(c.name, func(t *testing.T) {
 				onOneCPUIn(t, func(e *progEnv) {
