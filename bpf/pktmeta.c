@@ -1530,6 +1530,11 @@ static __always_inline int deliver_nat(struct __sk_buff *skb, struct packet *p, 
 		tuple_reverse(&rev, &p->t);
 		dir = ct_direction(skb, &rev, &alias.origin);
 	}
+	/* An opaque copy from here on: otherwise clang threads the later
+	 * tests of dir back to the tests of the conntrack entry inside
+	 * ct_direction(), past its release, and Linux 6.1's verifier sees a
+	 * path that leaks the reference ("Unreleased reference"). */
+	asm volatile("" : "+r"(dir));
 	if (dir < 0) {
 		c->ct_unavailable++;
 		return NAT_UNTRACKED;

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"os/exec"
@@ -1614,6 +1615,9 @@ func TestUDPShortcut(t *testing.T) {
 		})
 	})
 	t.Run("a datagram nobody here opened is remembered until a record is made", func(t *testing.T) {
+		if !probeConntrackKfuncs(slog.New(slog.DiscardHandler)) {
+			t.Skip("no conntrack kfuncs on this kernel: the programs cannot ask conntrack, and a datagram nobody opened is never remembered (the next case checks that)")
+		}
 		onOneCPUIn(t, func(e *progEnv) {
 			a := e.addPod(1, podOpts{}, podA)
 			b := e.addPod(2, podOpts{}, podB)
@@ -1635,6 +1639,30 @@ func TestUDPShortcut(t *testing.T) {
 			e.to(b, udp(podA, podB))
 			if r := e.mustRecord(flow); !r.IsDelivered() {
 				t.Fatalf("%+v: the record made after the datagram was remembered was never delivered", r)
+			}
+		})
+	})
+	t.Run("an answer conntrack vouches for is remembered", func(t *testing.T) {
+		// A flow that came in through the node's stack (a Service's, say)
+		// without reaching b's delivery hook here: only conntrack knows
+		// b's datagram answers it.
+		if !probeConntrackKfuncs(slog.New(slog.DiscardHandler)) {
+			t.Skip("no conntrack kfuncs on this kernel: the programs cannot ask conntrack")
+		}
+		onOneCPUIn(t, func(e *progEnv) {
+			b := e.addPod(2, podOpts{}, podB)
+			conntrackUDP(t, "-I", podA, podB)
+			e.from(b, udp(podB, podA)) // the full path: conntrack's answer
+			seen := originPackets(e)
+			e.from(b, udp(podB, podA))
+			if got := originPackets(e); got != seen {
+				t.Fatalf("origin packets %d then %d: the answer went the full path", seen, got)
+			}
+			if recs := e.records(); len(recs) != 0 {
+				t.Fatalf("records %+v: b's answer was taken for a flow of its own", recs)
+			}
+			if s := e.stats(); s.UDPReplies != 1 {
+				t.Fatalf("udp replies %d, want 1 (the full path once)", s.UDPReplies)
 			}
 		})
 	})

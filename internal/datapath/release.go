@@ -10,4 +10,4 @@ package datapath
 const Release = 7
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "8f6d62d19f48165946d7d683edea337db7414c1b8da7664fd89d51d493cb629b"
+const releaseObject = "a791fd4e9c5c8fe9cbf91b6c050c1208f25a8156f136e2896d797080195bc547"
