@@ -1115,10 +1115,12 @@ static __always_inline int udp4_maybe(struct __sk_buff *skb)
  *
  * A subprogram, not inlined: inlined, its outcomes reach the parser as
  * different states and the verifier walks the rest of each program once
- * per outcome (origin 363k -> 448k instructions processed on 6.18, and
- * loads too slow on 5.15); called, both programs verify in fewer
- * instructions than before it existed (230k, 210k). The call costs a hit
- * 2-3 ns. */
+ * per outcome (origin 363k -> 448k instructions processed on 6.18);
+ * called, both programs verify in fewer instructions than before it
+ * existed (230k, 210k). It writes *st on a miss although udp_shortcut()
+ * writes it again: without that, the stamp reaches the parser zeroed on
+ * some paths and written on others, and origin verifies in 365k. The call
+ * costs a hit 2-3 ns. */
 static __noinline int udp4_known(struct __sk_buff *skb, __u32 side, struct udp_stamp *st)
 {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -1185,6 +1187,14 @@ static __always_inline void udp_remember(const struct packet *p, __u32 ifindex, 
 	h->births = births;
 	h->epoch = epoch;
 	h->until_jiffies = bpf_jiffies64() + (__u64)left / MAX_JIFFY_NS;
+}
+
+/* Remembers the datagram's flow as needing nothing for a second, on a
+ * decision that rests on nothing being under its tuple (births). */
+static __always_inline void udp_remember_none(const struct packet *p, __u32 ifindex, __u32 side,
+					      const struct udp_stamp *st)
+{
+	udp_remember(p, ifindex, side, st->epoch, st->births, bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
 }
 
 /* Whether e is still the element holding the connection whose first word
@@ -1273,24 +1283,22 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		 * the node), or one conntrack knows. */
 		if (check_sender(skb, p, c, &ep) != SENDER_OK)
 			return;
-		/* Each "an answer" below (to a record this pod received, to its
-		 * inbound entry, or conntrack's) holds for the flow's next
-		 * datagrams until a record is made under their tuple (births),
-		 * the record answered goes (the epoch), or a second passes:
-		 * remembered. */
+		/* Each "nothing to do" below (an answer to a record this pod
+		 * received or to its inbound entry, or what conntrack says)
+		 * holds for the flow's next datagrams until a record is made
+		 * under their tuple (births), the record answered goes (the
+		 * epoch), or a second passes: remembered. */
 		tuple_reverse(&rev, &p->t);
 		r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
 		if (r && received_here(r, ep)) {
 			c->udp_replies++;
-			udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, st->epoch, st->births,
-				     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
+			udp_remember_none(p, skb->ifindex, UDP_HIT_ORIGIN, st);
 			return;
 		}
 		in = bpf_map_lookup_elem(&pktmeta_inbound, &p->t);
 		if (in && READ_ONCE(in->ifindex) == skb->ifindex) {
 			c->udp_replies++;
-			udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, st->epoch, st->births,
-				     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
+			udp_remember_none(p, skb->ifindex, UDP_HIT_ORIGIN, st);
 			return;
 		}
 		/* Host-veth ingress runs before PREROUTING, so the first
@@ -1303,14 +1311,12 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		ct = ct_direction(skb, &p->t, NULL);
 		if (ct == CT_REPLY) {
 			c->udp_replies++;
-			udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, st->epoch, st->births,
-				     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
+			udp_remember_none(p, skb->ifindex, UDP_HIT_ORIGIN, st);
 			return;
 		}
 		if (ct == CT_ORIGINAL) {
 			c->udp_preexisting++;
-			udp_remember(p, skb->ifindex, UDP_HIT_ORIGIN, st->epoch, st->births,
-				     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
+			udp_remember_none(p, skb->ifindex, UDP_HIT_ORIGIN, st);
 			return;
 		}
 		tag(skb, p, c, ep);
@@ -1643,8 +1649,7 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 	/* A reply to a flow the receiving pod opened itself. */
 	tuple_reverse(&rev, &p->t);
 	if (bpf_map_lookup_elem(&pktmeta_conns, &rev)) {
-		udp_remember(p, skb->ifindex, UDP_HIT_DELIVERY, st->epoch, st->births,
-			     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
+		udp_remember_none(p, skb->ifindex, UDP_HIT_DELIVERY, st);
 		return;
 	}
 	ep = receiver(skb, p, c);
@@ -1666,8 +1671,7 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 	 * going. An alias that could not be written is tried again with the
 	 * next datagram. */
 	if (nat == NAT_NONE)
-		udp_remember(p, skb->ifindex, UDP_HIT_DELIVERY, st->epoch, st->births,
-			     bpf_ktime_get_coarse_ns() + UDP_REFRESH_NS);
+		udp_remember_none(p, skb->ifindex, UDP_HIT_DELIVERY, st);
 }
 
 /* The peer answered the SYN: the handshake completed (the sweep's bound on

@@ -10,4 +10,4 @@ package datapath
 const Release = 7
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "a791fd4e9c5c8fe9cbf91b6c050c1208f25a8156f136e2896d797080195bc547"
+const releaseObject = "1f75097970dd4c8e036b416d672cf5ad6df59dbe5e5c5f5d7319c6200750e39c"
