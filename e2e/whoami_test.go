@@ -57,9 +57,15 @@ func TestWhoamiExamples(t *testing.T) {
 		if got.Namespace != "shop" || got.Pod != "frontend" || got.Tags["cluster"] != "e2e" || got.PodTags["app"] != "web" {
 			t.Fatalf("whoami answered %+v", got)
 		}
-		if l := logs.String(); !strings.Contains(l, "caller=shop/frontend") || !strings.Contains(l, "map[cluster:e2e]") {
-			t.Fatalf("whoami logged:\n%s", l)
-		}
+		// The server logs before it answers, but its output reaches the
+		// buffer through a pipe and a copying goroutine, so the line can
+		// arrive after the answer does.
+		eventually(t, "whoami logs the caller", func() error {
+			if l := logs.String(); !strings.Contains(l, "caller=shop/frontend") || !strings.Contains(l, "map[cluster:e2e]") {
+				return fmt.Errorf("whoami logged:\n%s", l)
+			}
+			return nil
+		})
 
 		// The same binary's unconnected UDP socket, over IPv4 and IPv6.
 		d := tp.open()
