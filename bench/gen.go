@@ -3,3 +3,6 @@ package main
 // The benchmark's own BPF programs (bench/bpf/anchors.c): committed like the
 // datapath's, rebuilt by `make generate` with the pinned clang-19.
 //go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -go-package main anchors bpf/anchors.c
+
+// The table-layout study (bench/bpf/tables.c, `--only tables`).
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -go-package main tables bpf/tables.c
