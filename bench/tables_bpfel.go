@@ -90,6 +90,7 @@ const (
 	tablesMapHtab16         = "htab16"
 	tablesMapHtab40         = "htab40"
 	tablesMapLabCursor      = "lab_cursor"
+	tablesMapLabRefused     = "lab_refused"
 	tablesMapLabSeq         = "lab_seq"
 	tablesMapOpenTable      = "open_table"
 	tablesProgLabChunk      = "lab_chunk"
@@ -177,6 +178,7 @@ type tablesMapSpecs struct {
 	Htab16     *ebpf.MapSpec `ebpf:"htab16"`
 	Htab40     *ebpf.MapSpec `ebpf:"htab40"`
 	LabCursor  *ebpf.MapSpec `ebpf:"lab_cursor"`
+	LabRefused *ebpf.MapSpec `ebpf:"lab_refused"`
 	LabSeq     *ebpf.MapSpec `ebpf:"lab_seq"`
 	OpenTable  *ebpf.MapSpec `ebpf:"open_table"`
 }
@@ -214,6 +216,7 @@ type tablesMaps struct {
 	Htab16     *ebpf.Map `ebpf:"htab16"`
 	Htab40     *ebpf.Map `ebpf:"htab40"`
 	LabCursor  *ebpf.Map `ebpf:"lab_cursor"`
+	LabRefused *ebpf.Map `ebpf:"lab_refused"`
 	LabSeq     *ebpf.Map `ebpf:"lab_seq"`
 	OpenTable  *ebpf.Map `ebpf:"open_table"`
 }
@@ -225,6 +228,7 @@ func (m *tablesMaps) Close() error {
 		m.Htab16,
 		m.Htab40,
 		m.LabCursor,
+		m.LabRefused,
 		m.LabSeq,
 		m.OpenTable,
 	)

@@ -79,7 +79,7 @@ const volatile __u32 chunk_mask = 0;
 #define CHUNK_OVERFLOW_SHIFT 56
 #define CHUNK_OVERFLOW_ONE (1ULL << CHUNK_OVERFLOW_SHIFT)
 /* How many chunks an insert or lookup walks at most. */
-#define CHUNK_PROBES 4
+#define CHUNK_PROBES 8
 
 struct key40 {
 	__u8 saddr[16];
@@ -181,6 +181,24 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } lab_seq SEC(".maps");
+
+/* Inserts refused for want of a free slot within the probe limit, by
+ * table (the same indexes as lab_seq). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SEQS);
+	__type(key, __u32);
+	__type(value, __u64);
+} lab_refused SEC(".maps");
+
+static __always_inline int refused(__u32 seq)
+{
+	__u64 *r = bpf_map_lookup_elem(&lab_refused, &seq);
+
+	if (r)
+		++*r;
+	return LAB_FULL;
+}
 
 /* A new connection per call: a pod address to 10.(96 + CPU).x.y:80, the
  * source port and x.y from the per-CPU sequence; the CPU in the address
@@ -383,7 +401,7 @@ int lab_open(struct __sk_buff *skb)
 		__sync_lock_test_and_set(&s->state, SLOT_LIVE);
 		return LAB_MADE;
 	}
-	return LAB_FULL;
+	return refused(SEQ_OPEN);
 }
 
 /* ---- Lookups: a known connection (hit) and an unknown one (miss). ---- */
@@ -482,6 +500,8 @@ int lab_chunk(struct __sk_buff *skb)
 		break;
 	case WALK_REVERSE:
 		return LAB_REVERSE_FOUND;
+	case WALK_TOO_LONG:
+		return refused(SEQ_CHUNK);
 	default:
 		return LAB_EXISTS;
 	}
@@ -524,7 +544,7 @@ int lab_chunk(struct __sk_buff *skb)
 		if (c == home)
 			break;
 	}
-	return LAB_FULL;
+	return refused(SEQ_CHUNK);
 }
 
 /* Multiplier of Knuth's multiplicative hash: spreads consecutive cursors
