@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -153,19 +154,33 @@ func (b *packetBench) paired(name string, prog *ebpf.Program, want uint32, repea
 // alternately, and its time is subtracted (the floor is added back, so the
 // figure compares with the floor like the others).
 func (b *packetBench) firstPacket(wrapper *ebpf.Program, data []byte, repeat, runs int) (samples, over []float64, err error) {
+	return b.wrapped(wrapper, b.a.Target, b.d.Origin, data, repeat, runs, nil)
+}
+
+// wrapped measures prog behind a wrapper that prepares every repetition
+// and tail-calls target[0]: runs of the wrapper in front of prog,
+// alternating with runs of the wrapper in front of the empty program,
+// whose time is subtracted (the floor added back). check, if not nil, is
+// called after every run in front of prog.
+func (b *packetBench) wrapped(wrapper *ebpf.Program, target *ebpf.Map, prog *ebpf.Program, data []byte, repeat, runs int, check func() error) (samples, over []float64, err error) {
 	for range runs {
 		floor, err := b.runs(b.a.FloorProg, data, retNext, repeat, 1)
 		if err != nil {
 			return nil, nil, err
 		}
-		if err := b.a.Target.Update(uint32(0), b.d.Origin, ebpf.UpdateAny); err != nil {
+		if err := target.Update(uint32(0), prog, ebpf.UpdateAny); err != nil {
 			return nil, nil, err
 		}
 		with, err := b.runs(wrapper, data, retNext, repeat, 1)
 		if err != nil {
-			return nil, nil, fmt.Errorf("wrapper + origin: %w", err)
+			return nil, nil, fmt.Errorf("wrapper + program: %w", err)
 		}
-		if err := b.a.Target.Update(uint32(0), b.a.FloorProg, ebpf.UpdateAny); err != nil {
+		if check != nil {
+			if err := check(); err != nil {
+				return nil, nil, err
+			}
+		}
+		if err := target.Update(uint32(0), b.a.FloorProg, ebpf.UpdateAny); err != nil {
 			return nil, nil, err
 		}
 		without, err := b.runs(wrapper, data, retNext, repeat, 1)
@@ -270,7 +285,7 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 		{name: "origin, not first: udp4 answer to such a flow", prog: b.d.Origin, data: udpAnswer, want: retNext, repeat: repeat, note: "the pod answers it: the per-CPU shortcut (release 7); the full path is three lookups"},
 		{name: "destination, first packet: record hit", prog: b.d.Deliver, data: syn4, want: retNext, repeat: repeat, note: "SYN of a known, delivered connection: one lookup"},
 		{name: "destination, first packet: miss", prog: b.d.Deliver, data: missSyn, want: retNext, repeat: repeat, note: "no record: a lookup and a conntrack lookup that finds nothing"},
-		{name: "destination, first packet: NAT resolved, alias written", prog: b.d.Deliver, data: natSyn, want: retNext, repeat: repeat, note: "lookup miss, conntrack lookup (reply direction), lookup of the original tuple, alias update"},
+		{name: "destination, first packet: NAT resolved, alias written", prog: b.d.Deliver, data: natSyn, want: retNext, repeat: repeat, note: "lookup miss, conntrack lookup (reply direction), lookup of the original tuple; the alias is written and the record delivered by the first repetition only, so this is a retransmitted SYN through the Service (the next row is the first delivery)"},
 		{name: "anchor: skb->mark write", prog: b.a.MarkWrite, data: ack4, want: retNext, repeat: repeat},
 		{name: nameDataMeta, prog: b.a.XdpMeta, data: ack4, want: 2, repeat: repeat, note: "XDP test run; adjust_meta(-104), write, adjust_meta(+104): the buffer is reused across repetitions"},
 		{name: "anchor: socket local storage create+delete", prog: b.a.SkStorage, data: ack4, want: retNext, repeat: repeat / 10, note: "bpf_sk_storage_get(F_CREATE) on the test run's socket (allocates the storage and the element), then delete"},
@@ -300,6 +315,12 @@ func (b *packetBench) run(ctx context.Context, rep *Report) error {
 	st, _ := b.d.ReadStats()
 	if st.NATResolved == 0 {
 		return errors.New("NAT benchmark did not resolve through conntrack")
+	}
+	// That item finds the record delivered from its second repetition
+	// on: it measures a retransmitted SYN through the Service. The first
+	// delivery itself, every repetition:
+	if err := b.natFirst(rep, natSyn); err != nil {
+		return err
 	}
 
 	// What source validation costs, without the noise of an insert: a SYN
@@ -502,6 +523,84 @@ func (b *packetBench) udpEntry(ctx context.Context, src, dst netip.AddrPort) err
 		return fmt.Errorf("conntrack -I: %v: %s", err, out)
 	}
 	return nil
+}
+
+// nameNATFirst is the destination's first packet through Service DNAT,
+// measured as it happens once per connection.
+const nameNATFirst = "destination, first packet: NAT resolved for the first time (alias inserted, record delivered)"
+
+// natFirst measures the destination's first packet of a connection that
+// came through Service DNAT as it happens once per connection: the
+// conntrack lookup, the alias insert, the record claimed and replaced with
+// the peer fields. A wrapper (bench/bpf/natfirst.c) undoes the delivery
+// before every repetition, and the same wrapper in front of the empty
+// program is subtracted. Every run must resolve once per repetition.
+// Events off, as for the origin's first packets.
+func (b *packetBench) natFirst(rep *Report, natSyn []byte) error {
+	spec, err := loadNatfirst()
+	if err != nil {
+		return err
+	}
+	tables := map[string]*ebpf.Map{"pktmeta_conns": b.d.ConnsMap, "pktmeta_aliases": b.d.AliasesMap}
+	for name, m := range tables {
+		// The header's placeholders take the datapath's own sizes.
+		spec.Maps[name].MaxEntries, spec.Maps[name].Flags, spec.Maps[name].Pinning = m.MaxEntries(), m.Flags(), ebpf.PinNone
+	}
+	var objs natfirstObjects
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: tables}); err != nil {
+		return fmt.Errorf("load natfirst: %w", err)
+	}
+	defer objs.Close()
+	origin := netip.AddrPortFrom(podA.Addr(), 40001)
+	keys := natfirstNatFirstKeys{Origin: benchTuple(origin, vip, 6), Seen: benchTuple(origin, podB, 6)}
+	if err := objs.NatKeys.Update(uint32(0), &keys, ebpf.UpdateAny); err != nil {
+		return err
+	}
+	if err := b.setEvents(false); err != nil {
+		return err
+	}
+	defer b.setEvents(true)
+	repeat := b.cfg.firstRepeat
+	resolved := func() (uint64, error) {
+		st, err := b.d.ReadStats()
+		return st.NATResolved, err
+	}
+	before, err := resolved()
+	if err != nil {
+		return err
+	}
+	check := func() error {
+		after, err := resolved()
+		if err != nil {
+			return err
+		}
+		if after-before != uint64(repeat) {
+			return fmt.Errorf("%s: %d of %d repetitions resolved through conntrack", nameNATFirst, after-before, repeat)
+		}
+		before = after
+		return nil
+	}
+	s, over, err := b.wrapped(objs.NatFirst, objs.NatTarget, b.d.Deliver, natSyn, repeat, b.cfg.runs, check)
+	if err != nil {
+		return fmt.Errorf("%s: %w", nameNATFirst, err)
+	}
+	r := summarize(nameNATFirst, "ns/pkt", "per-packet", s)
+	d := median(over)
+	r.OverFloor, r.Baseline = &d, nameFloor
+	r.Note = "lookup miss, conntrack lookup (reply direction), snapshot of the original record, alias insert, the record claimed (compare-and-swap) and replaced whole with the peer fields; a wrapper undoes the delivery before each repetition (its cost subtracted); events off; warm caches: one connection, resolved again and again"
+	rep.add(r)
+	return nil
+}
+
+// benchTuple is a table key (struct pktmeta_tuple): addresses as IPv6
+// (IPv4-mapped), ports in network order.
+func benchTuple(src, dst netip.AddrPort, proto uint8) natfirstPktmetaTuple {
+	var t natfirstPktmetaTuple
+	t.Saddr, t.Daddr = src.Addr().As16(), dst.Addr().As16()
+	t.Sport = binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, src.Port()))
+	t.Dport = binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, dst.Port()))
+	t.Proto = proto
+	return t
 }
 
 // natEntry puts a Service DNAT entry into this netns's conntrack:

@@ -94,6 +94,11 @@ func tableStudyOnOneCPU(cfg config, rep *Report) error {
 					objs.LabChunk, objs.LabChunkHit, objs.LabChunkMiss},
 			}
 			data := make([]byte, 64)
+			if size.live == 1_000 && size.capacity == 1<<21 {
+				if err := tableMemory(objs, size.capacity, rep); err != nil {
+					return err
+				}
+			}
 			if err := warmTables(objs, data, size.capacity); err != nil {
 				return err
 			}
@@ -149,6 +154,35 @@ func tableStudyOnOneCPU(cfg config, rep *Report) error {
 		if err != nil {
 			return fmt.Errorf("table study, %s: %w", size.label, err)
 		}
+	}
+	return nil
+}
+
+// tableMemory reports each layout's memory per slot, from the kernel's
+// accounting of its maps (the memlock line of fdinfo). The chunked table
+// uses seven of every eight slots, and counts its tag words too.
+func tableMemory(objs *tablesObjects, capacity uint32, rep *Report) error {
+	for _, t := range []struct {
+		name  string
+		maps  []*ebpf.Map
+		slots float64
+	}{
+		{"hash map, 40-byte key + 104-byte record (today's layout)", []*ebpf.Map{objs.Htab40}, float64(capacity)},
+		{"hash map, 16-byte IPv4 key + 48-byte record", []*ebpf.Map{objs.Htab16}, float64(capacity)},
+		{"open addressing, 64-byte slots", []*ebpf.Map{objs.OpenTable}, float64(capacity)},
+		{"chunks of 7 slots + a word of tags a chunk", []*ebpf.Map{objs.ChunkSlots, objs.ChunkWords}, float64(capacity) * 7 / chunkStride},
+	} {
+		var total int64
+		for _, m := range t.maps {
+			n, err := fdinfoMemlock(m)
+			if err != nil {
+				return fmt.Errorf("%s: %w", t.name, err)
+			}
+			total += n
+		}
+		r := summarize("bytes per slot, "+t.name, "bytes", "tables", []float64{float64(total) / t.slots})
+		r.Note = fmt.Sprintf("kernel accounting of the maps at %d slots", capacity)
+		rep.add(r)
 	}
 	return nil
 }
