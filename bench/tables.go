@@ -15,27 +15,35 @@ const (
 	labReverseFound = 1
 	labExists       = 2
 	labFull         = 3
+	labBusy         = 5
 
-	// tables.c's SEQ_*: each table's index in lab_seq and lab_refused.
+	// tables.c's SEQ_*: each table's index in lab_seq, lab_made and
+	// lab_refused.
 	seqHtab40 = 0
 	seqHtab16 = 1
 	seqOpen   = 2
 	seqChunk  = 4
+
+	// prefillRun is how many records a test run of the prefill makes.
+	prefillRun = 1000
 
 	// chunkStride is tables.c's CHUNK_STRIDE: slots per chunk in
 	// chunk_slots, so chunk_words has capacity/chunkStride words.
 	chunkStride = 8
 )
 
-// tableStudy measures the table work of a TCP/IPv4 first packet (reverse
-// lookup that misses, then the insert) in three layouts: today's hash map
-// (40-byte key, 104-byte record), the same map with compact IPv4 layouts
-// (16 + 48 bytes), and open addressing in an array of one-line slots with
-// a hash that puts a tuple and its reverse in the same place. Each layout
-// is measured at the default table size and at 2M slots holding 1k and
-// 1M records, every run paired with the program that only makes the
-// tuple, whose time is subtracted. A design study for issue 11: none of
-// these tables is the datapath's.
+// tableStudy measures, in four layouts, the table work of a TCP/IPv4
+// first packet (a reverse lookup that misses, then the insert) and
+// lookups that find a record or none: today's hash map (40-byte key,
+// 104-byte record), the same map with compact IPv4 layouts (16 + 48
+// bytes), and two tables of our own in arrays of one-line slots with a
+// hash that puts a tuple and its reverse in the same place (linear
+// probing, and F14-style chunks). Each at the default table size (with
+// the hash maps' free lists fresh, and shuffled as on a node that has run
+// a while) and at 2M slots holding 1k, 1M and 1.4M records; every run is
+// paired with a program that only makes the tuple, whose time is
+// subtracted. A design study for issue 11: none of these tables is the
+// datapath's.
 func tableStudy(cfg config, rep *Report) error {
 	// One CPU for the whole study: every program numbers its tuples in a
 	// per-CPU sequence, and the lookups pick among the records the same
@@ -43,10 +51,18 @@ func tableStudy(cfg config, rep *Report) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread's affinity changed, let it go
-		var one unix.CPUSet
-		one.Set(0)
+		var allowed, one unix.CPUSet
+		if err := unix.SchedGetaffinity(0, &allowed); err != nil {
+			errc <- fmt.Errorf("table study: CPUs allowed: %w", err)
+			return
+		}
+		cpu := 0
+		for !allowed.IsSet(cpu) && cpu < 1024 {
+			cpu++
+		}
+		one.Set(cpu)
 		if err := unix.SchedSetaffinity(0, &one); err != nil {
-			errc <- fmt.Errorf("table study: pin to CPU 0: %w", err)
+			errc <- fmt.Errorf("table study: pin to CPU %d: %w", cpu, err)
 			return
 		}
 		errc <- tableStudyOnOneCPU(cfg, rep)
@@ -54,43 +70,53 @@ func tableStudy(cfg config, rep *Report) error {
 	return <-errc
 }
 
+// tableSize is one configuration of the study.
+type tableSize struct {
+	label    string
+	capacity uint32
+	live     int
+	// fresh leaves the hash maps as created (free elements in address
+	// order) instead of filling and emptying them first.
+	fresh bool
+}
+
 func tableStudyOnOneCPU(cfg config, rep *Report) error {
 	const section = "tables"
 	repeat, runs := 2000, 15
+	sizes := []tableSize{
+		{"131072 slots (the default), 1k live, hash maps fresh", 131072, 1_000, true},
+		{"131072 slots (the default), 1k live", 131072, 1_000, false},
+		{"2M slots, 1k live", 1 << 21, 1_000, false},
+		{"2M slots, 1M live", 1 << 21, 1_000_000, false},
+		// Where open addressing starts to pay for its probe sequences;
+		// the 2M-entry hash maps hold it easily.
+		{"2M slots, 1.4M live", 1 << 21, 1_400_000, false},
+	}
 	if cfg.quick {
-		repeat, runs = 1000, 5
+		repeat, runs, sizes = 1000, 5, sizes[:2]
 	}
 	type design struct {
 		name, note        string
-		seq               uint32 // its index in lab_seq and lab_refused
+		seq               uint32 // its index in lab_seq, lab_made and lab_refused
+		usable            float64
 		insert, hit, miss *ebpf.Program
 	}
-	for _, size := range []struct {
-		label    string
-		capacity uint32
-		live     int
-	}{
-		{"131072 slots (the default), 1k live", 131072, 1_000},
-		{"2M slots, 1k live", 1 << 21, 1_000},
-		{"2M slots, 1M live", 1 << 21, 1_000_000},
-		// 70 % of the slots: where open addressing starts to pay for
-		// its probe sequences; the 2M-entry hash maps hold it easily.
-		{"2M slots, 1.4M live (70 %)", 1 << 21, 1_400_000},
-	} {
+	for _, size := range sizes {
 		objs, err := loadTableStudy(size.capacity)
 		if err != nil {
 			return err
 		}
 		err = func() error {
 			defer objs.Close()
+			slots := float64(size.capacity)
 			designs := []design{
-				{"hash map, 40-byte key + 104-byte record (today's layout)", "preallocated BPF_MAP_TYPE_HASH", seqHtab40,
+				{"hash map, 40-byte key + 104-byte record (today's layout)", "preallocated BPF_MAP_TYPE_HASH", seqHtab40, slots,
 					objs.LabHtab40, objs.LabHtab40Hit, objs.LabHtab40Miss},
-				{"hash map, 16-byte IPv4 key + 48-byte record", "preallocated BPF_MAP_TYPE_HASH", seqHtab16,
+				{"hash map, 16-byte IPv4 key + 48-byte record", "preallocated BPF_MAP_TYPE_HASH", seqHtab16, slots,
 					objs.LabHtab16, objs.LabHtab16Hit, objs.LabHtab16Miss},
-				{"open addressing, 64-byte slots, symmetric hash", "BPF_MAP_TYPE_ARRAY, linear probing", seqOpen,
+				{"open addressing, 64-byte slots, symmetric hash", "BPF_MAP_TYPE_ARRAY, linear probing", seqOpen, slots,
 					objs.LabOpen, objs.LabOpenHit, objs.LabOpenMiss},
-				{"chunks of 7 slots + a word of tags a chunk, symmetric hash", "two BPF_MAP_TYPE_ARRAYs, F14-style chunks", seqChunk,
+				{"chunks of 7 slots + a word of tags a chunk, symmetric hash", "two BPF_MAP_TYPE_ARRAYs, F14-style chunks", seqChunk, slots * 7 / chunkStride,
 					objs.LabChunk, objs.LabChunkHit, objs.LabChunkMiss},
 			}
 			data := make([]byte, 64)
@@ -99,27 +125,41 @@ func tableStudyOnOneCPU(cfg config, rep *Report) error {
 					return err
 				}
 			}
-			if err := warmTables(objs, data, size.capacity); err != nil {
+			if err := warmTables(objs, data, size.capacity, !size.fresh); err != nil {
 				return err
 			}
 			for _, d := range designs {
 				// Fill the table with live records the same way the
-				// measured packets make them (an insert a table of its
-				// own refuses is counted, and answered below).
-				if _, _, err := d.insert.Benchmark(data, size.live, nil); err != nil {
-					return fmt.Errorf("%s: prefill %d: %v", d.name, size.live, err)
+				// measured packets make them; every insert makes one or
+				// is refused (a table of our own, at its probe limit).
+				// A test run interrupted by a signal runs again whole
+				// (EINTR), so the fill goes in runs of prefillRun,
+				// counting what was made: it overshoots by less than one.
+				for {
+					made, refused, err := outcomes(objs, d.seq)
+					if err != nil {
+						return err
+					}
+					if made+refused >= uint64(size.live) {
+						break
+					}
+					n := min(uint64(prefillRun), uint64(size.live)-made-refused)
+					if _, _, err := d.insert.Benchmark(data, int(n), nil); err != nil {
+						return fmt.Errorf("%s: prefill %d: %w", d.name, size.live, err)
+					}
 				}
 			}
 			for _, d := range designs {
+				// The lookups first, while the table holds what the
+				// size says; the first packets' runs add their records.
 				for _, m := range []struct {
-					what  string
-					prog  *ebpf.Program
-					floor *ebpf.Program
-					note  string
+					what, note   string
+					prog, floor  *ebpf.Program
+					makesRecords bool
 				}{
-					{"first packet (reverse lookup misses, insert)", d.insert, objs.LabFloor, "a new tuple every repetition"},
-					{"lookup of a live record (copy, check again)", d.hit, objs.LabPickFloor, "a live record picked in scattered order"},
-					{"lookup of a tuple without a record", d.miss, objs.LabPickFloor, "no record under the tuple"},
+					{"lookup of a live record (copy, check again)", "a live record picked in scattered order", d.hit, objs.LabPickFloor, false},
+					{"lookup of a tuple without a record", "no record under the tuple", d.miss, objs.LabPickFloor, false},
+					{"first packet (reverse lookup misses, insert)", fmt.Sprintf("a new tuple every repetition; the runs add %d records", runs*repeat), d.insert, objs.LabFloor, true},
 				} {
 					var samples, over []float64
 					for range runs {
@@ -127,26 +167,44 @@ func tableStudyOnOneCPU(cfg config, rep *Report) error {
 						if err != nil {
 							return fmt.Errorf("floor: %w", err)
 						}
+						made0, refused0, err := outcomes(objs, d.seq)
+						if err != nil {
+							return err
+						}
 						ret, took, err := m.prog.Benchmark(data, repeat, nil)
 						if err != nil {
 							return fmt.Errorf("%s, %s: %w", d.name, m.what, err)
 						}
-						// A refused insert (and a lookup of its tuple)
-						// is a possible answer once a table refuses.
-						if ret != labMade && !(ret == labFull && refusedBy(objs, d.seq) > 0) {
-							return fmt.Errorf("%s, %s at %s: the last repetition returned %d (%d reverse found, %d exists or changed, %d full or not found)",
-								d.name, m.what, size.label, ret, labReverseFound, labExists, labFull)
+						made1, refused1, err := outcomes(objs, d.seq)
+						if err != nil {
+							return err
+						}
+						// At least repeat: a test run a signal interrupts
+						// is run again whole (EINTR), so its programs can
+						// run more often than asked.
+						switch {
+						case m.makesRecords && ((made1-made0)+(refused1-refused0) < uint64(repeat) || (ret != labMade && ret != labFull)):
+							return fmt.Errorf("%s, %s at %s: %d of %d repetitions made a record or were refused, the last returned %d",
+								d.name, m.what, size.label, (made1-made0)+(refused1-refused0), repeat, ret)
+						// A lookup may meet a tuple whose insert was
+						// refused; otherwise it must find what it looks for.
+						case !m.makesRecords && ret != labMade && !(ret == labFull && refused1 > 0):
+							return fmt.Errorf("%s, %s at %s: the last repetition returned %d (%d changed under it, %d not found or found)",
+								d.name, m.what, size.label, ret, labExists, labFull)
 						}
 						samples = append(samples, float64(took.Nanoseconds()))
 						over = append(over, float64(took.Nanoseconds()-floor.Nanoseconds()))
 					}
 					r := summarize(m.what+", "+d.name+", "+size.label, "ns/pkt", section, samples)
 					o := median(over)
-					r.OverFloor, r.Note = &o, d.note+": "+m.note
-					rep.Results = append(rep.Results, r)
-				}
-				if n := refusedBy(objs, d.seq); n > 0 {
-					rep.Results[len(rep.Results)-3].Note += fmt.Sprintf("; %d inserts refused (no free slot within the probe limit), prefill included", n)
+					r.OverFloor = &o
+					r.Note = fmt.Sprintf("%s: %s; %.1f %% of the usable slots live before the runs", d.note, m.note, 100*float64(size.live)/d.usable)
+					if m.makesRecords {
+						if _, n, err := outcomes(objs, d.seq); err == nil && n > 0 {
+							r.Note += fmt.Sprintf("; %d inserts refused (no free slot within the probe limit), prefill included", n)
+						}
+					}
+					rep.add(r)
 				}
 			}
 			return nil
@@ -187,17 +245,22 @@ func tableMemory(objs *tablesObjects, capacity uint32, rep *Report) error {
 	return nil
 }
 
-// refusedBy sums, over the CPUs, the inserts a table refused.
-func refusedBy(objs *tablesObjects, seq uint32) uint64 {
-	var per []uint64
-	if err := objs.LabRefused.Lookup(seq, &per); err != nil {
-		return 0
+// outcomes sums, over the CPUs, the records a table made and the inserts
+// it refused.
+func outcomes(objs *tablesObjects, seq uint32) (made, refused uint64, err error) {
+	for _, c := range []struct {
+		m *ebpf.Map
+		n *uint64
+	}{{objs.LabMade, &made}, {objs.LabRefused, &refused}} {
+		var per []uint64
+		if err := c.m.Lookup(seq, &per); err != nil {
+			return 0, 0, fmt.Errorf("read %s: %w", c.m, err)
+		}
+		for _, v := range per {
+			*c.n += v
+		}
 	}
-	var n uint64
-	for _, v := range per {
-		n += v
-	}
-	return n
+	return made, refused, nil
 }
 
 // warmTables touches every page of every table once before anything is
@@ -205,10 +268,12 @@ func refusedBy(objs *tablesObjects, seq uint32) uint64 {
 // first touch of a page of a fresh map costs microseconds (measured: lab_open
 // on a fresh 2M-slot table, 6.4 µs per insert at first, falling as pages
 // are touched, 0.2 µs once all were), which would charge a table for its
-// memory being new rather than for its layout. The hash maps are filled to
-// capacity by their own program and emptied from userspace (every bucket
-// and element touched); the array gets one write per page.
-func warmTables(objs *tablesObjects, data []byte, capacity uint32) error {
+// memory being new rather than for its layout. Unless shuffleHashMaps is
+// false, the hash maps are filled to capacity by their own program and
+// emptied from userspace (every bucket and element touched, and the free
+// list left in the order the drain pushed the elements back); the arrays
+// get one write per page.
+func warmTables(objs *tablesObjects, data []byte, capacity uint32, shuffleHashMaps bool) error {
 	for _, w := range []struct {
 		prog  *ebpf.Program
 		m     *ebpf.Map
@@ -223,10 +288,17 @@ func warmTables(objs *tablesObjects, data []byte, capacity uint32) error {
 			return objs.Htab16.BatchLookupAndDelete(c, keys, vals, nil)
 		}},
 	} {
+		if !shuffleHashMaps {
+			break
+		}
 		// A preallocated hash refuses inserts once full: the last
 		// repetitions return "full".
-		if ret, _, err := w.prog.Benchmark(data, int(capacity)+1, nil); err != nil || ret != labFull {
-			return fmt.Errorf("%s: fill to capacity: returned %d: %v", w.m, ret, err)
+		ret, _, err := w.prog.Benchmark(data, int(capacity)+1, nil)
+		if err != nil {
+			return fmt.Errorf("%s: fill to capacity: %w", w.m, err)
+		}
+		if ret != labFull {
+			return fmt.Errorf("%s: fill to capacity: the last insert returned %d, not full", w.m, ret)
 		}
 		var cursor ebpf.MapBatchCursor
 		for {
@@ -261,14 +333,17 @@ func warmTables(objs *tablesObjects, data []byte, capacity uint32) error {
 		return fmt.Errorf("chunk_words: touch every page: %w", err)
 	}
 	// Number the tuples from 1 again (the fills above used them up), so
-	// every sequence counts exactly the records its table holds.
+	// every sequence counts exactly the records its table holds, and
+	// count what the tables make from here on.
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
-		return err
+		return fmt.Errorf("possible CPUs: %w", err)
 	}
-	for seq := uint32(0); seq < objs.LabSeq.MaxEntries(); seq++ {
-		if err := objs.LabSeq.Update(seq, make([]uint64, cpus), ebpf.UpdateExist); err != nil {
-			return fmt.Errorf("reset sequence %d: %w", seq, err)
+	for _, m := range []*ebpf.Map{objs.LabSeq, objs.LabMade, objs.LabRefused} {
+		for seq := uint32(0); seq < m.MaxEntries(); seq++ {
+			if err := m.Update(seq, make([]uint64, cpus), ebpf.UpdateExist); err != nil {
+				return fmt.Errorf("reset %s[%d]: %w", m, seq, err)
+			}
 		}
 	}
 	return nil
@@ -277,6 +352,12 @@ func warmTables(objs *tablesObjects, data []byte, capacity uint32) error {
 // loadTableStudy loads bench/bpf/tables.c with every table sized to
 // capacity (a power of two: the open table's index is a mask).
 func loadTableStudy(capacity uint32) (*tablesObjects, error) {
+	return loadTableStudyWith(capacity, nil)
+}
+
+// loadTableStudyWith is loadTableStudy with more of tables.c's constants
+// set (the churn test's).
+func loadTableStudyWith(capacity uint32, vars map[string]uint32) (*tablesObjects, error) {
 	if capacity&(capacity-1) != 0 {
 		return nil, fmt.Errorf("table study: capacity %d is not a power of two", capacity)
 	}
@@ -288,7 +369,11 @@ func loadTableStudy(capacity uint32) (*tablesObjects, error) {
 		spec.Maps[m].MaxEntries = capacity
 	}
 	spec.Maps["chunk_words"].MaxEntries = capacity / chunkStride
-	for name, v := range map[string]uint32{"open_mask": capacity - 1, "chunk_mask": capacity/chunkStride - 1} {
+	consts := map[string]uint32{"open_mask": capacity - 1, "chunk_mask": capacity/chunkStride - 1}
+	for name, v := range vars {
+		consts[name] = v
+	}
+	for name, v := range consts {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("table study: set %s: %w", name, err)
 		}

@@ -85,30 +85,37 @@ type tablesRec48 struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tablesMapChunkSlots     = "chunk_slots"
-	tablesMapChunkWords     = "chunk_words"
-	tablesMapHtab16         = "htab16"
-	tablesMapHtab40         = "htab40"
-	tablesMapLabCursor      = "lab_cursor"
-	tablesMapLabRefused     = "lab_refused"
-	tablesMapLabSeq         = "lab_seq"
-	tablesMapOpenTable      = "open_table"
-	tablesProgLabChunk      = "lab_chunk"
-	tablesProgLabChunkHit   = "lab_chunk_hit"
-	tablesProgLabChunkMiss  = "lab_chunk_miss"
-	tablesProgLabFloor      = "lab_floor"
-	tablesProgLabHtab16     = "lab_htab16"
-	tablesProgLabHtab16Hit  = "lab_htab16_hit"
-	tablesProgLabHtab16Miss = "lab_htab16_miss"
-	tablesProgLabHtab40     = "lab_htab40"
-	tablesProgLabHtab40Hit  = "lab_htab40_hit"
-	tablesProgLabHtab40Miss = "lab_htab40_miss"
-	tablesProgLabOpen       = "lab_open"
-	tablesProgLabOpenHit    = "lab_open_hit"
-	tablesProgLabOpenMiss   = "lab_open_miss"
-	tablesProgLabPickFloor  = "lab_pick_floor"
-	tablesVarChunkMask      = "chunk_mask"
-	tablesVarOpenMask       = "open_mask"
+	tablesMapChunkSlots       = "chunk_slots"
+	tablesMapChunkWords       = "chunk_words"
+	tablesMapChurnCounts      = "churn_counts"
+	tablesMapChurnLive        = "churn_live"
+	tablesMapHtab16           = "htab16"
+	tablesMapHtab40           = "htab40"
+	tablesMapLabCursor        = "lab_cursor"
+	tablesMapLabMade          = "lab_made"
+	tablesMapLabRefused       = "lab_refused"
+	tablesMapLabSeq           = "lab_seq"
+	tablesMapOpenTable        = "open_table"
+	tablesProgLabChunk        = "lab_chunk"
+	tablesProgLabChunkChurn   = "lab_chunk_churn"
+	tablesProgLabChunkHit     = "lab_chunk_hit"
+	tablesProgLabChunkMiss    = "lab_chunk_miss"
+	tablesProgLabFloor        = "lab_floor"
+	tablesProgLabHtab16       = "lab_htab16"
+	tablesProgLabHtab16Hit    = "lab_htab16_hit"
+	tablesProgLabHtab16Miss   = "lab_htab16_miss"
+	tablesProgLabHtab40       = "lab_htab40"
+	tablesProgLabHtab40Hit    = "lab_htab40_hit"
+	tablesProgLabHtab40Miss   = "lab_htab40_miss"
+	tablesProgLabOpen         = "lab_open"
+	tablesProgLabOpenHit      = "lab_open_hit"
+	tablesProgLabOpenMiss     = "lab_open_miss"
+	tablesProgLabPickFloor    = "lab_pick_floor"
+	tablesVarChunkMask        = "chunk_mask"
+	tablesVarChunkNoLock      = "chunk_no_lock"
+	tablesVarChurnDeleteShare = "churn_delete_share"
+	tablesVarChurnKeys        = "churn_keys"
+	tablesVarOpenMask         = "open_mask"
 )
 
 // loadTables returns the embedded CollectionSpec for tables.
@@ -154,6 +161,7 @@ type tablesSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tablesProgramSpecs struct {
 	LabChunk      *ebpf.ProgramSpec `ebpf:"lab_chunk"`
+	LabChunkChurn *ebpf.ProgramSpec `ebpf:"lab_chunk_churn"`
 	LabChunkHit   *ebpf.ProgramSpec `ebpf:"lab_chunk_hit"`
 	LabChunkMiss  *ebpf.ProgramSpec `ebpf:"lab_chunk_miss"`
 	LabFloor      *ebpf.ProgramSpec `ebpf:"lab_floor"`
@@ -173,22 +181,28 @@ type tablesProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tablesMapSpecs struct {
-	ChunkSlots *ebpf.MapSpec `ebpf:"chunk_slots"`
-	ChunkWords *ebpf.MapSpec `ebpf:"chunk_words"`
-	Htab16     *ebpf.MapSpec `ebpf:"htab16"`
-	Htab40     *ebpf.MapSpec `ebpf:"htab40"`
-	LabCursor  *ebpf.MapSpec `ebpf:"lab_cursor"`
-	LabRefused *ebpf.MapSpec `ebpf:"lab_refused"`
-	LabSeq     *ebpf.MapSpec `ebpf:"lab_seq"`
-	OpenTable  *ebpf.MapSpec `ebpf:"open_table"`
+	ChunkSlots  *ebpf.MapSpec `ebpf:"chunk_slots"`
+	ChunkWords  *ebpf.MapSpec `ebpf:"chunk_words"`
+	ChurnCounts *ebpf.MapSpec `ebpf:"churn_counts"`
+	ChurnLive   *ebpf.MapSpec `ebpf:"churn_live"`
+	Htab16      *ebpf.MapSpec `ebpf:"htab16"`
+	Htab40      *ebpf.MapSpec `ebpf:"htab40"`
+	LabCursor   *ebpf.MapSpec `ebpf:"lab_cursor"`
+	LabMade     *ebpf.MapSpec `ebpf:"lab_made"`
+	LabRefused  *ebpf.MapSpec `ebpf:"lab_refused"`
+	LabSeq      *ebpf.MapSpec `ebpf:"lab_seq"`
+	OpenTable   *ebpf.MapSpec `ebpf:"open_table"`
 }
 
 // tablesVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tablesVariableSpecs struct {
-	ChunkMask *ebpf.VariableSpec `ebpf:"chunk_mask"`
-	OpenMask  *ebpf.VariableSpec `ebpf:"open_mask"`
+	ChunkMask        *ebpf.VariableSpec `ebpf:"chunk_mask"`
+	ChunkNoLock      *ebpf.VariableSpec `ebpf:"chunk_no_lock"`
+	ChurnDeleteShare *ebpf.VariableSpec `ebpf:"churn_delete_share"`
+	ChurnKeys        *ebpf.VariableSpec `ebpf:"churn_keys"`
+	OpenMask         *ebpf.VariableSpec `ebpf:"open_mask"`
 }
 
 // tablesObjects contains all objects after they have been loaded into the kernel.
@@ -211,23 +225,29 @@ func (o *tablesObjects) Close() error {
 //
 // It can be passed to loadTablesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tablesMaps struct {
-	ChunkSlots *ebpf.Map `ebpf:"chunk_slots"`
-	ChunkWords *ebpf.Map `ebpf:"chunk_words"`
-	Htab16     *ebpf.Map `ebpf:"htab16"`
-	Htab40     *ebpf.Map `ebpf:"htab40"`
-	LabCursor  *ebpf.Map `ebpf:"lab_cursor"`
-	LabRefused *ebpf.Map `ebpf:"lab_refused"`
-	LabSeq     *ebpf.Map `ebpf:"lab_seq"`
-	OpenTable  *ebpf.Map `ebpf:"open_table"`
+	ChunkSlots  *ebpf.Map `ebpf:"chunk_slots"`
+	ChunkWords  *ebpf.Map `ebpf:"chunk_words"`
+	ChurnCounts *ebpf.Map `ebpf:"churn_counts"`
+	ChurnLive   *ebpf.Map `ebpf:"churn_live"`
+	Htab16      *ebpf.Map `ebpf:"htab16"`
+	Htab40      *ebpf.Map `ebpf:"htab40"`
+	LabCursor   *ebpf.Map `ebpf:"lab_cursor"`
+	LabMade     *ebpf.Map `ebpf:"lab_made"`
+	LabRefused  *ebpf.Map `ebpf:"lab_refused"`
+	LabSeq      *ebpf.Map `ebpf:"lab_seq"`
+	OpenTable   *ebpf.Map `ebpf:"open_table"`
 }
 
 func (m *tablesMaps) Close() error {
 	return _TablesClose(
 		m.ChunkSlots,
 		m.ChunkWords,
+		m.ChurnCounts,
+		m.ChurnLive,
 		m.Htab16,
 		m.Htab40,
 		m.LabCursor,
+		m.LabMade,
 		m.LabRefused,
 		m.LabSeq,
 		m.OpenTable,
@@ -238,8 +258,11 @@ func (m *tablesMaps) Close() error {
 //
 // It can be passed to loadTablesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tablesVariables struct {
-	ChunkMask *ebpf.Variable `ebpf:"chunk_mask"`
-	OpenMask  *ebpf.Variable `ebpf:"open_mask"`
+	ChunkMask        *ebpf.Variable `ebpf:"chunk_mask"`
+	ChunkNoLock      *ebpf.Variable `ebpf:"chunk_no_lock"`
+	ChurnDeleteShare *ebpf.Variable `ebpf:"churn_delete_share"`
+	ChurnKeys        *ebpf.Variable `ebpf:"churn_keys"`
+	OpenMask         *ebpf.Variable `ebpf:"open_mask"`
 }
 
 // tablesPrograms contains all programs after they have been loaded into the kernel.
@@ -247,6 +270,7 @@ type tablesVariables struct {
 // It can be passed to loadTablesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tablesPrograms struct {
 	LabChunk      *ebpf.Program `ebpf:"lab_chunk"`
+	LabChunkChurn *ebpf.Program `ebpf:"lab_chunk_churn"`
 	LabChunkHit   *ebpf.Program `ebpf:"lab_chunk_hit"`
 	LabChunkMiss  *ebpf.Program `ebpf:"lab_chunk_miss"`
 	LabFloor      *ebpf.Program `ebpf:"lab_floor"`
@@ -265,6 +289,7 @@ type tablesPrograms struct {
 func (p *tablesPrograms) Close() error {
 	return _TablesClose(
 		p.LabChunk,
+		p.LabChunkChurn,
 		p.LabChunkHit,
 		p.LabChunkMiss,
 		p.LabFloor,

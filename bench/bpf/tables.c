@@ -2,11 +2,11 @@
 /*
  * A design study for issue 11, run by `go run ./bench --only tables`: the
  * table work of a TCP/IPv4 first packet (look the reverse tuple up, find
- * nothing, insert the new record) in three table layouts, side by side.
- * Not part of the datapath, and not a table the datapath could use as is
- * (no deletion, no readers' version check): it measures what each layout
- * costs a first packet, before the datapath and the consumer ABI are
- * changed for one of them.
+ * nothing, insert the new record) in four table layouts, side by side,
+ * and lookups that find a record or none. Not part of the datapath: it
+ * measures what each layout costs, before the datapath and the consumer
+ * ABI are changed for one of them. The chunked table also deletes, and
+ * bench/tables_test.go churns it from every CPU at once.
  *
  *  - lab_htab40: today's layout. A preallocated hash map, 40-byte key
  *    (IPv4 as v4-mapped IPv6), 104-byte record.
@@ -26,7 +26,7 @@
  *    the slots whose tag matches; it goes on to the next chunk only while
  *    the count says something overflowed, so a delete just clears a tag
  *    (no tombstones, which a linear-probing table would need). The words
- *    are 2 MB for 2M slots, small enough to stay in the caches.
+ *    are 2 MB for 2M slots, far fewer lines than the slots.
  *
  * Every program takes a fresh tuple from a per-CPU sequence, so every
  * repetition of a test run is a new connection; lab_floor does only that,
@@ -41,6 +41,20 @@
 #endif
 
 #define IPPROTO_TCP 6
+#define LAB_EEXIST 17 /* -EEXIST from a map update */
+
+/* The tuples: from a pod address to 10.(96 + CPU).x.y:80, x.y and the
+ * source port from a sequence number; port 81 for tuples without a
+ * record. The CPU in the address keeps two CPUs' sequences apart. */
+#define LAB_SADDR 0x0af40102 /* 10.244.1.2 */
+#define LAB_DNET 0x0a600000 /* 10.96.0.0 */
+#define LAB_CPU_SHIFT 16
+#define LAB_CPU_MASK 0x1f
+#define LAB_DPORT_KNOWN 80
+#define LAB_DPORT_NONE 81
+/* What the lab writes into records: any values do. */
+#define LAB_RECORD_VERSION 2
+#define LAB_WORKLOAD 7
 
 /* Return codes the bench checks: the record was made, or why not. */
 #define LAB_MADE TCX_NEXT
@@ -48,6 +62,7 @@
 #define LAB_EXISTS 2
 #define LAB_FULL 3
 #define LAB_INTERNAL 4
+#define LAB_BUSY 5
 
 /* How far an insert probes before it gives up (the table counts as full
  * for this tuple). Bounded so the verifier sees a constant loop. */
@@ -191,6 +206,24 @@ struct {
 	__type(value, __u64);
 } lab_refused SEC(".maps");
 
+/* Records made, by table: the bench checks that every repetition made
+ * one or was refused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SEQS);
+	__type(key, __u32);
+	__type(value, __u64);
+} lab_made SEC(".maps");
+
+static __always_inline int made(__u32 seq)
+{
+	__u64 *m = bpf_map_lookup_elem(&lab_made, &seq);
+
+	if (m)
+		++*m;
+	return LAB_MADE;
+}
+
 static __always_inline int refused(__u32 seq)
 {
 	__u64 *r = bpf_map_lookup_elem(&lab_refused, &seq);
@@ -200,9 +233,18 @@ static __always_inline int refused(__u32 seq)
 	return LAB_FULL;
 }
 
-/* A new connection per call: a pod address to 10.(96 + CPU).x.y:80, the
- * source port and x.y from the per-CPU sequence; the CPU in the address
- * keeps two CPUs' sequences apart when a test run's thread moves. */
+/* The tuple numbered n of a CPU (see LAB_SADDR). */
+static __always_inline void lab_tuple(struct key16 *k, __u32 cpu, __u64 n, __u16 dport)
+{
+	k->saddr = bpf_htonl(LAB_SADDR);
+	k->daddr = bpf_htonl(LAB_DNET + ((cpu & LAB_CPU_MASK) << LAB_CPU_SHIFT) + (__u32)((n >> 16) & 0xffff));
+	k->sport = bpf_htons((__u16)n);
+	k->dport = bpf_htons(dport);
+	k->proto = IPPROTO_TCP;
+	k->_pad[0] = k->_pad[1] = k->_pad[2] = 0;
+}
+
+/* A new connection per call: the next number of the per-CPU sequence. */
 static __always_inline int fresh(struct key16 *k, __u64 *n, __u32 seq)
 {
 	__u64 *s = bpf_map_lookup_elem(&lab_seq, &seq);
@@ -210,13 +252,7 @@ static __always_inline int fresh(struct key16 *k, __u64 *n, __u32 seq)
 	if (!s)
 		return -1;
 	*n = ++*s;
-	k->saddr = bpf_htonl(0x0af40102); /* 10.244.1.2 */
-	k->daddr = bpf_htonl(0x0a600000 + ((bpf_get_smp_processor_id() & 0x1f) << 16) +
-			     (__u32)((*n >> 16) & 0xffff));
-	k->sport = bpf_htons((__u16)*n);
-	k->dport = bpf_htons(80);
-	k->proto = IPPROTO_TCP;
-	k->_pad[0] = k->_pad[1] = k->_pad[2] = 0;
+	lab_tuple(k, bpf_get_smp_processor_id(), *n, LAB_DPORT_KNOWN);
 	return 0;
 }
 
@@ -273,17 +309,17 @@ int lab_htab40(struct __sk_buff *skb)
 	if (bpf_map_lookup_elem(&htab40, &rk))
 		return LAB_REVERSE_FOUND;
 	__builtin_memset(&rec, 0, sizeof(rec));
-	rec.version = 2;
+	rec.version = LAB_RECORD_VERSION;
 	rec.conn_id = n;
 	rec.first_seen_ns = n;
 	rec.last_seen_ns = n;
-	rec.origin_workload = 7;
+	rec.origin_workload = LAB_WORKLOAD;
 	rec.origin_ifindex = skb->ifindex;
 	rec.syn_seq = (__u32)n;
 	switch (bpf_map_update_elem(&htab40, &fk, &rec, BPF_NOEXIST)) {
 	case 0:
-		return LAB_MADE;
-	case -17: /* EEXIST */
+		return made(SEQ_HTAB40);
+	case -LAB_EEXIST:
 		return LAB_EXISTS;
 	default:
 		return LAB_FULL;
@@ -305,13 +341,13 @@ int lab_htab16(struct __sk_buff *skb)
 	__builtin_memset(&rec, 0, sizeof(rec));
 	rec.r.conn_id = n;
 	rec.r.first_seen_ns = n;
-	rec.r.origin_workload = 7;
+	rec.r.origin_workload = LAB_WORKLOAD;
 	rec.r.origin_ifindex = skb->ifindex;
 	rec.r.syn_seq = (__u32)n;
 	switch (bpf_map_update_elem(&htab16, &k, &rec, BPF_NOEXIST)) {
 	case 0:
-		return LAB_MADE;
-	case -17:
+		return made(SEQ_HTAB16);
+	case -LAB_EEXIST:
 		return LAB_EXISTS;
 	default:
 		return LAB_FULL;
@@ -323,8 +359,9 @@ static __always_inline __u32 rol32(__u32 w, int s)
 	return (w << s) | (w >> (32 - s));
 }
 
-/* jhash_3words (linux/jhash.h) over the tuple with its endpoints in
- * order, so a tuple and its reverse hash alike. */
+/* jhash_3words-style (linux/jhash.h's final mix, the protocol folded into
+ * the initial value of the third word) over the tuple with its endpoints
+ * in order, so a tuple and its reverse hash alike. */
 static __always_inline __u32 symmetric_hash(const struct key16 *k)
 {
 	__u32 a = bpf_ntohl(k->saddr), b = bpf_ntohl(k->daddr);
@@ -393,13 +430,13 @@ int lab_open(struct __sk_buff *skb)
 		__builtin_memset(&s->rec, 0, sizeof(s->rec));
 		s->rec.conn_id = n;
 		s->rec.first_seen_ns = n;
-		s->rec.origin_workload = 7;
+		s->rec.origin_workload = LAB_WORKLOAD;
 		s->rec.origin_ifindex = skb->ifindex;
 		s->rec.syn_seq = (__u32)n;
 		/* The state last, with a fully ordered atomic, so a reader that
 		 * sees LIVE sees the key and record. */
 		__sync_lock_test_and_set(&s->state, SLOT_LIVE);
-		return LAB_MADE;
+		return made(SEQ_OPEN);
 	}
 	return refused(SEQ_OPEN);
 }
@@ -429,12 +466,62 @@ struct {
 	__type(value, struct open_slot);
 } chunk_slots SEC(".maps");
 
+/* Byte 7 of a chunk's word: bit 63 is the chunk's insert lock (an insert
+ * of a tuple whose home is this chunk is running: two inserts of one
+ * tuple, or of a tuple and its reverse, share a home and so never run at
+ * once), bits 56-62 count the entries that overflowed past the chunk. */
+#define CHUNK_LOCK (1ULL << 63)
+#define CHUNK_OVERFLOW_MASK (0x7fULL << CHUNK_OVERFLOW_SHIFT)
+/* How often an insert tries a compare-and-swap that other CPUs' inserts
+ * and deletes in the same chunk can make fail. */
+#define CHUNK_CAS_TRIES 4
+
+/* A slot's state word: the kind in the low two bits (SLOT_*), a
+ * generation above, moved by every delete, so a reader that copied a slot
+ * between two equal reads of its state copied one entry. */
+#define SLOT_KIND_MASK 3
+#define SLOT_GEN_ONE 4
+
+/* Set by the churn test to take the insert lock out, to see what it
+ * prevents. */
+const volatile __u32 chunk_no_lock = 0;
+
 /* A nonzero byte from the hash bits the chunk index does not use. */
 static __always_inline __u8 chunk_tag(__u32 h)
 {
 	__u8 t = h >> 24;
 
 	return t ? t : 1;
+}
+
+/* Byte arithmetic on a chunk's word, so that the common cases (no tag
+ * matches, the first free slot) cost a few instructions instead of a loop
+ * over the seven bytes. */
+#define BYTES_ONE 0x0101010101010101ULL
+#define BYTES_HIGH 0x8080808080808080ULL
+#define CHUNK_TAG_BYTES 0x00ffffffffffffffULL /* bytes 0-6 */
+
+/* The zero bytes among bytes 0-6 of w, as their high bits. The lowest one
+ * is exact; a borrow can mark bytes above a zero byte too, so callers
+ * check every other candidate. */
+static __always_inline __u64 zero_bytes(__u64 w)
+{
+	w |= ~CHUNK_TAG_BYTES;
+	return (w - BYTES_ONE) & ~w & BYTES_HIGH;
+}
+
+/* The index of the byte whose high bit is the lowest set bit of m
+ * (nonzero): the high bits below it, counted by a multiply. */
+static __always_inline __u32 lowest_byte(__u64 m)
+{
+	__u64 below = (m & -m) - 1;
+
+	return (((below & BYTES_HIGH) >> 7) * BYTES_ONE) >> 56;
+}
+
+static __always_inline __u8 byte_at(__u64 w, __u32 i)
+{
+	return w >> (8 * i);
 }
 
 /* What a walk of the chunks found for a tuple (and its reverse, which has
@@ -445,106 +532,301 @@ static __always_inline __u8 chunk_tag(__u32 h)
 #define WALK_BUSY 3
 #define WALK_TOO_LONG 4
 
+/* Walks from the tuple's home chunk while the overflow counts say an
+ * entry of it may lie further on. Only LIVE slots count: an insert that
+ * holds the home chunk's lock knows no other insert of this tuple is
+ * running, and a slot being deleted is gone. */
 static __always_inline int chunk_walk(const struct key16 *k, const struct key16 *r, __u32 h,
-				      struct open_slot **found)
+				      struct open_slot **found, __u32 *found_idx)
 {
 	__u8 tag = chunk_tag(h);
-	__u32 c = h & chunk_mask, idx;
+	__u32 c = h & chunk_mask, idx, i;
 	struct open_slot *s;
-	__u64 *word, w;
+	__u64 *word, w, m;
 
 	for (int step = 0; step < CHUNK_PROBES; step++) {
 		word = bpf_map_lookup_elem(&chunk_words, &c);
 		if (!word)
 			return WALK_BUSY;
 		w = READ_ONCE_U64(*word);
-		for (int i = 0; i < CHUNK_SLOTS; i++) {
-			if (((w >> (8 * i)) & 0xff) != tag)
+		m = zero_bytes(w ^ (tag * BYTES_ONE));
+		for (int n = 0; n < CHUNK_SLOTS && m; n++) {
+			i = lowest_byte(m);
+			m &= m - 1;
+			if (byte_at(w, i) != tag)
 				continue;
 			idx = c * CHUNK_STRIDE + i;
 			s = bpf_map_lookup_elem(&chunk_slots, &idx);
 			if (!s)
 				return WALK_BUSY;
-			if (READ_ONCE_STATE(s) != SLOT_LIVE)
-				return WALK_BUSY; /* being written */
+			if ((READ_ONCE_STATE(s) & SLOT_KIND_MASK) != SLOT_LIVE)
+				continue;
 			if (key16_eq(&s->key, k)) {
 				*found = s;
+				*found_idx = idx;
 				return WALK_KEY;
 			}
 			if (r && key16_eq(&s->key, r))
 				return WALK_REVERSE;
 		}
-		if (!(w >> CHUNK_OVERFLOW_SHIFT))
+		if (!(w & CHUNK_OVERFLOW_MASK))
 			return WALK_NONE;
 		c = (c + 1) & chunk_mask;
 	}
 	return WALK_TOO_LONG;
 }
 
+/* What the churn did, per CPU (CHURN_*). */
+#define CHURN_MADE 0
+#define CHURN_EXISTS 1
+#define CHURN_BUSY 2
+#define CHURN_FULL 3
+#define CHURN_DELETED 4
+#define CHURN_ABSENT 5
+#define CHURN_DUPLICATE 6
+#define CHURN_COUNTS 7
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CHURN_COUNTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} churn_counts SEC(".maps");
+
+static __always_inline void churn_count(__u32 what)
+{
+	__u64 *n = bpf_map_lookup_elem(&churn_counts, &what);
+
+	if (n)
+		++*n;
+}
+
+
+/* Adds delta overflow counts to the chunks from home up to, not
+ * including, end. */
+static __always_inline void chunk_count_overflow(__u32 home, __u32 end, __s64 delta)
+{
+	__u32 c = home;
+	__u64 *word;
+
+	for (int step = 0; step < CHUNK_PROBES && c != end; step++) {
+		word = bpf_map_lookup_elem(&chunk_words, &c);
+		if (!word)
+			return;
+		__sync_fetch_and_add(word, (__u64)(delta * (__s64)CHUNK_OVERFLOW_ONE));
+		c = (c + 1) & chunk_mask;
+	}
+}
+
+static __always_inline int chunk_lock(__u64 *home_word)
+{
+	__u64 w;
+
+	if (chunk_no_lock)
+		return 0;
+	for (int t = 0; t < CHUNK_CAS_TRIES; t++) {
+		w = READ_ONCE_U64(*home_word);
+		if (w & CHUNK_LOCK)
+			return -1;
+		if (__sync_val_compare_and_swap(home_word, w, w | CHUNK_LOCK) == w)
+			return 0;
+	}
+	return -1;
+}
+
+static __always_inline void chunk_unlock(__u64 *home_word)
+{
+	if (!chunk_no_lock)
+		__sync_fetch_and_and(home_word, ~CHUNK_LOCK);
+}
+
+/* Inserts k with record rec unless k or its reverse r is in the table.
+ * Returns LAB_MADE, LAB_EXISTS, LAB_REVERSE_FOUND, LAB_BUSY (another CPU
+ * holds the home chunk, or kept changing the chunk with the free slot:
+ * leave it to the retransmit) or LAB_FULL. */
+static __always_inline int chunk_insert(const struct key16 *k, const struct key16 *r, const struct rec40 *rec)
+{
+	__u32 h = symmetric_hash(k), home = h & chunk_mask, c, idx, st, i;
+	__u64 *home_word, *word = NULL, w, m;
+	struct open_slot *s = NULL;
+	__u8 tag = chunk_tag(h);
+	int res, claimed = 0;
+
+	home_word = bpf_map_lookup_elem(&chunk_words, &home);
+	if (!home_word)
+		return LAB_INTERNAL;
+	if (chunk_lock(home_word))
+		return LAB_BUSY;
+	res = chunk_walk(k, r, h, &s, &idx);
+	if (res != WALK_NONE) {
+		chunk_unlock(home_word);
+		switch (res) {
+		case WALK_KEY:
+			return LAB_EXISTS;
+		case WALK_REVERSE:
+			return LAB_REVERSE_FOUND;
+		case WALK_TOO_LONG:
+			return LAB_FULL;
+		default:
+			return LAB_INTERNAL;
+		}
+	}
+	/* The first chunk from home with a free slot. */
+	c = home;
+	for (int step = 0; step < CHUNK_PROBES; step++) {
+		word = bpf_map_lookup_elem(&chunk_words, &c);
+		if (!word)
+			break;
+		w = READ_ONCE_U64(*word);
+		if (zero_bytes(w))
+			break;
+		c = (c + 1) & chunk_mask;
+	}
+	if (!word || !zero_bytes(READ_ONCE_U64(*word))) {
+		chunk_unlock(home_word);
+		return LAB_FULL;
+	}
+	/* Count the overflow first, so a lookup never stops short of the
+	 * entry; a claim that fails counts it down again. */
+	chunk_count_overflow(home, c, 1);
+	word = bpf_map_lookup_elem(&chunk_words, &c);
+	if (!word)
+		goto undo;
+	for (int t = 0; t < CHUNK_CAS_TRIES; t++) {
+		w = READ_ONCE_U64(*word);
+		m = zero_bytes(w);
+		if (!m)
+			goto undo;
+		i = lowest_byte(m);
+		if (__sync_val_compare_and_swap(word, w, w | ((__u64)tag << (8 * i))) == w) {
+			claimed = 1;
+			break;
+		}
+	}
+	if (!claimed)
+		goto undo;
+	idx = c * CHUNK_STRIDE + i;
+	s = bpf_map_lookup_elem(&chunk_slots, &idx);
+	if (!s)
+		goto undo;
+	/* The slot is EMPTY (a delete clears its tag last): readers that
+	 * match the new tag skip it until it is LIVE. Its generation comes
+	 * back from an exchange rather than a load: a load would fetch the
+	 * line shared, and the stores fetch it again to own it. */
+	st = __sync_lock_test_and_set(&s->state, SLOT_WRITING) & ~SLOT_KIND_MASK;
+	s->hash = h;
+	s->key = *k;
+	s->rec = *rec;
+	__sync_lock_test_and_set(&s->state, st | SLOT_LIVE);
+	chunk_unlock(home_word);
+	return LAB_MADE;
+undo:
+	chunk_count_overflow(home, c, -1);
+	chunk_unlock(home_word);
+	return LAB_BUSY;
+}
+
+/* Deletes k: the slot leaves LIVE first (readers and walks skip it), the
+ * overflow counts of its path go down, the slot becomes EMPTY with a new
+ * generation, and only then is its tag cleared, so an insert can claim the
+ * slot only once nothing of the old entry is left to write. */
+static __always_inline int chunk_delete(const struct key16 *k)
+{
+	__u32 h = symmetric_hash(k), home = h & chunk_mask, idx = 0, st;
+	struct open_slot *s = NULL;
+	__u64 *word;
+
+	if (chunk_walk(k, NULL, h, &s, &idx) != WALK_KEY || !s)
+		return LAB_FULL; /* not found */
+	st = READ_ONCE_STATE(s);
+	if ((st & SLOT_KIND_MASK) != SLOT_LIVE ||
+	    __sync_val_compare_and_swap(&s->state, st, (st & ~SLOT_KIND_MASK) | SLOT_WRITING) != st)
+		return LAB_BUSY; /* another CPU is deleting it */
+	chunk_count_overflow(home, idx / CHUNK_STRIDE, -1);
+	__sync_lock_test_and_set(&s->state, (st & ~SLOT_KIND_MASK) + SLOT_GEN_ONE);
+	word = bpf_map_lookup_elem(&chunk_words, &(__u32){idx / CHUNK_STRIDE});
+	if (!word)
+		return LAB_INTERNAL;
+	__sync_fetch_and_and(word, ~(0xffULL << (8 * (idx % CHUNK_STRIDE))));
+	return LAB_MADE;
+}
+
 SEC("tc")
 int lab_chunk(struct __sk_buff *skb)
 {
-	struct open_slot *s = NULL;
 	struct key16 k, r;
-	__u32 h, c, idx, home;
-	__u64 *word, w;
-	__u8 tag;
+	struct rec40 rec;
+	int res;
 	__u64 n;
 
 	if (fresh(&k, &n, SEQ_CHUNK))
 		return LAB_INTERNAL;
 	reverse16(&k, &r);
-	h = symmetric_hash(&k);
-	switch (chunk_walk(&k, &r, h, &s)) {
-	case WALK_NONE:
-		break;
-	case WALK_REVERSE:
-		return LAB_REVERSE_FOUND;
-	case WALK_TOO_LONG:
-		return refused(SEQ_CHUNK);
-	default:
-		return LAB_EXISTS;
+	__builtin_memset(&rec, 0, sizeof(rec));
+	rec.conn_id = n;
+	rec.first_seen_ns = n;
+	rec.origin_workload = LAB_WORKLOAD;
+	rec.origin_ifindex = skb->ifindex;
+	rec.syn_seq = (__u32)n;
+	res = chunk_insert(&k, &r, &rec);
+	if (res == LAB_MADE)
+		return made(SEQ_CHUNK);
+	return res == LAB_FULL ? refused(SEQ_CHUNK) : res;
+}
+
+/* ---- The churn test: inserts and deletes from every CPU at once. ---- */
+
+/* Keys of the churn test: this many tuples, shared by all CPUs, and the
+ * share of operations that are deletes, in 256ths. */
+const volatile __u32 churn_keys = 1;
+const volatile __u32 churn_delete_share = 128;
+
+/* Live entries per connection of the churn (its tuple or the reverse),
+ * counted so that the count is never more than the truth: up after an
+ * insert published its entry, down before a delete takes one away (and
+ * up again if the delete did not). A count that reaches two is two live
+ * entries for one connection: CHURN_DUPLICATE. */
+#define CHURN_MAX_KEYS 4096
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CHURN_MAX_KEYS);
+	__type(key, __u32);
+	__type(value, __s64);
+} churn_live SEC(".maps");
+
+/* One operation on a random connection of churn_keys, by its tuple or its
+ * reverse (so reverse checks race too): insert or delete. */
+SEC("tc")
+int lab_chunk_churn(struct __sk_buff *skb)
+{
+	__u32 n = bpf_get_prandom_u32() % churn_keys, rnd = bpf_get_prandom_u32();
+	int reverse = rnd & 0x100;
+	__s64 *live = bpf_map_lookup_elem(&churn_live, &n);
+	struct key16 k, r;
+	struct rec40 rec;
+	int res;
+
+	if (!live)
+		return LAB_INTERNAL;
+	/* The same tuples on every CPU: CPU 0's. */
+	lab_tuple(&k, 0, n, LAB_DPORT_KNOWN);
+	reverse16(&k, &r);
+	if ((rnd & 0xff) < churn_delete_share) {
+		__sync_fetch_and_add(live, -1);
+		res = chunk_delete(reverse ? &r : &k);
+		if (res != LAB_MADE)
+			__sync_fetch_and_add(live, 1);
+		churn_count(res == LAB_MADE ? CHURN_DELETED : res == LAB_FULL ? CHURN_ABSENT : CHURN_BUSY);
+		return TCX_NEXT;
 	}
-	tag = chunk_tag(h);
-	home = c = h & chunk_mask;
-	for (int step = 0; step < CHUNK_PROBES; step++) {
-		word = bpf_map_lookup_elem(&chunk_words, &c);
-		if (!word)
-			return LAB_INTERNAL;
-		w = READ_ONCE_U64(*word);
-		for (int i = 0; i < CHUNK_SLOTS; i++) {
-			if ((w >> (8 * i)) & 0xff)
-				continue;
-			/* Claim the slot's tag; any change to the chunk since it
-			 * was read (another insert, a delete) makes this fail. */
-			if (__sync_val_compare_and_swap(word, w, w | ((__u64)tag << (8 * i))) != w)
-				return LAB_EXISTS; /* leave it to the retransmit */
-			idx = c * CHUNK_STRIDE + i;
-			s = bpf_map_lookup_elem(&chunk_slots, &idx);
-			if (!s)
-				return LAB_INTERNAL;
-			/* A slot whose tag is clear is not LIVE (a delete would
-			 * clear the state before the tag), so readers that match
-			 * the new tag see it busy until the record is whole. */
-			s->hash = h;
-			s->key = k;
-			__builtin_memset(&s->rec, 0, sizeof(s->rec));
-			s->rec.conn_id = n;
-			s->rec.first_seen_ns = n;
-			s->rec.origin_workload = 7;
-			s->rec.origin_ifindex = skb->ifindex;
-			s->rec.syn_seq = (__u32)n;
-			__sync_lock_test_and_set(&s->state, SLOT_LIVE);
-			return LAB_MADE;
-		}
-		/* Full: count the overflow in this chunk, so lookups go on
-		 * past it (a delete of the entry counts it down again). */
-		__sync_fetch_and_add(word, CHUNK_OVERFLOW_ONE);
-		c = (c + 1) & chunk_mask;
-		if (c == home)
-			break;
-	}
-	return refused(SEQ_CHUNK);
+	__builtin_memset(&rec, 0, sizeof(rec));
+	rec.conn_id = n;
+	res = reverse ? chunk_insert(&r, &k, &rec) : chunk_insert(&k, &r, &rec);
+	if (res == LAB_MADE && __sync_fetch_and_add(live, 1) >= 1)
+		churn_count(CHURN_DUPLICATE);
+	churn_count(res == LAB_MADE ? CHURN_MADE : res == LAB_FULL ? CHURN_FULL : res == LAB_BUSY ? CHURN_BUSY : CHURN_EXISTS);
+	return TCX_NEXT;
 }
 
 /* Multiplier of Knuth's multiplicative hash: spreads consecutive cursors
@@ -564,13 +846,7 @@ static __always_inline int pick(struct key16 *k, int known, __u32 seq)
 	if (!made || !cur || !*made)
 		return -1;
 	n = 1 + (++*cur * SCATTER) % *made;
-	k->saddr = bpf_htonl(0x0af40102);
-	k->daddr = bpf_htonl(0x0a600000 + ((bpf_get_smp_processor_id() & 0x1f) << 16) +
-			     (__u32)((n >> 16) & 0xffff));
-	k->sport = bpf_htons((__u16)n);
-	k->dport = bpf_htons(known ? 80 : 81);
-	k->proto = IPPROTO_TCP;
-	k->_pad[0] = k->_pad[1] = k->_pad[2] = 0;
+	lab_tuple(k, bpf_get_smp_processor_id(), n, known ? LAB_DPORT_KNOWN : LAB_DPORT_NONE);
 	return 0;
 }
 
@@ -658,11 +934,11 @@ static __always_inline int chunk_read(int known)
 	struct open_slot *s = NULL;
 	struct rec40 copy;
 	struct key16 k;
-	__u32 st;
+	__u32 st, idx = 0;
 
 	if (pick(&k, known, SEQ_CHUNK))
 		return LAB_INTERNAL;
-	if (chunk_walk(&k, NULL, symmetric_hash(&k), &s) != WALK_KEY || !s)
+	if (chunk_walk(&k, NULL, symmetric_hash(&k), &s, &idx) != WALK_KEY || !s)
 		return known ? LAB_FULL : LAB_MADE;
 	st = READ_ONCE_STATE(s);
 	__builtin_memcpy(&copy, &s->rec, sizeof(copy));
@@ -672,18 +948,50 @@ static __always_inline int chunk_read(int known)
 }
 
 SEC("tc")
-int lab_htab40_hit(struct __sk_buff *skb) { return htab40_read(1); }
+int lab_htab40_hit(struct __sk_buff *skb)
+{
+	return htab40_read(1);
+}
+
 SEC("tc")
-int lab_htab40_miss(struct __sk_buff *skb) { return htab40_read(0); }
+int lab_htab40_miss(struct __sk_buff *skb)
+{
+	return htab40_read(0);
+}
+
 SEC("tc")
-int lab_htab16_hit(struct __sk_buff *skb) { return htab16_read(1); }
+int lab_htab16_hit(struct __sk_buff *skb)
+{
+	return htab16_read(1);
+}
+
 SEC("tc")
-int lab_htab16_miss(struct __sk_buff *skb) { return htab16_read(0); }
+int lab_htab16_miss(struct __sk_buff *skb)
+{
+	return htab16_read(0);
+}
+
 SEC("tc")
-int lab_open_hit(struct __sk_buff *skb) { return open_read(1); }
+int lab_open_hit(struct __sk_buff *skb)
+{
+	return open_read(1);
+}
+
 SEC("tc")
-int lab_open_miss(struct __sk_buff *skb) { return open_read(0); }
+int lab_open_miss(struct __sk_buff *skb)
+{
+	return open_read(0);
+}
+
 SEC("tc")
-int lab_chunk_hit(struct __sk_buff *skb) { return chunk_read(1); }
+int lab_chunk_hit(struct __sk_buff *skb)
+{
+	return chunk_read(1);
+}
+
 SEC("tc")
-int lab_chunk_miss(struct __sk_buff *skb) { return chunk_read(0); }
+int lab_chunk_miss(struct __sk_buff *skb)
+{
+	return chunk_read(0);
+}
+
