@@ -21,12 +21,15 @@
  *    bucket, the new tuple's bucket and a free element.
  *  - lab_chunk: the same slots, grouped in chunks of seven, with a dense
  *    array of one 64-bit word per chunk beside them (F14's layout: seven
- *    one-byte tags of the slots' hashes, and a count of the entries that
- *    overflowed past the chunk). A lookup reads the chunk's word and only
- *    the slots whose tag matches; it goes on to the next chunk only while
- *    the count says something overflowed, so a delete just clears a tag
- *    (no tombstones, which a linear-probing table would need). The words
- *    are 2 MB for 2M slots, far fewer lines than the slots.
+ *    one-byte tags of the slots' hashes, a count of the entries that
+ *    overflowed past the chunk, and an insert lock bit). A lookup reads
+ *    the chunk's word and only the slots whose tag matches; it goes on to
+ *    the next chunk only while the count says something overflowed, so a
+ *    delete just clears a tag (no tombstones, which a linear-probing
+ *    table would need). The words are 2 MB for 2M slots, far fewer lines
+ *    than the slots. Unlike lab_open it is complete: deletes, a
+ *    generation in each slot's state, and inserts that cannot make two
+ *    entries for one tuple (tables_test.go).
  *
  * Every program takes a fresh tuple from a per-CPU sequence, so every
  * repetition of a test run is a new connection; lab_floor does only that,
@@ -88,7 +91,8 @@ const volatile __u32 chunk_mask = 0;
 
 /* A chunk: CHUNK_SLOTS slots, at CHUNK_STRIDE slots apart in chunk_slots
  * (the eighth is unused), and one word in chunk_words: the slots' tags in
- * bytes 0-6 (0: free), the overflow count in byte 7. */
+ * bytes 0-6 (0: free), byte 7 the overflow count and the insert lock
+ * (CHUNK_LOCK below). */
 #define CHUNK_SLOTS 7
 #define CHUNK_STRIDE 8
 #define CHUNK_OVERFLOW_SHIFT 56
@@ -471,6 +475,9 @@ struct {
  * tuple, or of a tuple and its reverse, share a home and so never run at
  * once), bits 56-62 count the entries that overflowed past the chunk. */
 #define CHUNK_LOCK (1ULL << 63)
+/* The count never reaches the lock bit: an entry lies at most
+ * CHUNK_PROBES - 1 chunks past its home, so at most 7 * 7 = 49 entries
+ * pass a chunk. */
 #define CHUNK_OVERFLOW_MASK (0x7fULL << CHUNK_OVERFLOW_SHIFT)
 /* How often an insert tries a compare-and-swap that other CPUs' inserts
  * and deletes in the same chunk can make fail. */
@@ -710,9 +717,8 @@ static __always_inline int chunk_insert(const struct key16 *k, const struct key1
 	if (!s)
 		goto undo;
 	/* The slot is EMPTY (a delete clears its tag last): readers that
-	 * match the new tag skip it until it is LIVE. Its generation comes
-	 * back from an exchange rather than a load: a load would fetch the
-	 * line shared, and the stores fetch it again to own it. */
+	 * match the new tag skip it until it is LIVE. The exchange marks it
+	 * WRITING and returns the generation the last delete left. */
 	st = __sync_lock_test_and_set(&s->state, SLOT_WRITING) & ~SLOT_KIND_MASK;
 	s->hash = h;
 	s->key = *k;
