@@ -248,19 +248,26 @@ func tableMemory(objs *tablesObjects, capacity uint32, rep *Report) error {
 // outcomes sums, over the CPUs, the records a table made and the inserts
 // it refused.
 func outcomes(objs *tablesObjects, seq uint32) (made, refused uint64, err error) {
-	for _, c := range []struct {
-		m *ebpf.Map
-		n *uint64
-	}{{objs.LabMade, &made}, {objs.LabRefused, &refused}} {
-		var per []uint64
-		if err := c.m.Lookup(seq, &per); err != nil {
-			return 0, 0, fmt.Errorf("read %s: %w", c.m, err)
-		}
-		for _, v := range per {
-			*c.n += v
-		}
+	if made, err = perCPUSum(objs.LabMade, seq); err != nil {
+		return 0, 0, err
+	}
+	if refused, err = perCPUSum(objs.LabRefused, seq); err != nil {
+		return 0, 0, err
 	}
 	return made, refused, nil
+}
+
+// perCPUSum sums a per-CPU counter over the CPUs.
+func perCPUSum(m *ebpf.Map, key uint32) (uint64, error) {
+	var per []uint64
+	if err := m.Lookup(key, &per); err != nil {
+		return 0, fmt.Errorf("read %s[%d]: %w", m, key, err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
 }
 
 // warmTables touches every page of every table once before anything is
