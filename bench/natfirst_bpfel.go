@@ -28,23 +28,36 @@ type natfirstPktmetaAlias struct {
 	Origin   natfirstPktmetaTuple
 }
 
-type natfirstPktmetaRecord struct {
-	_              structs.HostLayout
-	Flags          uint32
-	ConnGen        uint32
-	ConnId         uint64
-	Version        uint8
-	Pad            uint8
-	OriginNode     uint16
-	OriginWorkload uint32
-	OriginIfindex  uint32
-	PeerWorkload   uint32
-	PeerIfindex    uint32
-	SynSeq         uint32
-	FirstSeenNs    uint64
-	LastSeenNs     uint64
-	DeliveredNs    uint64
-	PeerTuple      natfirstPktmetaTuple
+type natfirstPktmetaSlot struct {
+	_     structs.HostLayout
+	State uint64
+	Key   natfirstPktmetaTuple
+	Rec   struct {
+		_              structs.HostLayout
+		Flags          uint32
+		ConnGen        uint32
+		ConnId         uint64
+		Version        uint8
+		Pad            uint8
+		OriginNode     uint16
+		OriginWorkload uint32
+		OriginIfindex  uint32
+		PeerWorkload   uint32
+		PeerIfindex    uint32
+		SynSeq         uint32
+		FirstSeenNs    uint64
+		LastSeenNs     uint64
+		DeliveredNs    uint64
+		PeerTuple      natfirstPktmetaTuple
+	}
+}
+
+type natfirstPktmetaTableInfo struct {
+	_        structs.HostLayout
+	Version  uint32
+	N_chunks uint32
+	Seed     uint32
+	Capacity uint32
 }
 
 type natfirstPktmetaTuple struct {
@@ -64,7 +77,9 @@ const (
 	natfirstMapNatKeys        = "nat_keys"
 	natfirstMapNatTarget      = "nat_target"
 	natfirstMapPktmetaAliases = "pktmeta_aliases"
-	natfirstMapPktmetaConns   = "pktmeta_conns"
+	natfirstMapPktmetaChunks  = "pktmeta_chunks"
+	natfirstMapPktmetaSlots   = "pktmeta_slots"
+	natfirstMapPktmetaTable   = "pktmeta_table"
 	natfirstProgNatFirst      = "nat_first"
 )
 
@@ -120,7 +135,9 @@ type natfirstMapSpecs struct {
 	NatKeys        *ebpf.MapSpec `ebpf:"nat_keys"`
 	NatTarget      *ebpf.MapSpec `ebpf:"nat_target"`
 	PktmetaAliases *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
-	PktmetaConns   *ebpf.MapSpec `ebpf:"pktmeta_conns"`
+	PktmetaChunks  *ebpf.MapSpec `ebpf:"pktmeta_chunks"`
+	PktmetaSlots   *ebpf.MapSpec `ebpf:"pktmeta_slots"`
+	PktmetaTable   *ebpf.MapSpec `ebpf:"pktmeta_table"`
 }
 
 // natfirstVariableSpecs contains global variables before they are loaded into the kernel.
@@ -152,7 +169,9 @@ type natfirstMaps struct {
 	NatKeys        *ebpf.Map `ebpf:"nat_keys"`
 	NatTarget      *ebpf.Map `ebpf:"nat_target"`
 	PktmetaAliases *ebpf.Map `ebpf:"pktmeta_aliases"`
-	PktmetaConns   *ebpf.Map `ebpf:"pktmeta_conns"`
+	PktmetaChunks  *ebpf.Map `ebpf:"pktmeta_chunks"`
+	PktmetaSlots   *ebpf.Map `ebpf:"pktmeta_slots"`
+	PktmetaTable   *ebpf.Map `ebpf:"pktmeta_table"`
 }
 
 func (m *natfirstMaps) Close() error {
@@ -160,7 +179,9 @@ func (m *natfirstMaps) Close() error {
 		m.NatKeys,
 		m.NatTarget,
 		m.PktmetaAliases,
-		m.PktmetaConns,
+		m.PktmetaChunks,
+		m.PktmetaSlots,
+		m.PktmetaTable,
 	)
 }
 

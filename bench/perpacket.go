@@ -541,7 +541,7 @@ func (b *packetBench) natFirst(rep *Report, natSyn []byte) error {
 	if err != nil {
 		return fmt.Errorf("natfirst spec: %w", err)
 	}
-	tables := map[string]*ebpf.Map{"pktmeta_conns": b.d.ConnsMap, "pktmeta_aliases": b.d.AliasesMap}
+	tables := map[string]*ebpf.Map{"pktmeta_table": b.d.TableMap, "pktmeta_chunks": b.d.ChunksMap, "pktmeta_slots": b.d.SlotsMap, "pktmeta_aliases": b.d.AliasesMap}
 	for name, m := range tables {
 		// The header's placeholders take the datapath's own sizes.
 		spec.Maps[name].MaxEntries, spec.Maps[name].Flags, spec.Maps[name].Pinning = m.MaxEntries(), m.Flags(), ebpf.PinNone
@@ -678,7 +678,7 @@ func (b *packetBench) growth(rep *Report) error {
 	if err := b.setEvents(false); err != nil {
 		return err
 	}
-	if err := prefill(b.d, int(b.d.ConnsMap.MaxEntries())); err != nil {
+	if err := fillUp(b.d); err != nil {
 		return err
 	}
 	r, err := b.firstPacketResult("origin, first packet, tcp4, table full (insert refused)", "growth", b.a.FreshV4, syn4, b.cfg.firstRepeat, b.cfg.runs)
@@ -686,7 +686,7 @@ func (b *packetBench) growth(rep *Report) error {
 		return err
 	}
 	r.Baseline = "origin, first packet, tcp4, table holding " + countLabel(b.cfg.growth[0])
-	r.Note = fmt.Sprintf("table of %d records filled to capacity first", b.d.ConnsMap.MaxEntries())
+	r.Note = fmt.Sprintf("table made for %d records filled until %d inserts in a row were refused", b.d.Capacity(), fullRun)
 	rep.add(r)
 
 	// Baselines: every size compared with the smallest.
@@ -715,29 +715,52 @@ func countLabel(n int) string {
 	return strconv.Itoa(n)
 }
 
-// prefill inserts n records under random tuples, in batches.
+// prefill inserts n records under random tuples.
 func prefill(d *datapath.Datapath, n int) error {
-	const batch = 4096
-	keys := make([][40]byte, batch)
-	vals := make([][104]byte, batch)
-	for done := 0; done < n; {
-		m := min(batch, n-done)
-		for i := range m {
-			k := &keys[i]
-			rand.Read(k[:36])
-			k[36], k[37], k[38], k[39] = 6, 0, 0, 0 // TCP, zero padding
-			v := &vals[i]
-			// struct pktmeta_record: {flags, conn_gen} then conn_id, version.
-			v[8], v[9] = byte(done+i), 1 // a nonzero connection id
-			v[4], v[5] = v[8], v[9]      // conn_gen: its low 32 bits
-			v[16] = datapath.RecordVersion
-		}
-		if _, err := d.ConnsMap.BatchUpdate(keys[:m], vals[:m], nil); err != nil {
+	for i := range n {
+		if err := d.InsertRecord(randomTuple(), uint64(i+1)); err != nil {
 			return fmt.Errorf("prefill: %w", err)
 		}
-		done += m
 	}
 	return nil
+}
+
+// fullRun is how many inserts in a row fillUp needs refused before it
+// calls the table full.
+const fullRun = 1000
+
+// fillUp fills the table to its capacity, then on until fullRun inserts
+// in a row are refused (the table has more slots than its capacity, and
+// where it refuses depends on where tuples land).
+func fillUp(d *datapath.Datapath) error {
+	if err := prefill(d, int(d.Capacity())); err != nil {
+		return err
+	}
+	id := uint64(d.Capacity())
+	for refused := 0; refused < fullRun; {
+		id++
+		err := d.InsertRecord(randomTuple(), id)
+		switch {
+		case errors.Is(err, datapath.ErrTableFull):
+			refused++
+		case err != nil:
+			return fmt.Errorf("fill up: %w", err)
+		default:
+			refused = 0
+		}
+	}
+	return nil
+}
+
+// randomTuple is a TCP/IPv4 tuple with random addresses and ports.
+func randomTuple() datapath.Tuple {
+	var b [12]byte
+	rand.Read(b[:])
+	return datapath.Tuple{
+		Proto: datapath.ProtoTCP,
+		Src:   netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[0:4])), binary.NativeEndian.Uint16(b[8:])),
+		Dst:   netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.NativeEndian.Uint16(b[10:])),
+	}
 }
 
 // memory reports what the kernel accounts for the maps: the memlock line
@@ -749,20 +772,28 @@ func (b *packetBench) memory(rep *Report) error {
 		if err != nil {
 			return err
 		}
-		for _, m := range []struct {
-			name string
-			m    *ebpf.Map
-		}{{"pktmeta_conns", d.ConnsMap}, {"pktmeta_aliases", d.AliasesMap}} {
-			memlock, err := fdinfoMemlock(m.m)
+		// The table: its three maps, per connection of the capacity it
+		// was made for.
+		var table int64
+		for _, m := range []*ebpf.Map{d.TableMap, d.ChunksMap, d.SlotsMap} {
+			memlock, err := fdinfoMemlock(m)
 			if err != nil {
 				d.Close()
 				return err
 			}
-			per := float64(memlock) / float64(m.m.MaxEntries())
-			r := Result{Name: fmt.Sprintf("%s bytes per entry (max_entries %s)", m.name, countLabel(size)), Unit: "bytes", Median: per, Min: per, Max: per, Runs: 1, Section: "memory",
-				Note: fmt.Sprintf("fdinfo memlock %d bytes for %d entries", memlock, m.m.MaxEntries())}
-			rep.add(r)
+			table += memlock
 		}
+		per := float64(table) / float64(d.Capacity())
+		rep.add(Result{Name: fmt.Sprintf("connection table bytes per connection (maxConnections %s)", countLabel(size)), Unit: "bytes", Median: per, Min: per, Max: per, Runs: 1, Section: "memory",
+			Note: fmt.Sprintf("fdinfo memlock %d bytes of pktmeta_table, pktmeta_chunks and pktmeta_slots (%d slots) for %d connections", table, d.SlotsMap.MaxEntries(), d.Capacity())})
+		memlock, err := fdinfoMemlock(d.AliasesMap)
+		if err != nil {
+			d.Close()
+			return err
+		}
+		per = float64(memlock) / float64(d.AliasesMap.MaxEntries())
+		rep.add(Result{Name: fmt.Sprintf("pktmeta_aliases bytes per entry (max_entries %s)", countLabel(size)), Unit: "bytes", Median: per, Min: per, Max: per, Runs: 1, Section: "memory",
+			Note: fmt.Sprintf("fdinfo memlock %d bytes for %d entries", memlock, d.AliasesMap.MaxEntries())})
 		d.Close()
 		datapath.Destroy(filepath.Join(b.pinRoot, fmt.Sprintf("mem%d", size)), b.log)
 	}

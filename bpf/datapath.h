@@ -106,6 +106,7 @@ struct pktmeta_counters {
 	__u64 events_limited; /* connections without events: origin over its event rate */
 	__u64 udp_preexisting; /* UDP without a record that conntrack already tracked: not tagged */
 	__u64 not_for_pod; /* first packets at a delivery hook for an address not the pod's: not delivered */
+	__u64 table_busy; /* changes given up: other CPUs held the connection's chunk of the table */
 	__u64 conn_seq; /* per-CPU part of the connection id */
 };
 
@@ -186,6 +187,24 @@ struct pktmeta_sweep_args {
 	__u64 removed_aliases;
 	__u64 ct_checked;
 	__u64 ct_unavailable; /* 1: no conntrack kfuncs, no conntrack checks */
+};
+
+/* Operations of the pktmeta_table_write program, through which userspace
+ * changes the connection table: with the datapath's own code, so under
+ * the same locks as the programs (see table.h). */
+#define PKTMETA_TABLE_OP_INSERT 1 /* rec under key, unless key has an entry */
+#define PKTMETA_TABLE_OP_REMOVE 2 /* the entry of connection rec.conn_id under key, and nothing else */
+
+#define PKTMETA_TABLE_OP_MAGIC 0x706f656c62746d70ULL /* "pmtblop" */
+
+/* The argument of pktmeta_table_write, which userspace runs with
+ * BPF_PROG_TEST_RUN on a packet of an Ethernet header and this. */
+struct pktmeta_table_op {
+	__u64 magic; /* PKTMETA_TABLE_OP_MAGIC */
+	__u32 op; /* PKTMETA_TABLE_OP_* */
+	__s32 result; /* out: what table.h returned (TABLE_*) */
+	struct pktmeta_tuple key;
+	struct pktmeta_record rec;
 };
 
 /* Config flags. */

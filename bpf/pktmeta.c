@@ -4,7 +4,8 @@
  *
  *   pktmeta_origin  tcx ingress (packets from the pod): tags the first packet
  *                   of every connection the pod opens with a record in
- *                   pktmeta_conns, keyed by the tuple as the pod sent it.
+ *                   the connection table, keyed by the tuple as the pod
+ *                   sent it.
  *   pktmeta_strict  the same, and drops packets whose source address is not
  *                   one of the pod's.
  *   pktmeta_deliver tcx egress (packets to the pod): finds the record of the
@@ -28,8 +29,9 @@
  * evicted, a full table refuses new records and says so.
  *
  * Records are changed with a compare-and-swap on {flags, conn_gen}, or
- * replaced whole with a map update; never by plain stores into an element
- * that may have been recycled for another connection (see pktmeta.h).
+ * rewritten whole under their home chunk's lock (table.h); never by plain
+ * stores into a slot that may have been reused for another connection
+ * (see pktmeta.h).
  *
  * Every program returns TCX_NEXT (== TC_ACT_UNSPEC) so programs after ours
  * still run. A TCP segment without SYN, FIN or RST pays a header parse and
@@ -74,11 +76,13 @@
 #define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
 #define barrier() asm volatile("" ::: "memory")
 
+#include "table.h"
+
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-/* pktmeta_conns and pktmeta_aliases come from the public header: the
- * datapath declares them exactly as consumers do. The loader sizes them
- * from maxConnections. */
+/* The connection table (pktmeta_table, pktmeta_chunks, pktmeta_slots) and
+ * pktmeta_aliases come from the public header: the datapath declares them
+ * exactly as consumers do. The loader sizes them from maxConnections. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
@@ -262,6 +266,7 @@ volatile const __u32 bench_no_source_check = 0;
 const struct pktmeta_event *unused_event __attribute__((unused));
 const struct pktmeta_event_v4 *unused_event_v4 __attribute__((unused));
 const struct pktmeta_sweep_args *unused_sweep __attribute__((unused));
+const struct pktmeta_table_op *unused_table_op __attribute__((unused));
 const struct pktmeta_node_config *unused_node __attribute__((unused));
 const struct pktmeta_member_key *unused_member __attribute__((unused));
 const struct pktmeta_remote_counters *unused_xc __attribute__((unused));
@@ -342,21 +347,82 @@ static __always_inline __u64 next_conn_id(struct pktmeta_counters *c)
 
 /* ---- Records: read by copy, changed by compare-and-swap or update. ---- */
 
-/* Copies the record under key and returns the element it came from, or
- * NULL. The second lookup proves the element still held that connection
- * under that key once the copy was made. */
+/* The record of key's LIVE entry, or NULL. A hint: the slot may be
+ * rewritten or reused at any moment; decisions that last use snapshot()
+ * or still_holds(). */
+static __always_inline struct pktmeta_record *conn_find(const struct pktmeta_tuple *key)
+{
+	int found = pktmeta_find_slot(key);
+	struct pktmeta_slot *s;
+	__u32 idx;
+
+	if (found < 0)
+		return NULL;
+	idx = found;
+	s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+	return s ? &s->rec : NULL;
+}
+
+/* Copies the record under key and returns the slot's record it came from,
+ * or NULL. The slot's state, the same before and after the copy, proves
+ * the slot held that connection under that key for the whole copy. */
 static __always_inline struct pktmeta_record *snapshot(const struct pktmeta_tuple *key,
 						       struct pktmeta_record *copy)
 {
-	struct pktmeta_record *e;
+	int found = pktmeta_find_slot(key);
+	struct pktmeta_slot *s;
 
-	e = bpf_map_lookup_elem(&pktmeta_conns, key);
-	if (!e)
+	if (found < 0)
 		return NULL;
-	__builtin_memcpy(copy, e, sizeof(*copy));
-	if (bpf_map_lookup_elem(&pktmeta_conns, key) != e || READ_ONCE(e->conn_id) != copy->conn_id)
-		return NULL;
-	return e;
+	s = pktmeta_copy_slot(found, key, copy);
+	return s ? &s->rec : NULL;
+}
+
+/* Per-CPU room for records being built or checked, where a program's
+ * stack has none left: one slot per use (SCRATCH_*). Only the packet
+ * programs use it, which do not interrupt each other on a CPU. */
+#define SCRATCH_DELIVER 0
+#define SCRATCH_SLOTS 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SCRATCH_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pktmeta_record);
+} pktmeta_scratch SEC(".maps");
+
+static __always_inline struct pktmeta_record *scratch_record(__u32 slot)
+{
+	return bpf_map_lookup_elem(&pktmeta_scratch, &slot);
+}
+
+#define EBUSY 16
+#define ENOENT 2
+
+/* A table.h result as an error: 0, -EEXIST, -E2BIG (full), -EBUSY (the
+ * chunk stayed locked), -ENOENT (the connection went meanwhile). */
+static __always_inline int table_error(int res)
+{
+	switch (res) {
+	case TABLE_DONE:
+		return 0;
+	case TABLE_EXISTS:
+		return -EEXIST;
+	case TABLE_FULL:
+		return -E2BIG;
+	case TABLE_BUSY:
+		return -EBUSY;
+	default:
+		return -ENOENT;
+	}
+}
+
+static __always_inline void count_table_error(struct pktmeta_counters *c, int err)
+{
+	if (err == -EBUSY)
+		c->table_busy++;
+	else
+		c->update_errors++;
 }
 
 /* Sets bits in the flags of e if it still holds connection conn_id.
@@ -446,7 +512,7 @@ static __always_inline int remove_record(const struct pktmeta_tuple *key, const 
 {
 	struct pktmeta_alias *a;
 
-	if (bpf_map_delete_elem(&pktmeta_conns, key))
+	if (table_remove(key, r->conn_id) != TABLE_DONE)
 		return 0;
 	if (r->flags & PKTMETA_F_NAT) {
 		a = bpf_map_lookup_elem(&pktmeta_aliases, &r->peer_tuple);
@@ -692,14 +758,19 @@ static __always_inline struct nf_conn *ct_lookup(struct __sk_buff *skb, const st
 
 /* Asks conntrack about the tuple the packet carries: CT_*, or -1 when
  * conntrack cannot be asked. With orig, fills *orig with the entry's
- * original tuple (what the origin sent before any NAT) for CT_REPLY. */
-static __always_inline int ct_direction(struct __sk_buff *skb, const struct pktmeta_tuple *q,
-					struct pktmeta_tuple *orig)
+ * original tuple (what the origin sent before any NAT) for CT_REPLY.
+ * Global (not inlined): the lookup's arguments live in a frame of their
+ * own, not in the delivery program's, which has to leave room on the
+ * stack for the table's writers (table.h). */
+__attribute__((noinline)) int ct_direction(struct __sk_buff *skb, const struct pktmeta_tuple *q,
+					   struct pktmeta_tuple *orig)
 {
 	struct bpf_ct_opts opts;
 	struct nf_conn *ct;
 	int unavailable, reply;
 
+	if (!q)
+		return -1;
 	ct = ct_lookup(skb, q, &opts, &unavailable);
 	if (unavailable)
 		return -1;
@@ -849,14 +920,14 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 	/* At its budget a pod gets no new record; a retransmit or a tuple it
 	 * reuses still finds (or replaces) its own. */
 	if (ep->max_conns && READ_ONCE(ep->live) >= (__s64)ep->max_conns) {
-		if (!bpf_map_lookup_elem(&pktmeta_conns, &p->t)) {
+		if (!conn_find(&p->t)) {
 			c->over_budget++;
 			__sync_fetch_and_add(&ep->over_budget, 1);
 			return;
 		}
 		err = -EEXIST;
 	} else {
-		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_NOEXIST);
+		err = table_error(table_insert(&p->t, &rec));
 	}
 	if (err == -EEXIST) {
 		e = snapshot(&p->t, &old);
@@ -891,7 +962,7 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		claim = set_flags(e, old.conn_id, F_REPLACING);
 		if (claim < 0 || ((__u32)claim & F_REPLACING))
 			return;
-		err = bpf_map_update_elem(&pktmeta_conns, &p->t, &rec, BPF_EXIST);
+		err = table_error(table_rewrite(&p->t, old.conn_id, &rec));
 		if (err)
 			clear_flags(e, old.conn_id, F_REPLACING);
 		else if (old.flags & PKTMETA_F_UDP)
@@ -909,7 +980,7 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		return;
 	}
 	if (err) {
-		c->update_errors++;
+		count_table_error(c, err);
 		return;
 	}
 	if (p->t.proto == IPPROTO_UDP)
@@ -1204,7 +1275,10 @@ static __always_inline void udp_remember_none(const struct packet *p, __u32 ifin
  * lookup alone does not prove it. */
 static __always_inline int still_holds(const struct pktmeta_tuple *key, const struct pktmeta_record *e, __u64 word)
 {
-	return bpf_map_lookup_elem(&pktmeta_conns, key) == e && READ_ONCE(*(const __u64 *)e) == word;
+	const struct pktmeta_slot *s = (const void *)e - __builtin_offsetof(struct pktmeta_slot, rec);
+
+	return (READ_ONCE(s->state) & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_LIVE && pktmeta__tuple_eq(&s->key, key) &&
+	       READ_ONCE(*(const __u64 *)e) == word;
 }
 
 /* How long a fresh UDP record needs nothing: until it is due a refresh. */
@@ -1239,7 +1313,7 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 	 * asked already, unless the source had to be checked first). */
 	if (strict && udp_shortcut(p, skb->ifindex, UDP_HIT_ORIGIN, st))
 		return;
-	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
+	rec = conn_find(&p->t);
 	/* A record of another veth's is not this pod's flow (an address that
 	 * moved to this pod while the old one's record lives): tag() decides. */
 	if (rec && READ_ONCE(rec->origin_ifindex) == skb->ifindex) {
@@ -1289,7 +1363,7 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 		 * under their tuple (births), the record answered goes (the
 		 * epoch), or a second passes: remembered. */
 		tuple_reverse(&rev, &p->t);
-		r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
+		r = conn_find(&rev);
 		if (r && received_here(r, ep)) {
 			c->udp_replies++;
 			udp_remember_none(p, skb->ifindex, UDP_HIT_ORIGIN, st);
@@ -1339,7 +1413,7 @@ static __always_inline void syn_from_pod(struct __sk_buff *skb, struct packet *p
 	/* Simultaneous open: the other side's SYN came first and owns the
 	 * connection; one connection, one record. */
 	tuple_reverse(&rev, &p->t);
-	r = bpf_map_lookup_elem(&pktmeta_conns, &rev);
+	r = conn_find(&rev);
 	if (r && !(READ_ONCE(r->flags) & (PKTMETA_F_UDP | PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY)) &&
 	    received_here(r, ep)) {
 		c->simultaneous_opens++;
@@ -1460,39 +1534,49 @@ static __always_inline struct pktmeta_endpoint *receiver(struct __sk_buff *skb, 
 }
 
 /* Marks the record under key delivered to the pod behind this veth, once.
- * The record is replaced whole (a map update), never written in place: the
- * element may be recycled at any time. One CPU wins the claim. */
+ * The record is rewritten whole under its home chunk's lock, never by
+ * plain stores: the slot may be reused at any time. One CPU wins the
+ * claim. */
 static __always_inline void mark_delivered(struct __sk_buff *skb, const struct pktmeta_endpoint *ep,
 					   const struct pktmeta_tuple *key, const struct pktmeta_tuple *seen,
 					   __u32 nat, struct pktmeta_counters *c)
 {
-	struct pktmeta_record rec, *e;
+	struct pktmeta_record *rec, *e;
 	__u32 ifindex = skb->ifindex;
 	__s64 old;
 	__u64 now;
+	int err;
 
-	e = snapshot(key, &rec);
-	if (!e || (rec.flags & (PKTMETA_F_DELIVERED | F_INTERNAL)))
+	/* The copy is built in per-CPU scratch: this program's stack is
+	 * close to the limit, and the table's writer needs a frame of its
+	 * own on top of it. */
+	rec = scratch_record(SCRATCH_DELIVER);
+	if (!rec)
 		return;
-	old = set_flags(e, rec.conn_id, F_DELIVERING);
+	e = snapshot(key, rec);
+	if (!e || (rec->flags & (PKTMETA_F_DELIVERED | F_INTERNAL)))
+		return;
+	old = set_flags(e, rec->conn_id, F_DELIVERING);
 	if (old < 0 || ((__u32)old & (PKTMETA_F_DELIVERED | F_INTERNAL)))
 		return;
 	now = bpf_ktime_get_ns();
-	rec.flags = ((__u32)old | PKTMETA_F_DELIVERED | nat) & ~F_INTERNAL;
-	rec.peer_workload = ep->workload;
-	rec.peer_ifindex = ifindex;
-	rec.delivered_ns = now;
-	__builtin_memcpy(&rec.peer_tuple, seen, sizeof(rec.peer_tuple));
-	if (bpf_map_update_elem(&pktmeta_conns, key, &rec, BPF_EXIST)) {
-		/* Closed in between, or the update failed: give the claim back. */
-		clear_flags(e, rec.conn_id, F_DELIVERING);
-		c->update_errors++;
+	rec->flags = ((__u32)old | PKTMETA_F_DELIVERED | nat) & ~F_INTERNAL;
+	rec->peer_workload = ep->workload;
+	rec->peer_ifindex = ifindex;
+	rec->delivered_ns = now;
+	__builtin_memcpy(&rec->peer_tuple, seen, sizeof(rec->peer_tuple));
+	err = table_error(table_rewrite(key, rec->conn_id, rec));
+	if (err) {
+		/* Closed in between, or the chunk stayed locked: give the
+		 * claim back. */
+		clear_flags(e, rec->conn_id, F_DELIVERING);
+		count_table_error(c, err);
 		return;
 	}
 	c->deliveries++;
 	if (nat)
 		c->nat_resolved++;
-	emit(c, PKTMETA_EV_DELIVERED, 0, &rec, key, seen, ifindex, now);
+	emit(c, PKTMETA_EV_DELIVERED, 0, rec, key, seen, ifindex, now);
 }
 
 /* Removes the alias under the tuple a packet carries once conntrack no
@@ -1608,7 +1692,7 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 	struct pktmeta_config *cfg;
 	int nat;
 
-	rec = bpf_map_lookup_elem(&pktmeta_conns, &p->t);
+	rec = conn_find(&p->t);
 	if (rec) {
 		__u64 word = READ_ONCE(*(__u64 *)rec);
 
@@ -1633,7 +1717,7 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 		__u64 id = READ_ONCE(alias->conn_id);
 
 		__builtin_memcpy(&origin, &alias->origin, sizeof(origin));
-		rec = bpf_map_lookup_elem(&pktmeta_conns, &origin);
+		rec = conn_find(&origin);
 		/* Still the connection the alias was made for: nothing to do
 		 * until conntrack is due to be asked again (alias_current). */
 		if (rec && READ_ONCE(rec->conn_id) == id && alias_current(skb, p, alias, &origin)) {
@@ -1648,7 +1732,7 @@ static __always_inline void udp_to_pod(struct __sk_buff *skb, struct packet *p,
 	 * answered goes (the epoch), or a second passes: remembered. */
 	/* A reply to a flow the receiving pod opened itself. */
 	tuple_reverse(&rev, &p->t);
-	if (bpf_map_lookup_elem(&pktmeta_conns, &rev)) {
+	if (conn_find(&rev)) {
 		udp_remember_none(p, skb->ifindex, UDP_HIT_DELIVERY, st);
 		return;
 	}
@@ -1761,7 +1845,7 @@ int pktmeta_deliver(struct __sk_buff *skb)
 			if (flags & TCP_FLAG_ACK) {
 				synack_to_pod(skb, &p);
 			} else {
-				struct pktmeta_record *rec = bpf_map_lookup_elem(&pktmeta_conns, &p.t);
+				struct pktmeta_record *rec = conn_find(&p.t);
 				struct pktmeta_endpoint *ep;
 
 				/* A retransmitted SYN of a delivered connection stops at
@@ -1803,16 +1887,25 @@ static __always_inline int no_delivery_hook(const struct pktmeta_record *r)
 	return ep && (ep->flags & PKTMETA_EP_NO_EGRESS);
 }
 
-static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_record *val,
-			 struct sweep_state *st)
+static long sweep_record(void *map, __u32 *idx, struct pktmeta_slot *slot, struct sweep_state *st)
 {
+	struct pktmeta_record *val = &slot->rec, r;
 	__u32 id = st->args.workload;
-	struct pktmeta_record r;
-	__u64 *removed = NULL;
+	struct pktmeta_tuple key;
+	__u64 *removed = NULL, state_word;
 	__s64 age;
 	int state;
 
+	/* A slot is visited only when it holds a whole LIVE entry (the same
+	 * state before and after the copy). */
+	state_word = READ_ONCE(slot->state);
+	if ((state_word & PKTMETA_SLOT_KIND_MASK) != PKTMETA_SLOT_LIVE)
+		return 0;
+	__builtin_memcpy(&key, &slot->key, sizeof(key));
 	__builtin_memcpy(&r, val, sizeof(r));
+	barrier();
+	if (READ_ONCE(slot->state) != state_word)
+		return 0;
 	st->args.visited++;
 	age = st->now - r.first_seen_ns;
 	if (id && (opened_by(&r, id) || r.peer_workload == id)) {
@@ -1823,7 +1916,7 @@ static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_re
 	} else {
 		if ((st->args.flags & PKTMETA_SWEEP_CONNTRACK) && age >= (__s64)st->args.ct_min_age_ns &&
 		    !st->args.ct_unavailable) {
-			state = ct_tcp_state(st->skb, key);
+			state = ct_tcp_state(st->skb, &key);
 			if (state < 0) {
 				st->args.ct_unavailable = 1;
 			} else {
@@ -1854,10 +1947,8 @@ static long sweep_record(void *map, struct pktmeta_tuple *key, struct pktmeta_re
 	}
 	if (!removed)
 		return 0;
-	/* The tuple may have been reused since the copy; leave a newer one. */
-	if (READ_ONCE(val->conn_id) != r.conn_id)
-		return 0;
-	if (remove_record(key, &r))
+	/* Only the connection copied: the tuple may have been reused since. */
+	if (remove_record(&key, &r))
 		(*removed)++;
 	return 0;
 }
@@ -1868,7 +1959,7 @@ static long sweep_alias(void *map, struct pktmeta_tuple *key, struct pktmeta_ali
 	struct pktmeta_record *r;
 	__u64 id = READ_ONCE(val->conn_id);
 
-	r = bpf_map_lookup_elem(&pktmeta_conns, &val->origin);
+	r = conn_find(&val->origin);
 	if (r && READ_ONCE(r->conn_id) == id)
 		return 0;
 	if (READ_ONCE(val->conn_id) != id)
@@ -1908,7 +1999,7 @@ int pktmeta_sweep(struct __sk_buff *skb)
 		 * read-modify-write through the map could not be. */
 		udp_invalidate();
 	} else {
-		bpf_for_each_map_elem(&pktmeta_conns, sweep_record, &st, 0);
+		bpf_for_each_map_elem(&pktmeta_slots, sweep_record, &st, 0);
 		if (st.args.flags & PKTMETA_SWEEP_ALIASES)
 			bpf_for_each_map_elem(&pktmeta_aliases, sweep_alias, &st, 0);
 	}
@@ -1919,5 +2010,37 @@ int pktmeta_sweep(struct __sk_buff *skb)
 	if ((void *)(args + 1) > data_end)
 		return TCX_NEXT;
 	__builtin_memcpy(args, &st.args, sizeof(st.args));
+	return 0;
+}
+
+/* Changes the connection table for userspace (struct pktmeta_table_op):
+ * tests and the bench put records in, and take them out behind the other
+ * programs' back. */
+SEC("tc")
+int pktmeta_table_write(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+	struct pktmeta_table_op *args = data + sizeof(struct ethhdr);
+	struct pktmeta_table_op op;
+
+	if ((void *)(args + 1) > data_end || args->magic != PKTMETA_TABLE_OP_MAGIC)
+		return TCX_NEXT;
+	__builtin_memcpy(&op, args, sizeof(op));
+	switch (op.op) {
+	case PKTMETA_TABLE_OP_INSERT:
+		op.result = table_insert(&op.key, &op.rec);
+		break;
+	case PKTMETA_TABLE_OP_REMOVE:
+		op.result = table_remove(&op.key, op.rec.conn_id);
+		break;
+	default:
+		op.result = -1;
+	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	args = data + sizeof(struct ethhdr);
+	if ((void *)(args + 1) > data_end)
+		return TCX_NEXT;
+	args->result = op.result;
 	return 0;
 }

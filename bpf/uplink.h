@@ -452,13 +452,13 @@ static __always_inline void remote_tag(struct __sk_buff *skb, const struct syn_p
 	if (!live)
 		return;
 	if (n->max_remote && READ_ONCE(*live) >= (__s64)n->max_remote) {
-		if (!bpf_map_lookup_elem(&pktmeta_conns, &s->p.t)) {
+		if (!conn_find(&s->p.t)) {
 			xc->remote_over_budget++;
 			return;
 		}
 		err = -EEXIST;
 	} else {
-		err = bpf_map_update_elem(&pktmeta_conns, &s->p.t, &rec, BPF_NOEXIST);
+		err = table_error(table_insert(&s->p.t, &rec));
 	}
 	if (err == -EEXIST) {
 		e = snapshot(&s->p.t, &old);
@@ -479,7 +479,7 @@ static __always_inline void remote_tag(struct __sk_buff *skb, const struct syn_p
 		claim = set_flags(e, old.conn_id, F_REPLACING);
 		if (claim < 0 || ((__u32)claim & F_REPLACING))
 			return;
-		err = bpf_map_update_elem(&pktmeta_conns, &s->p.t, &rec, BPF_EXIST);
+		err = table_error(table_rewrite(&s->p.t, old.conn_id, &rec));
 		if (err)
 			clear_flags(e, old.conn_id, F_REPLACING);
 	} else if (!err) {
@@ -490,7 +490,7 @@ static __always_inline void remote_tag(struct __sk_buff *skb, const struct syn_p
 		return;
 	}
 	if (err) {
-		c->update_errors++;
+		count_table_error(c, err);
 		return;
 	}
 	xc->remote_tagged++;

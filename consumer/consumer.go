@@ -18,7 +18,7 @@ import (
 const DefaultPinPath = "/sys/fs/bpf/pktmeta"
 
 // MapNames are the maps of pktmeta's consumer interface (pktmeta.h).
-var MapNames = []string{"pktmeta_conns", "pktmeta_aliases"}
+var MapNames = []string{"pktmeta_table", "pktmeta_chunks", "pktmeta_slots", "pktmeta_aliases"}
 
 // Maps opens the pinned pktmeta maps that spec declares and returns them
 // for CollectionOptions.MapReplacements. It also makes spec's declarations

@@ -44,18 +44,23 @@ struct {
 SEC("tc")
 int nat_first(struct __sk_buff *skb)
 {
-	struct pktmeta_record *r;
+	struct pktmeta_slot *s;
 	struct nat_first_keys *k;
-	__u32 zero = 0;
+	__u32 zero = 0, idx;
+	int found;
 
 	k = bpf_map_lookup_elem(&nat_keys, &zero);
 	if (!k)
 		return NAT_FIRST_BROKEN;
-	r = bpf_map_lookup_elem(&pktmeta_conns, &k->origin);
-	if (!r)
+	found = pktmeta_find_slot(&k->origin);
+	if (found < 0)
+		return NAT_FIRST_BROKEN;
+	idx = found;
+	s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+	if (!s)
 		return NAT_FIRST_BROKEN;
 	/* In place: in the bench's private table nothing else writes it. */
-	r->flags &= ~(PKTMETA_F_DELIVERED | PKTMETA_F_NAT);
+	s->rec.flags &= ~(PKTMETA_F_DELIVERED | PKTMETA_F_NAT);
 	bpf_map_delete_elem(&pktmeta_aliases, &k->seen);
 	bpf_tail_call(skb, &nat_target, 0);
 	return NAT_FIRST_BROKEN;

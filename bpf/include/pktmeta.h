@@ -3,7 +3,7 @@
  * pktmeta.h - public interface of the pktmeta datapath.
  *
  * pktmeta stashes a fixed-size record for every L4 connection a pod opens,
- * keyed by the connection's tuple as the pod sent it, in pinned BPF maps.
+ * keyed by the connection's tuple as the pod sent it, in a pinned table.
  * A BPF program anywhere on the node (another netns included) can read the
  * origin of the packet in front of it with pktmeta_lookup() below.
  *
@@ -18,37 +18,39 @@
  *   if (pktmeta_lookup(&t, &rec) == 0)
  *           ... rec.origin_workload, rec.conn_id ...
  *
- * and load the object with these maps replaced by the node's pinned ones,
- * <pinPath>/maps/pktmeta_conns and pktmeta_aliases (default pin path
- * /sys/fs/bpf/pktmeta). The declarations below carry a placeholder size, and
- * loaders reuse a pinned map only if the sizes match: with cilium/ebpf, the
- * Go package github.com/pktmeta/pktmeta/consumer does it all (Maps() returns
- * the MapReplacements); with libbpf, open the pinned map, set the size with
+ * and load the object with the maps declared below replaced by the node's
+ * pinned ones, <pinPath>/maps/<name> (default pin path /sys/fs/bpf/pktmeta).
+ * The declarations carry a placeholder size, and loaders reuse a pinned map
+ * only if the sizes match: with cilium/ebpf, the Go package
+ * github.com/pktmeta/pktmeta/consumer does it all (Maps() returns the
+ * MapReplacements); with libbpf, open each pinned map, set the size with
  * bpf_map__set_max_entries() and hand it over with bpf_map__reuse_fd()
  * before loading.
  *
- * Read-only. Only pktmeta writes these maps. Their elements are recycled
- * the moment a record is removed (BPF hash maps have no grace period for
- * values), so a pointer from bpf_map_lookup_elem() may, a few nanoseconds
- * later, point at another connection's record. pktmeta_lookup() therefore
- * copies the record and checks, with a second lookup, that the element
- * still holds the same connection under the same key; use it instead of
- * dereferencing map values yourself, and never write through such a
- * pointer. (The one thing a copy cannot rule out is the same tuple being
- * reused by a new connection of the same pod inside those nanoseconds:
- * the identity read is then still right, the conn_id may be either.)
+ * The table (layout 3) is pktmeta's own, in plain arrays, not a BPF hash
+ * map: F14-style chunks of PKTMETA_CHUNK_SLOTS slots, one 64-bit word per
+ * chunk with a one-byte tag of each slot's hash, and a hash that is the
+ * same for a tuple and its reverse (see docs/ARCHITECTURE.md). Slots are
+ * reused the moment a record is removed, so pktmeta_lookup() copies the
+ * record and checks the slot's state word, which every write moves, before
+ * and after the copy; use it instead of reading the slots yourself, and
+ * never write to these maps. (The one thing a copy cannot rule out is the
+ * same tuple being reused by a new connection of the same pod inside those
+ * nanoseconds: the identity read is then still right, the conn_id may be
+ * either.) The check relies on loads not passing loads (x86-64); on
+ * weakly ordered CPUs a copy that raced a write can go unnoticed.
  *
  * Stability: every record carries a version byte, and the pinned config map
  * carries PKTMETA_LAYOUT_VERSION. A change to any layout in this file bumps
  * the version; consumers should check rec.version == PKTMETA_RECORD_VERSION.
- * Only the conns and aliases maps are part of the consumer interface.
+ * Only the maps declared below are part of the consumer interface.
  */
 #ifndef __PKTMETA_H__
 #define __PKTMETA_H__
 
 #include <linux/types.h>
 
-#define PKTMETA_LAYOUT_VERSION 2
+#define PKTMETA_LAYOUT_VERSION 3
 #define PKTMETA_RECORD_VERSION 3
 
 /* Connection tuple, as a map key. IPv4 addresses are stored IPv4-mapped
@@ -82,8 +84,8 @@ struct pktmeta_tuple {
 #define PKTMETA_CONN_REMOTE (1ULL << 63)
 #define PKTMETA_CONN_ORIGIN_BITS 44
 
-/* One record per connection, in map "pktmeta_conns", keyed by the tuple as
- * the origin pod sent it. Written at the connection's first packet; the
+/* One record per connection, in a slot of the table below, keyed by the
+ * tuple as the origin pod sent it. Written at the connection's first packet; the
  * flags change afterwards, and the peer fields once, at delivery.
  *
  * A remote record (PKTMETA_F_REMOTE) is one a pod on another node opened:
@@ -122,19 +124,79 @@ struct pktmeta_alias {
 	struct pktmeta_tuple origin;
 };
 
+/* ---- The connection table. ----
+ *
+ * Map "pktmeta_table": one struct pktmeta_table_info, written once when the
+ * table is made. Map "pktmeta_chunks": n_chunks 64-bit words, one per
+ * chunk. Map "pktmeta_slots": n_chunks * PKTMETA_CHUNK_SLOTS slots; slot i
+ * of chunk c is element c * PKTMETA_CHUNK_SLOTS + i.
+ *
+ * A tuple's hash h (pktmeta_hash()) picks its home chunk, (h * n_chunks)
+ * >> 32, and its tag, the low byte of h (1 if that is 0). Its slot is in
+ * the home chunk or up to PKTMETA_CHUNK_PROBES - 1 chunks after it (the
+ * last chunk is followed by the first). A chunk's word holds, in byte i
+ * (i < 7), the tag of slot i or 0 when it is free; in bits 56-62 how many
+ * entries of earlier home chunks lie past it (a lookup goes on to the
+ * next chunk only while that is non-zero); bit 63 is the writers' lock
+ * for entries whose home it is. */
+#define PKTMETA_TABLE_VERSION 1
+#define PKTMETA_CHUNK_SLOTS 7
+#define PKTMETA_CHUNK_PROBES 8
+#define PKTMETA_CHUNK_OVERFLOW_SHIFT 56
+#define PKTMETA_CHUNK_OVERFLOW_MASK (0x7fULL << PKTMETA_CHUNK_OVERFLOW_SHIFT)
+#define PKTMETA_CHUNK_LOCK (1ULL << 63)
+
+struct pktmeta_table_info {
+	__u32 version; /* PKTMETA_TABLE_VERSION; 0: no table yet */
+	__u32 n_chunks;
+	__u32 seed; /* of pktmeta_hash(): random, so that pods cannot aim tuples at a chunk */
+	__u32 capacity; /* the connections it was sized for (maxConnections) */
+};
+
+/* A slot's state: its kind in the low two bits, and a generation above
+ * that every write moves (WRITING -> LIVE, WRITING -> EMPTY): a reader that
+ * sees the same LIVE state before and after a copy copied one entry. */
+#define PKTMETA_SLOT_EMPTY 0
+#define PKTMETA_SLOT_WRITING 1
+#define PKTMETA_SLOT_LIVE 2
+#define PKTMETA_SLOT_KIND_MASK 3ULL
+#define PKTMETA_SLOT_GEN_ONE 4ULL
+
+struct pktmeta_slot {
+	__u64 state;
+	struct pktmeta_tuple key;
+	struct pktmeta_record rec;
+};
+
 #ifdef PKTMETA_DECLARE_MAPS
 #include <bpf/bpf_helpers.h>
 
 /* Sizes are placeholders: the pinned maps replace them at load time. The
- * tables are plain (preallocated) hashes, not LRU: pktmeta never evicts a
- * live record to make room; a full table refuses new records instead. */
+ * aliases are a plain (preallocated) hash, not LRU: pktmeta never evicts a
+ * live entry to make room; a full table refuses new ones instead. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
-	__type(key, struct pktmeta_tuple);
-	__type(value, struct pktmeta_record);
+	__type(key, __u32);
+	__type(value, struct pktmeta_table_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pktmeta_conns SEC(".maps");
+} pktmeta_table SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_chunks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pktmeta_slot);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pktmeta_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -180,21 +242,194 @@ static __always_inline int pktmeta_tuple_from_ipv6(struct pktmeta_tuple *t, cons
 	return 0;
 }
 
-/* Copies the record under key into *out if the element still holds the
- * same connection under that key after the copy. 0 on success. */
+#define PKTMETA__JHASH_INITVAL 0xdeadbeef
+
+static __always_inline __u32 pktmeta__rol32(__u32 w, int s)
+{
+	return (w << s) | (w >> (32 - s));
+}
+
+/* linux/jhash.h's __jhash_mix and __jhash_final. */
+#define PKTMETA__JHASH_MIX(a, b, c)                                          \
+	do {                                                                 \
+		a -= c; a ^= pktmeta__rol32(c, 4); c += b;                   \
+		b -= a; b ^= pktmeta__rol32(a, 6); a += c;                   \
+		c -= b; c ^= pktmeta__rol32(b, 8); b += a;                   \
+		a -= c; a ^= pktmeta__rol32(c, 16); c += b;                  \
+		b -= a; b ^= pktmeta__rol32(a, 19); a += c;                  \
+		c -= b; c ^= pktmeta__rol32(b, 4); b += a;                   \
+	} while (0)
+#define PKTMETA__JHASH_FINAL(a, b, c)                                        \
+	do {                                                                 \
+		c ^= b; c -= pktmeta__rol32(b, 14);                          \
+		a ^= c; a -= pktmeta__rol32(c, 11);                          \
+		b ^= a; b -= pktmeta__rol32(a, 25);                          \
+		c ^= b; c -= pktmeta__rol32(b, 16);                          \
+		a ^= c; a -= pktmeta__rol32(c, 4);                           \
+		b ^= a; b -= pktmeta__rol32(a, 14);                          \
+		c ^= b; c -= pktmeta__rol32(b, 24);                          \
+	} while (0)
+
+/* The table's hash of a tuple: jhash (the kernel's hash maps' own, seeded
+ * the same way) over ten 32-bit words: the lower endpoint's address, the
+ * higher one's, both ports (the lower endpoint's in the high half) and the
+ * protocol, where "lower" compares the addresses as four native-order
+ * words, then the ports. A tuple and its reverse hash alike. */
+static __always_inline __u32 pktmeta_hash(const struct pktmeta_tuple *t, __u32 seed)
+{
+	const __u32 *s = (const __u32 *)t->saddr, *d = (const __u32 *)t->daddr;
+	const __u32 *lo = s, *hi = d;
+	__u32 sp = t->sport, dp = t->dport, ports = (sp << 16) | dp;
+	__u32 a, b, c;
+	int swap;
+
+	if (s[0] != d[0])
+		swap = s[0] > d[0];
+	else if (s[1] != d[1])
+		swap = s[1] > d[1];
+	else if (s[2] != d[2])
+		swap = s[2] > d[2];
+	else if (s[3] != d[3])
+		swap = s[3] > d[3];
+	else
+		swap = sp > dp;
+	if (swap) {
+		lo = d;
+		hi = s;
+		ports = (dp << 16) | sp;
+	}
+	a = b = c = PKTMETA__JHASH_INITVAL + (10 << 2) + seed;
+	a += lo[0]; b += lo[1]; c += lo[2];
+	PKTMETA__JHASH_MIX(a, b, c);
+	a += lo[3]; b += hi[0]; c += hi[1];
+	PKTMETA__JHASH_MIX(a, b, c);
+	a += hi[2]; b += hi[3]; c += ports;
+	PKTMETA__JHASH_MIX(a, b, c);
+	a += t->proto;
+	PKTMETA__JHASH_FINAL(a, b, c);
+	return c;
+}
+
+static __always_inline __u32 pktmeta_home_chunk(__u32 h, __u32 n_chunks)
+{
+	return ((__u64)h * n_chunks) >> 32;
+}
+
+static __always_inline __u8 pktmeta_tag(__u32 h)
+{
+	__u8 tag = h;
+
+	return tag ? tag : 1;
+}
+
+static __always_inline int pktmeta__tuple_eq(const struct pktmeta_tuple *x, const struct pktmeta_tuple *y)
+{
+	const __u64 *a = (const __u64 *)x, *b = (const __u64 *)y;
+
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4];
+}
+
+/* Byte arithmetic on a chunk's word: the bytes among 0-6 that are zero,
+ * as their high bits. The lowest one is exact; a borrow can mark bytes
+ * above a zero byte too, so callers check each candidate. */
+#define PKTMETA__BYTES_ONE 0x0101010101010101ULL
+#define PKTMETA__BYTES_HIGH 0x8080808080808080ULL
+#define PKTMETA__TAG_BYTES 0x00ffffffffffffffULL
+
+static __always_inline __u64 pktmeta__zero_bytes(__u64 w)
+{
+	w |= ~PKTMETA__TAG_BYTES;
+	return (w - PKTMETA__BYTES_ONE) & ~w & PKTMETA__BYTES_HIGH;
+}
+
+/* The index of the byte whose high bit is the lowest set bit of m. */
+static __always_inline __u32 pktmeta__lowest_byte(__u64 m)
+{
+	__u64 below = (m & -m) - 1;
+
+	return (((below & PKTMETA__BYTES_HIGH) >> 7) * PKTMETA__BYTES_ONE) >> 56;
+}
+
+/* Finds the LIVE slot holding t: its index in pktmeta_slots, or -1. A
+ * hint only: the slot may change at any moment (pktmeta_lookup() copies
+ * and checks). A global function (kernel 5.12 and later): the verifier
+ * checks its loops once, not once for every place that looks a tuple up,
+ * which would take a program with a few lookups past its limits. */
+__attribute__((noinline)) int pktmeta_find_slot(const struct pktmeta_tuple *t)
+{
+	struct pktmeta_table_info *info;
+	struct pktmeta_slot *s;
+	__u32 zero = 0, n, c, i, idx;
+	__u64 *word, w, m;
+	__u8 tag;
+	__u32 h;
+
+	if (!t)
+		return -1;
+	info = bpf_map_lookup_elem(&pktmeta_table, &zero);
+	if (!info)
+		return -1;
+	n = *(volatile __u32 *)&info->n_chunks;
+	if (!n)
+		return -1;
+	h = pktmeta_hash(t, info->seed);
+	tag = pktmeta_tag(h);
+	c = pktmeta_home_chunk(h, n);
+	for (int step = 0; step < PKTMETA_CHUNK_PROBES; step++) {
+		word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
+		if (!word)
+			return -1;
+		w = *(volatile __u64 *)word;
+		m = pktmeta__zero_bytes(w ^ (tag * PKTMETA__BYTES_ONE));
+		for (int k = 0; k < PKTMETA_CHUNK_SLOTS && m; k++) {
+			i = pktmeta__lowest_byte(m);
+			m &= m - 1;
+			if ((__u8)(w >> (8 * i)) != tag)
+				continue;
+			idx = c * PKTMETA_CHUNK_SLOTS + i;
+			s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+			if (!s)
+				return -1;
+			if ((*(volatile __u64 *)&s->state & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_LIVE &&
+			    pktmeta__tuple_eq(&s->key, t))
+				return idx;
+		}
+		if (!(w & PKTMETA_CHUNK_OVERFLOW_MASK))
+			return -1;
+		c = c + 1 == n ? 0 : c + 1;
+	}
+	return -1;
+}
+
+/* Copies the record in slot idx into *out if the slot held a LIVE entry
+ * under key t for the whole copy; returns the slot, or NULL. */
+static __always_inline struct pktmeta_slot *pktmeta_copy_slot(__u32 idx, const struct pktmeta_tuple *t,
+							      struct pktmeta_record *out)
+{
+	struct pktmeta_slot *s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+	__u64 st;
+
+	if (!s)
+		return NULL;
+	st = *(volatile __u64 *)&s->state;
+	if ((st & PKTMETA_SLOT_KIND_MASK) != PKTMETA_SLOT_LIVE || !pktmeta__tuple_eq(&s->key, t))
+		return NULL;
+	__builtin_memcpy(out, &s->rec, sizeof(*out));
+	asm volatile("" ::: "memory");
+	if (*(volatile __u64 *)&s->state != st)
+		return NULL;
+	return s;
+}
+
+/* Copies the record under key into *out. 0 on success. */
 static __always_inline int pktmeta__copy_record(const struct pktmeta_tuple *key,
 						struct pktmeta_record *out)
 {
-	struct pktmeta_record *e, *again;
+	int idx = pktmeta_find_slot(key);
 
-	e = bpf_map_lookup_elem(&pktmeta_conns, key);
-	if (!e)
+	if (idx < 0)
 		return -1;
-	__builtin_memcpy(out, e, sizeof(*out));
-	again = bpf_map_lookup_elem(&pktmeta_conns, key);
-	if (again != e || *(volatile __u64 *)&e->conn_id != out->conn_id)
-		return -1;
-	return 0;
+	return pktmeta_copy_slot(idx, key, out) ? 0 : -1;
 }
 
 /* Copies the origin record of the connection the tuple belongs to, as the

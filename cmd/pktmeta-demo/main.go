@@ -547,7 +547,7 @@ func (dm *demo) closeConns() error {
 		fmt.Fprintln(dm.out, "  pktmeta_cfg) and a new packet starts a new flow, or until their pod is deleted.")
 	}
 	if tcp > 0 {
-		return fmt.Errorf("pktmeta failure: %d TCP record(s) still in pktmeta_conns %s after the connections were closed", tcp, closeWait)
+		return fmt.Errorf("pktmeta failure: %d TCP record(s) still in the connection table %s after the connections were closed", tcp, closeWait)
 	}
 	return nil
 }

@@ -157,7 +157,7 @@ func nodeSet(g globals, args []string, out io.Writer) error {
 	if *maxRemote > 0 {
 		cfg.MaxRemote = uint32(*maxRemote)
 	} else {
-		cfg.MaxRemote = d.ConnsMap.MaxEntries() / 4
+		cfg.MaxRemote = d.Capacity() / 4
 	}
 	// Uplinks first: until SetNode gives the node its id, the programs
 	// only neutralise and strip options. What this call attached is taken

@@ -28,23 +28,36 @@ type bpfPktmetaAlias struct {
 	Origin   bpfPktmetaTuple
 }
 
-type bpfPktmetaRecord struct {
-	_              structs.HostLayout
-	Flags          uint32
-	ConnGen        uint32
-	ConnId         uint64
-	Version        uint8
-	Pad            uint8
-	OriginNode     uint16
-	OriginWorkload uint32
-	OriginIfindex  uint32
-	PeerWorkload   uint32
-	PeerIfindex    uint32
-	SynSeq         uint32
-	FirstSeenNs    uint64
-	LastSeenNs     uint64
-	DeliveredNs    uint64
-	PeerTuple      bpfPktmetaTuple
+type bpfPktmetaSlot struct {
+	_     structs.HostLayout
+	State uint64
+	Key   bpfPktmetaTuple
+	Rec   struct {
+		_              structs.HostLayout
+		Flags          uint32
+		ConnGen        uint32
+		ConnId         uint64
+		Version        uint8
+		Pad            uint8
+		OriginNode     uint16
+		OriginWorkload uint32
+		OriginIfindex  uint32
+		PeerWorkload   uint32
+		PeerIfindex    uint32
+		SynSeq         uint32
+		FirstSeenNs    uint64
+		LastSeenNs     uint64
+		DeliveredNs    uint64
+		PeerTuple      bpfPktmetaTuple
+	}
+}
+
+type bpfPktmetaTableInfo struct {
+	_        structs.HostLayout
+	Version  uint32
+	N_chunks uint32
+	Seed     uint32
+	Capacity uint32
 }
 
 type bpfPktmetaTuple struct {
@@ -64,7 +77,9 @@ const (
 	bpfMapCounted        = "counted"
 	bpfMapCounts         = "counts"
 	bpfMapPktmetaAliases = "pktmeta_aliases"
-	bpfMapPktmetaConns   = "pktmeta_conns"
+	bpfMapPktmetaChunks  = "pktmeta_chunks"
+	bpfMapPktmetaSlots   = "pktmeta_slots"
+	bpfMapPktmetaTable   = "pktmeta_table"
 	bpfMapRemote         = "remote"
 	bpfMapUnknown        = "unknown"
 	bpfProgOrigincount   = "origincount"
@@ -122,7 +137,9 @@ type bpfMapSpecs struct {
 	Counted        *ebpf.MapSpec `ebpf:"counted"`
 	Counts         *ebpf.MapSpec `ebpf:"counts"`
 	PktmetaAliases *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
-	PktmetaConns   *ebpf.MapSpec `ebpf:"pktmeta_conns"`
+	PktmetaChunks  *ebpf.MapSpec `ebpf:"pktmeta_chunks"`
+	PktmetaSlots   *ebpf.MapSpec `ebpf:"pktmeta_slots"`
+	PktmetaTable   *ebpf.MapSpec `ebpf:"pktmeta_table"`
 	Remote         *ebpf.MapSpec `ebpf:"remote"`
 	Unknown        *ebpf.MapSpec `ebpf:"unknown"`
 }
@@ -156,7 +173,9 @@ type bpfMaps struct {
 	Counted        *ebpf.Map `ebpf:"counted"`
 	Counts         *ebpf.Map `ebpf:"counts"`
 	PktmetaAliases *ebpf.Map `ebpf:"pktmeta_aliases"`
-	PktmetaConns   *ebpf.Map `ebpf:"pktmeta_conns"`
+	PktmetaChunks  *ebpf.Map `ebpf:"pktmeta_chunks"`
+	PktmetaSlots   *ebpf.Map `ebpf:"pktmeta_slots"`
+	PktmetaTable   *ebpf.Map `ebpf:"pktmeta_table"`
 	Remote         *ebpf.Map `ebpf:"remote"`
 	Unknown        *ebpf.Map `ebpf:"unknown"`
 }
@@ -166,7 +185,9 @@ func (m *bpfMaps) Close() error {
 		m.Counted,
 		m.Counts,
 		m.PktmetaAliases,
-		m.PktmetaConns,
+		m.PktmetaChunks,
+		m.PktmetaSlots,
+		m.PktmetaTable,
 		m.Remote,
 		m.Unknown,
 	)

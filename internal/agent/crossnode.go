@@ -289,7 +289,7 @@ func (a *Agent) applyNodeOnce(ctx context.Context, x *crossNode) error {
 	}
 	cfg := datapath.NodeConfig{ID: id, Members: members, Key: key, MaxRemote: s.MaxRemote}
 	if cfg.MaxRemote == 0 {
-		cfg.MaxRemote = d.ConnsMap.MaxEntries() / 4
+		cfg.MaxRemote = d.Capacity() / 4
 	}
 	cur, err := d.Node()
 	if err != nil {

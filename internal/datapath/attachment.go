@@ -91,7 +91,7 @@ func (d *Datapath) Attach(w *Workload, opts AttachOptions) (err error) {
 	}
 	maxConns := opts.MaxConnections
 	if maxConns == 0 {
-		maxConns = max(1, d.ConnsMap.MaxEntries()/PodShareOfTable)
+		maxConns = max(1, d.Capacity()/PodShareOfTable)
 	}
 	ep := Endpoint{Workload: w.ID, Strict: opts.Strict, Addrs: opts.Addrs, MaxConnections: maxConns, EventsPerSecond: opts.EventsPerSecond}
 	if err := d.putEndpoint(w.HostIfindex, ep); err != nil {

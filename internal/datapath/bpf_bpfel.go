@@ -82,6 +82,7 @@ type bpfPktmetaCounters struct {
 	EventsLimited     uint64
 	UdpPreexisting    uint64
 	NotForPod         uint64
+	TableBusy         uint64
 	ConnSeq           uint64
 }
 
@@ -218,6 +219,13 @@ type bpfPktmetaRemoteCounters struct {
 	OutListCut        uint64
 }
 
+type bpfPktmetaSlot struct {
+	_     structs.HostLayout
+	State uint64
+	Key   bpfPktmetaTuple
+	Rec   bpfPktmetaRecord
+}
+
 type bpfPktmetaSweepArgs struct {
 	_                 structs.HostLayout
 	Magic             uint64
@@ -234,6 +242,23 @@ type bpfPktmetaSweepArgs struct {
 	RemovedAliases    uint64
 	CtChecked         uint64
 	CtUnavailable     uint64
+}
+
+type bpfPktmetaTableInfo struct {
+	_        structs.HostLayout
+	Version  uint32
+	N_chunks uint32
+	Seed     uint32
+	Capacity uint32
+}
+
+type bpfPktmetaTableOp struct {
+	_      structs.HostLayout
+	Magic  uint64
+	Op     uint32
+	Result int32
+	Key    bpfPktmetaTuple
+	Rec    bpfPktmetaRecord
 }
 
 type bpfPktmetaTag struct {
@@ -295,7 +320,7 @@ type bpfUdpHit struct {
 const (
 	bpfMapPktmetaAliases      = "pktmeta_aliases"
 	bpfMapPktmetaCfg          = "pktmeta_cfg"
-	bpfMapPktmetaConns        = "pktmeta_conns"
+	bpfMapPktmetaChunks       = "pktmeta_chunks"
 	bpfMapPktmetaEps          = "pktmeta_eps"
 	bpfMapPktmetaEvents       = "pktmeta_events"
 	bpfMapPktmetaInbound      = "pktmeta_inbound"
@@ -303,7 +328,10 @@ const (
 	bpfMapPktmetaNode         = "pktmeta_node"
 	bpfMapPktmetaNsAddrs      = "pktmeta_ns_addrs"
 	bpfMapPktmetaRemoteLive   = "pktmeta_remote_live"
+	bpfMapPktmetaScratch      = "pktmeta_scratch"
+	bpfMapPktmetaSlots        = "pktmeta_slots"
 	bpfMapPktmetaStats        = "pktmeta_stats"
+	bpfMapPktmetaTable        = "pktmeta_table"
 	bpfMapPktmetaUdpBirths    = "pktmeta_udp_births"
 	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
 	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
@@ -319,6 +347,7 @@ const (
 	bpfProgPktmetaRecvmsg6    = "pktmeta_recvmsg6"
 	bpfProgPktmetaStrict      = "pktmeta_strict"
 	bpfProgPktmetaSweep       = "pktmeta_sweep"
+	bpfProgPktmetaTableWrite  = "pktmeta_table_write"
 	bpfProgPktmetaUplinkIn    = "pktmeta_uplink_in"
 	bpfProgPktmetaUplinkOut   = "pktmeta_uplink_out"
 	bpfVarBenchNoSourceCheck  = "bench_no_source_check"
@@ -330,6 +359,7 @@ const (
 	bpfVarUnusedNode          = "unused_node"
 	bpfVarUnusedOrigin        = "unused_origin"
 	bpfVarUnusedSweep         = "unused_sweep"
+	bpfVarUnusedTableOp       = "unused_table_op"
 	bpfVarUnusedXc            = "unused_xc"
 )
 
@@ -382,6 +412,7 @@ type bpfProgramSpecs struct {
 	PktmetaRecvmsg6   *ebpf.ProgramSpec `ebpf:"pktmeta_recvmsg6"`
 	PktmetaStrict     *ebpf.ProgramSpec `ebpf:"pktmeta_strict"`
 	PktmetaSweep      *ebpf.ProgramSpec `ebpf:"pktmeta_sweep"`
+	PktmetaTableWrite *ebpf.ProgramSpec `ebpf:"pktmeta_table_write"`
 	PktmetaUplinkIn   *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_in"`
 	PktmetaUplinkOut  *ebpf.ProgramSpec `ebpf:"pktmeta_uplink_out"`
 }
@@ -392,7 +423,7 @@ type bpfProgramSpecs struct {
 type bpfMapSpecs struct {
 	PktmetaAliases    *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
 	PktmetaCfg        *ebpf.MapSpec `ebpf:"pktmeta_cfg"`
-	PktmetaConns      *ebpf.MapSpec `ebpf:"pktmeta_conns"`
+	PktmetaChunks     *ebpf.MapSpec `ebpf:"pktmeta_chunks"`
 	PktmetaEps        *ebpf.MapSpec `ebpf:"pktmeta_eps"`
 	PktmetaEvents     *ebpf.MapSpec `ebpf:"pktmeta_events"`
 	PktmetaInbound    *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
@@ -400,7 +431,10 @@ type bpfMapSpecs struct {
 	PktmetaNode       *ebpf.MapSpec `ebpf:"pktmeta_node"`
 	PktmetaNsAddrs    *ebpf.MapSpec `ebpf:"pktmeta_ns_addrs"`
 	PktmetaRemoteLive *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
+	PktmetaScratch    *ebpf.MapSpec `ebpf:"pktmeta_scratch"`
+	PktmetaSlots      *ebpf.MapSpec `ebpf:"pktmeta_slots"`
 	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
+	PktmetaTable      *ebpf.MapSpec `ebpf:"pktmeta_table"`
 	PktmetaUdpBirths  *ebpf.MapSpec `ebpf:"pktmeta_udp_births"`
 	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
@@ -424,6 +458,7 @@ type bpfVariableSpecs struct {
 	UnusedNode          *ebpf.VariableSpec `ebpf:"unused_node"`
 	UnusedOrigin        *ebpf.VariableSpec `ebpf:"unused_origin"`
 	UnusedSweep         *ebpf.VariableSpec `ebpf:"unused_sweep"`
+	UnusedTableOp       *ebpf.VariableSpec `ebpf:"unused_table_op"`
 	UnusedXc            *ebpf.VariableSpec `ebpf:"unused_xc"`
 }
 
@@ -449,7 +484,7 @@ func (o *bpfObjects) Close() error {
 type bpfMaps struct {
 	PktmetaAliases    *ebpf.Map `ebpf:"pktmeta_aliases"`
 	PktmetaCfg        *ebpf.Map `ebpf:"pktmeta_cfg"`
-	PktmetaConns      *ebpf.Map `ebpf:"pktmeta_conns"`
+	PktmetaChunks     *ebpf.Map `ebpf:"pktmeta_chunks"`
 	PktmetaEps        *ebpf.Map `ebpf:"pktmeta_eps"`
 	PktmetaEvents     *ebpf.Map `ebpf:"pktmeta_events"`
 	PktmetaInbound    *ebpf.Map `ebpf:"pktmeta_inbound"`
@@ -457,7 +492,10 @@ type bpfMaps struct {
 	PktmetaNode       *ebpf.Map `ebpf:"pktmeta_node"`
 	PktmetaNsAddrs    *ebpf.Map `ebpf:"pktmeta_ns_addrs"`
 	PktmetaRemoteLive *ebpf.Map `ebpf:"pktmeta_remote_live"`
+	PktmetaScratch    *ebpf.Map `ebpf:"pktmeta_scratch"`
+	PktmetaSlots      *ebpf.Map `ebpf:"pktmeta_slots"`
 	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
+	PktmetaTable      *ebpf.Map `ebpf:"pktmeta_table"`
 	PktmetaUdpBirths  *ebpf.Map `ebpf:"pktmeta_udp_births"`
 	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
 	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
@@ -472,7 +510,7 @@ func (m *bpfMaps) Close() error {
 	return _BpfClose(
 		m.PktmetaAliases,
 		m.PktmetaCfg,
-		m.PktmetaConns,
+		m.PktmetaChunks,
 		m.PktmetaEps,
 		m.PktmetaEvents,
 		m.PktmetaInbound,
@@ -480,7 +518,10 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaNode,
 		m.PktmetaNsAddrs,
 		m.PktmetaRemoteLive,
+		m.PktmetaScratch,
+		m.PktmetaSlots,
 		m.PktmetaStats,
+		m.PktmetaTable,
 		m.PktmetaUdpBirths,
 		m.PktmetaUdpEpoch,
 		m.PktmetaUdpHits,
@@ -505,6 +546,7 @@ type bpfVariables struct {
 	UnusedNode          *ebpf.Variable `ebpf:"unused_node"`
 	UnusedOrigin        *ebpf.Variable `ebpf:"unused_origin"`
 	UnusedSweep         *ebpf.Variable `ebpf:"unused_sweep"`
+	UnusedTableOp       *ebpf.Variable `ebpf:"unused_table_op"`
 	UnusedXc            *ebpf.Variable `ebpf:"unused_xc"`
 }
 
@@ -519,6 +561,7 @@ type bpfPrograms struct {
 	PktmetaRecvmsg6   *ebpf.Program `ebpf:"pktmeta_recvmsg6"`
 	PktmetaStrict     *ebpf.Program `ebpf:"pktmeta_strict"`
 	PktmetaSweep      *ebpf.Program `ebpf:"pktmeta_sweep"`
+	PktmetaTableWrite *ebpf.Program `ebpf:"pktmeta_table_write"`
 	PktmetaUplinkIn   *ebpf.Program `ebpf:"pktmeta_uplink_in"`
 	PktmetaUplinkOut  *ebpf.Program `ebpf:"pktmeta_uplink_out"`
 }
@@ -532,6 +575,7 @@ func (p *bpfPrograms) Close() error {
 		p.PktmetaRecvmsg6,
 		p.PktmetaStrict,
 		p.PktmetaSweep,
+		p.PktmetaTableWrite,
 		p.PktmetaUplinkIn,
 		p.PktmetaUplinkOut,
 	)

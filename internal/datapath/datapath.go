@@ -41,7 +41,7 @@ import (
 const DefaultPinPath = "/sys/fs/bpf/pktmeta"
 
 // LayoutVersion is PKTMETA_LAYOUT_VERSION of the bundled BPF object.
-const LayoutVersion = 2
+const LayoutVersion = 3
 
 // RecordVersion is PKTMETA_RECORD_VERSION of the bundled BPF object.
 const RecordVersion = 3
@@ -74,6 +74,9 @@ const (
 	ProgDeliver = "deliver"
 	// ProgSweep sweeps the connection table in the kernel (BPF_PROG_TEST_RUN).
 	ProgSweep = "sweep"
+	// ProgTableWrite changes the connection table for userspace
+	// (BPF_PROG_TEST_RUN), under the programs' own locks.
+	ProgTableWrite = "table_write"
 	// ProgUplinkOut and ProgUplinkIn carry origins across nodes, on the
 	// egress and ingress of a node's uplinks (bpf/uplink.h).
 	ProgUplinkOut = "uplink_out"
@@ -130,7 +133,11 @@ func (o *Options) withDefaults() Options {
 type Datapath struct {
 	PinPath string
 
-	ConnsMap      *ebpf.Map
+	// The connection table (bpf/include/pktmeta.h): its description, one
+	// word per chunk, and the slots.
+	TableMap      *ebpf.Map
+	ChunksMap     *ebpf.Map
+	SlotsMap      *ebpf.Map
 	AliasesMap    *ebpf.Map
 	EndpointsMap  *ebpf.Map
 	WorkloadsMap  *ebpf.Map
@@ -157,6 +164,8 @@ type Datapath struct {
 	Strict  *ebpf.Program
 	Deliver *ebpf.Program
 	Sweeper *ebpf.Program
+	// TableWriter changes the connection table for userspace.
+	TableWriter *ebpf.Program
 	// The uplink programs (across nodes), attached to a node's uplinks.
 	UplinkOut *ebpf.Program
 	UplinkIn  *ebpf.Program
@@ -168,8 +177,9 @@ type Datapath struct {
 	Recvmsg4 *ebpf.Program
 	Recvmsg6 *ebpf.Program
 
-	log  *slog.Logger
-	lock *nodeLock // nil for a reader
+	table tableInfo // read from TableMap when the handle opens
+	log   *slog.Logger
+	lock  *nodeLock // nil for a reader
 }
 
 // ID identifies the BPF object bundled in this binary: the sha256 of its
@@ -247,7 +257,9 @@ func CheckBPFFS(dir string) error {
 
 // Map names, as in bpf/pktmeta.c.
 const (
-	mapConns      = "pktmeta_conns"
+	mapTable      = "pktmeta_table"
+	mapChunks     = "pktmeta_chunks"
+	mapSlots      = "pktmeta_slots"
 	mapAliases    = "pktmeta_aliases"
 	mapEndpoints  = "pktmeta_eps"
 	mapWorkloads  = "pktmeta_wloads"
@@ -267,7 +279,11 @@ const (
 )
 
 // mapNames lists every map; the config comes last, as the commit point.
-var mapNames = []string{mapConns, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapNsAddrs, mapUDPPeers, mapUDPPeerGen, mapConfig}
+var mapNames = []string{mapTable, mapChunks, mapSlots, mapAliases, mapEndpoints, mapWorkloads, mapStats, mapEvents, mapInbound, mapNode, mapMembers, mapXStats, mapRemoteLive, mapUDPEpoch, mapWlNetns, mapNsAddrs, mapUDPPeers, mapUDPPeerGen, mapConfig}
+
+// retiredMaps are maps of older layouts: an uninstall removes them too.
+// pktmeta_conns was the connection table until layout 3.
+var retiredMaps = []string{"pktmeta_conns"}
 
 // newerMaps are the maps a datapath of an older release of this layout
 // may not have. A handle that takes pinned state as it is (no programs
@@ -283,12 +299,13 @@ var optionalProgs = map[string]bool{ProgGetsockopt: true, ProgRecvmsg4: true, Pr
 
 // progNames lists every program with its name in the object.
 var progNames = map[string]string{
-	ProgOrigin:    bpfProgPktmetaOrigin,
-	ProgStrict:    bpfProgPktmetaStrict,
-	ProgDeliver:   bpfProgPktmetaDeliver,
-	ProgSweep:     bpfProgPktmetaSweep,
-	ProgUplinkOut: bpfProgPktmetaUplinkOut,
-	ProgUplinkIn:  bpfProgPktmetaUplinkIn,
+	ProgOrigin:     bpfProgPktmetaOrigin,
+	ProgStrict:     bpfProgPktmetaStrict,
+	ProgDeliver:    bpfProgPktmetaDeliver,
+	ProgSweep:      bpfProgPktmetaSweep,
+	ProgTableWrite: bpfProgPktmetaTableWrite,
+	ProgUplinkOut:  bpfProgPktmetaUplinkOut,
+	ProgUplinkIn:   bpfProgPktmetaUplinkIn,
 
 	ProgGetsockopt: bpfProgPktmetaGetsockopt,
 	ProgRecvmsg4:   bpfProgPktmetaRecvmsg4,
@@ -297,7 +314,9 @@ var progNames = map[string]string{
 
 func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
-		mapConns:      &d.ConnsMap,
+		mapTable:      &d.TableMap,
+		mapChunks:     &d.ChunksMap,
+		mapSlots:      &d.SlotsMap,
 		mapAliases:    &d.AliasesMap,
 		mapEndpoints:  &d.EndpointsMap,
 		mapWorkloads:  &d.WorkloadsMap,
@@ -319,12 +338,13 @@ func (d *Datapath) mapSlots() map[string]**ebpf.Map {
 
 func (d *Datapath) progSlots() map[string]**ebpf.Program {
 	return map[string]**ebpf.Program{
-		ProgOrigin:    &d.Origin,
-		ProgStrict:    &d.Strict,
-		ProgDeliver:   &d.Deliver,
-		ProgSweep:     &d.Sweeper,
-		ProgUplinkOut: &d.UplinkOut,
-		ProgUplinkIn:  &d.UplinkIn,
+		ProgOrigin:     &d.Origin,
+		ProgStrict:     &d.Strict,
+		ProgDeliver:    &d.Deliver,
+		ProgSweep:      &d.Sweeper,
+		ProgTableWrite: &d.TableWriter,
+		ProgUplinkOut:  &d.UplinkOut,
+		ProgUplinkIn:   &d.UplinkIn,
 
 		ProgGetsockopt: &d.Getsockopt,
 		ProgRecvmsg4:   &d.Recvmsg4,

@@ -87,8 +87,11 @@ func TestOpenLoadsOnceAndReuses(t *testing.T) {
 	if id2 := progID(t, d2.Origin); id1 != id2 {
 		t.Fatalf("second Open reloaded the program: id %d then %d", id1, id2)
 	}
-	if got := d2.ConnsMap.MaxEntries(); got != 4096 {
-		t.Fatalf("conns max entries %d, want the pinned 4096", got)
+	if got := d2.Capacity(); got != 4096 {
+		t.Fatalf("table capacity %d, want the pinned 4096", got)
+	}
+	if got, want := d2.SlotsMap.MaxEntries(), tableChunks(4096)*chunkSlots; got != want {
+		t.Fatalf("table slots %d, want the pinned %d", got, want)
 	}
 	if cur, _ := d2.Current(); !cur {
 		t.Fatal("not current after Open")
@@ -435,14 +438,11 @@ func TestWorkloadIDsProbeFromTheKeyHash(t *testing.T) {
 func TestRecordsAcrossBatches(t *testing.T) {
 	d, _ := mustOpen(t, testutil.PinPath(t), 16384)
 	const n = 10000
-	keys := make([]bpfPktmetaTuple, n)
-	vals := make([]bpfPktmetaRecord, n)
-	for i := range keys {
-		keys[i] = Tuple{Proto: ProtoTCP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(i+1)), Dst: netip.MustParseAddrPort("10.0.0.2:80")}.key()
-		vals[i] = bpfPktmetaRecord{Version: RecordVersion, ConnId: uint64(i + 1), ConnGen: uint32(i + 1)}
-	}
-	if _, err := d.ConnsMap.BatchUpdate(keys, vals, nil); err != nil {
-		t.Fatal(err)
+	for i := range n {
+		tu := Tuple{Proto: ProtoTCP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(i+1)), Dst: netip.MustParseAddrPort("10.0.0.2:80")}
+		if err := d.InsertRecord(tu, uint64(i+1)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	recs, err := d.Records()
 	if err != nil {
@@ -456,7 +456,7 @@ func TestRecordsAcrossBatches(t *testing.T) {
 		t.Fatalf("%d records (%d distinct), want %d", len(recs), len(seen), n)
 	}
 	for _, f := range d.MapFill() {
-		if f.Name == mapConns && (f.Entries != n || f.Max != 16384) {
+		if f.Name == mapSlots && (f.Entries != n || f.Max != 16384) {
 			t.Fatalf("map fill %+v, want %d of 16384", f, n)
 		}
 	}

@@ -69,7 +69,8 @@ func sharedDatapath(t *testing.T, maxConns uint32) *Datapath {
 // config, so that a shared datapath looks freshly made.
 func resetDatapath(t *testing.T, d *Datapath) {
 	t.Helper()
-	for _, m := range []*ebpf.Map{d.ConnsMap, d.AliasesMap, d.EndpointsMap, d.WorkloadsMap} {
+	clearTable(t, d)
+	for _, m := range []*ebpf.Map{d.AliasesMap, d.EndpointsMap, d.WorkloadsMap} {
 		var keys [][]byte
 		k := make([]byte, m.KeySize())
 		it := m.Iterate()

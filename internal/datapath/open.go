@@ -207,6 +207,12 @@ func openPinned(pinPath string, lock *nodeLock, needProgs bool, log *slog.Logger
 		}
 		*dst = p
 	}
+	t, err := readTable(d.TableMap, d.ChunksMap, d.SlotsMap)
+	if err != nil {
+		d.Close()
+		return nil, err
+	}
+	d.table = t
 	d.lock = lock
 	return d, nil
 }
@@ -409,6 +415,7 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	delete(spec.Variables, bpfVarUnusedEvent)
 	delete(spec.Variables, bpfVarUnusedEventV4)
 	delete(spec.Variables, bpfVarUnusedSweep)
+	delete(spec.Variables, bpfVarUnusedTableOp)
 	delete(spec.Variables, bpfVarUnusedNode)
 	delete(spec.Variables, bpfVarUnusedMember)
 	delete(spec.Variables, bpfVarUnusedXc)
@@ -437,11 +444,13 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 		}
 	}
 
-	// The object declares the connection tables with a placeholder size
-	// (the public header's). New ones get maxConnections; pinned ones keep
-	// theirs, since a pinned map is reused only if the spec matches it.
-	for _, name := range []string{mapConns, mapAliases} {
-		spec.Maps[name].MaxEntries = o.MaxConnections
+	// The object declares the connection table and the aliases with a
+	// placeholder size (the public header's). New ones are made for
+	// maxConnections; pinned ones keep theirs, since a pinned map is
+	// reused only if the spec matches it.
+	chunks := tableChunks(o.MaxConnections)
+	for name, size := range map[string]uint32{mapChunks: chunks, mapSlots: chunks * chunkSlots, mapAliases: o.MaxConnections} {
+		spec.Maps[name].MaxEntries = size
 		m, err := ebpf.LoadPinnedMap(filepath.Join(d.mapsDir(), name), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
@@ -462,6 +471,14 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	for name, dst := range d.mapSlots() {
 		*dst = coll.Maps[name]
 		delete(coll.Maps, name) // d owns it now
+	}
+	// Before any program runs on them: new tables get their seed, and
+	// the table is read back as every handle reads it.
+	if err := initTable(d.TableMap, d.ChunksMap, d.SlotsMap, o.MaxConnections); err != nil {
+		return err
+	}
+	if d.table, err = readTable(d.TableMap, d.ChunksMap, d.SlotsMap); err != nil {
+		return err
 	}
 	for name, dst := range d.progSlots() {
 		*dst = coll.Programs[progNames[name]]
@@ -619,7 +636,7 @@ func (d *Datapath) removePins() error {
 			}
 		}
 	}
-	for _, name := range mapNames {
+	for _, name := range append(mapNames, retiredMaps...) {
 		if err := os.Remove(filepath.Join(d.mapsDir(), name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

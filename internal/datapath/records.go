@@ -206,24 +206,22 @@ func WallTime(mono uint64) time.Time { return newMonoClock().wall(mono) }
 // ErrNoRecord means the datapath knows nothing of a tuple.
 var ErrNoRecord = errors.New("no record")
 
-// lookupRecord reads the record under key until two reads in a row agree
-// byte for byte: the kernel copies a map value out without a lock, and an
-// element may be recycled for another record while it is copied.
+// lookupRecord reads the record under key: the table's walk, and a slot
+// read until two reads agree (readSlot).
 func (d *Datapath) lookupRecord(key *bpfPktmetaTuple, v *bpfPktmetaRecord) error {
-	if err := d.ConnsMap.Lookup(key, v); err != nil {
-		return err
-	}
+	var s bpfPktmetaSlot
 	for range 8 {
-		var again bpfPktmetaRecord
-		if err := d.ConnsMap.Lookup(key, &again); err != nil {
+		err := d.findSlot(key, &s)
+		if errors.Is(err, errChanging) {
+			continue
+		}
+		if err != nil {
 			return err
 		}
-		if again == *v {
-			return nil
-		}
-		*v = again
+		*v = s.Rec
+		return nil
 	}
-	return fmt.Errorf("record keeps changing while read: %w", ebpf.ErrKeyNotExist)
+	return fmt.Errorf("%w: %w", errChanging, ebpf.ErrKeyNotExist)
 }
 
 // lookupAlias reads the alias under key the same way.
@@ -280,44 +278,15 @@ func (d *Datapath) Lookup(t Tuple) (Record, error) {
 }
 
 // Records lists every live record. It reads the table in batches of 4096
-// (one syscall each): DEL, GC and the CLI walk it, and at a million
-// records one syscall per entry would take seconds.
+// slots (one syscall each, twice: see liveSlots): DEL, GC and the CLI walk
+// it, and at a million records one syscall per entry would take seconds.
 func (d *Datapath) Records() ([]Record, error) {
 	clk := newMonoClock()
 	var out []Record
-	const batch = 4096
-	keys := make([]bpfPktmetaTuple, batch)
-	vals := make([]bpfPktmetaRecord, batch)
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := d.ConnsMap.BatchLookup(&cursor, keys, vals, nil)
-		for i := range n {
-			out = append(out, decodeRecord(&keys[i], &vals[i], clk))
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return out, nil
-		}
-		if errors.Is(err, ebpf.ErrNotSupported) {
-			return d.recordsOneByOne(clk)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("list records: %w", err)
-		}
-	}
-}
-
-// recordsOneByOne is Records for kernels without batch operations.
-func (d *Datapath) recordsOneByOne(clk monoClock) ([]Record, error) {
-	var out []Record
-	var (
-		k bpfPktmetaTuple
-		v bpfPktmetaRecord
-	)
-	it := d.ConnsMap.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, decodeRecord(&k, &v, clk))
-	}
-	if err := it.Err(); err != nil {
+	err := d.liveSlots(func(s *bpfPktmetaSlot) {
+		out = append(out, decodeRecord(&s.Key, &s.Rec, clk))
+	})
+	if err != nil {
 		return nil, fmt.Errorf("list records: %w", err)
 	}
 	return out, nil

@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 7
+const Release = 8
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "1f75097970dd4c8e036b416d672cf5ad6df59dbe5e5c5f5d7319c6200750e39c"
+const releaseObject = "c4e55c4b0360ae9ab6be83e29255d31e290fbb7706429f086a2ad23975403337"

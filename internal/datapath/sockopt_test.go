@@ -93,12 +93,8 @@ func (e *appsEnv) podAt(tb testing.TB, name string, netns uint64, ifindex uint32
 
 func (e *appsEnv) putRecord(tb testing.TB, t Tuple, rec bpfPktmetaRecord) {
 	tb.Helper()
-	k := t.key()
 	rec.Version = RecordVersion
-	if err := e.d.ConnsMap.Update(&k, &rec, ebpf.UpdateAny); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { e.d.ConnsMap.Delete(&k) })
+	putRecord(tb, e.d, t, rec)
 }
 
 func (e *appsEnv) putAlias(tb testing.TB, seen, origin Tuple, connID uint64) {
@@ -397,10 +393,7 @@ func TestApplicationsAskTheirSockets(t *testing.T) {
 			t.Fatalf("two flows of one peer port, one to each pod address: %+v, %v; want unknown", o, err)
 		}
 		// The other flow gone, the one left is the answer.
-		k := to2.key()
-		if err := e.d.ConnsMap.Delete(&k); err != nil {
-			t.Fatal(err)
-		}
+		dropRecord(t, e.d, to2)
 		recvFrom(to1.Dst)
 		if o, err := pktmeta.Origin(srv); err != nil || o.ConnID != 4301 {
 			t.Fatalf("one flow left: %+v, %v; want connection 4301", o, err)

@@ -37,6 +37,9 @@ type Stats struct {
 	EventsLimited     uint64 `json:"eventsLimited"`
 	UDPPreexisting    uint64 `json:"udpPreexisting"`
 	NotForPod         uint64 `json:"notForPod"`
+	// TableBusy: changes given up because other CPUs held the
+	// connection's chunk of the table for too long (bpf/table.h).
+	TableBusy uint64 `json:"tableBusy"`
 }
 
 // ReadStats sums the per-CPU counters.
@@ -73,6 +76,7 @@ func (d *Datapath) ReadStats() (Stats, error) {
 		s.EventsLimited += c.EventsLimited
 		s.UDPPreexisting += c.UdpPreexisting
 		s.NotForPod += c.NotForPod
+		s.TableBusy += c.TableBusy
 	}
 	return s, nil
 }
@@ -106,7 +110,8 @@ type MapFill struct {
 	Max     uint32 `json:"max"`
 }
 
-// MapFill counts the entries of the connection, alias, endpoint and
+// MapFill counts the entries of the connection table (its slots map, and
+// the capacity it was made for as the maximum), the alias, endpoint and
 // workload maps. It reads them in batches, so a Prometheus scrape of a
 // million-record table is a few hundred syscalls, not two million.
 func (d *Datapath) MapFill() []MapFill {
@@ -116,7 +121,7 @@ func (d *Datapath) MapFill() []MapFill {
 		m     *ebpf.Map
 		count func(*ebpf.Map) (int, error)
 	}{
-		{mapConns, d.ConnsMap, countEntries[bpfPktmetaTuple, bpfPktmetaRecord]},
+		{mapSlots, d.SlotsMap, d.countRecords},
 		{mapAliases, d.AliasesMap, countEntries[bpfPktmetaTuple, bpfPktmetaAlias]},
 		{mapEndpoints, d.EndpointsMap, countEntries[uint32, bpfPktmetaEndpoint]},
 		{mapWorkloads, d.WorkloadsMap, countEntries[uint32, bpfPktmetaWorkload]},
@@ -125,9 +130,21 @@ func (d *Datapath) MapFill() []MapFill {
 		if err != nil {
 			continue
 		}
-		out = append(out, MapFill{Name: m.name, Entries: n, Max: m.m.MaxEntries()})
+		limit := m.m.MaxEntries()
+		if m.m == d.SlotsMap {
+			// The table has more slots than it was made for.
+			limit = d.Capacity()
+		}
+		out = append(out, MapFill{Name: m.name, Entries: n, Max: limit})
 	}
 	return out
+}
+
+// countRecords counts the table's live records (m is the slots map).
+func (d *Datapath) countRecords(*ebpf.Map) (int, error) {
+	n := 0
+	err := d.liveSlots(func(*bpfPktmetaSlot) { n++ })
+	return n, err
 }
 
 // countEntries reads a hash map in batches of about 1 MiB and counts.

@@ -1,0 +1,290 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * table.h - the datapath's writes to the connection table. pktmeta.h
+ * describes the table's layout and how it is read; this is the rest.
+ *
+ * Every write of an entry (insert, rewrite, remove) holds the lock bit of
+ * the entry's home chunk: two inserts of one tuple never run at once, and
+ * an insert never misses an entry of its home that another CPU is
+ * rewriting. A write to a slot moves the slot to WRITING, writes, and
+ * moves it on with a new generation, so lock-free readers
+ * (pktmeta_copy_slot()) see either one whole entry or a change. Entries of
+ * other homes in the same chunk change concurrently: their tag bytes and
+ * overflow counts are changed with atomic operations on the word only.
+ *
+ * The lock is taken with a bounded number of tries. A CPU that cannot get
+ * it gives up (TABLE_BUSY): the packet passes without the change, as when
+ * a record is changing under a read, and its retransmit or the sweep does
+ * it. Nothing can hold a lock for longer than one of these functions runs.
+ *
+ * The functions are global (not inlined): the verifier checks each once,
+ * whatever calls it. They return TABLE_*.
+ */
+#ifndef __PKTMETA_TABLE_H__
+#define __PKTMETA_TABLE_H__
+
+#define TABLE_DONE 0 /* inserted, rewritten, removed */
+#define TABLE_EXISTS 1 /* insert: the tuple has an entry */
+#define TABLE_FULL 2 /* insert: no free slot within reach of the home chunk */
+#define TABLE_BUSY 3 /* the home chunk's lock, or a slot, kept changing: try again later */
+#define TABLE_GONE 4 /* rewrite, remove: the tuple holds no entry of that connection */
+
+/* How often a writer tries for the lock of a home chunk that another CPU
+ * holds (for as long as one insert, rewrite or remove takes). */
+#define TABLE_LOCK_TRIES 64
+/* How often an insert tries to claim a free slot in a chunk whose word
+ * other CPUs keep changing. */
+#define TABLE_CLAIM_TRIES 8
+#define TABLE_TAG_BITS 8
+
+/* Where a tuple lives: its hash, home chunk and tag, for a table of n
+ * chunks. */
+struct table_pos {
+	__u32 n;
+	__u32 home;
+	__u32 h;
+	__u32 tag;
+};
+
+static __always_inline int table_pos(const struct pktmeta_tuple *key, struct table_pos *p)
+{
+	__u32 zero = 0;
+	struct pktmeta_table_info *info = bpf_map_lookup_elem(&pktmeta_table, &zero);
+
+	if (!info)
+		return -1;
+	p->n = READ_ONCE(info->n_chunks);
+	if (!p->n)
+		return -1;
+	p->h = pktmeta_hash(key, info->seed);
+	p->home = pktmeta_home_chunk(p->h, p->n);
+	p->tag = pktmeta_tag(p->h);
+	return 0;
+}
+
+static __always_inline __u32 table_next(__u32 c, __u32 n)
+{
+	return c + 1 == n ? 0 : c + 1;
+}
+
+static __always_inline int table_lock(__u64 *home_word)
+{
+	__u64 w;
+
+	for (int t = 0; t < TABLE_LOCK_TRIES; t++) {
+		w = READ_ONCE(*home_word);
+		if (w & PKTMETA_CHUNK_LOCK)
+			continue;
+		if (__sync_val_compare_and_swap(home_word, w, w | PKTMETA_CHUNK_LOCK) == w)
+			return 0;
+	}
+	return -1;
+}
+
+static __always_inline void table_unlock(__u64 *home_word)
+{
+	__sync_fetch_and_and(home_word, ~PKTMETA_CHUNK_LOCK);
+}
+
+/* The slot of key's entry, walked from its home (the caller holds the
+ * home's lock, so no entry of this home is being written), or -1. */
+static __always_inline __s64 table_walk(const struct pktmeta_tuple *key, const struct table_pos *p)
+{
+	__u32 c = p->home, i, idx;
+	struct pktmeta_slot *s;
+	__u64 *word, w, m;
+
+	for (int step = 0; step < PKTMETA_CHUNK_PROBES; step++) {
+		word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
+		if (!word)
+			return -1;
+		w = READ_ONCE(*word);
+		m = pktmeta__zero_bytes(w ^ (p->tag * PKTMETA__BYTES_ONE));
+		for (int k = 0; k < PKTMETA_CHUNK_SLOTS && m; k++) {
+			i = pktmeta__lowest_byte(m);
+			m &= m - 1;
+			if ((__u8)(w >> (TABLE_TAG_BITS * i)) != p->tag)
+				continue;
+			idx = c * PKTMETA_CHUNK_SLOTS + i;
+			s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+			if (!s)
+				return -1;
+			if ((READ_ONCE(s->state) & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_LIVE &&
+			    pktmeta__tuple_eq(&s->key, key))
+				return idx;
+		}
+		if (!(w & PKTMETA_CHUNK_OVERFLOW_MASK))
+			return -1;
+		c = table_next(c, p->n);
+	}
+	return -1;
+}
+
+/* Adds delta to the overflow counts of the chunks from home up to, not
+ * including, end: the chunks an entry stored in chunk end lies past. */
+static __always_inline void table_count_overflow(const struct table_pos *p, __u32 end, __s64 delta)
+{
+	__u32 c = p->home;
+	__u64 *word;
+
+	for (int step = 0; step < PKTMETA_CHUNK_PROBES && c != end; step++) {
+		word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
+		if (!word)
+			return;
+		__sync_fetch_and_add(word, (__u64)(delta << PKTMETA_CHUNK_OVERFLOW_SHIFT));
+		c = table_next(c, p->n);
+	}
+}
+
+/* The slot of key's entry if it is connection conn_id's; the caller holds
+ * the home's lock. */
+static __always_inline struct pktmeta_slot *table_entry_of(const struct pktmeta_tuple *key, const struct table_pos *p,
+							    __u64 conn_id, __u32 *idx)
+{
+	struct pktmeta_slot *s;
+	__s64 found = table_walk(key, p);
+
+	if (found < 0)
+		return NULL;
+	*idx = found;
+	s = bpf_map_lookup_elem(&pktmeta_slots, idx);
+	if (!s || READ_ONCE(s->rec.conn_id) != conn_id)
+		return NULL;
+	return s;
+}
+
+/* Inserts rec under key unless key has an entry. */
+__attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, const struct pktmeta_record *rec)
+{
+	__u32 c, i = 0, idx, claimed = 0;
+	struct pktmeta_slot *s;
+	__u64 *home_word, *word = NULL, w, m, gen;
+	struct table_pos p;
+
+	if (!key || !rec || table_pos(key, &p))
+		return TABLE_BUSY;
+	home_word = bpf_map_lookup_elem(&pktmeta_chunks, &p.home);
+	if (!home_word)
+		return TABLE_BUSY;
+	if (table_lock(home_word))
+		return TABLE_BUSY;
+	if (table_walk(key, &p) >= 0) {
+		table_unlock(home_word);
+		return TABLE_EXISTS;
+	}
+	/* The first chunk from home with a free slot. */
+	c = p.home;
+	for (int step = 0; step < PKTMETA_CHUNK_PROBES; step++) {
+		word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
+		if (!word)
+			break;
+		if (pktmeta__zero_bytes(READ_ONCE(*word)))
+			break;
+		word = NULL;
+		c = table_next(c, p.n);
+	}
+	if (!word) {
+		table_unlock(home_word);
+		return TABLE_FULL;
+	}
+	/* Counted before the claim, so that a lookup never stops short of
+	 * the entry; a claim that fails counts it down again. */
+	table_count_overflow(&p, c, 1);
+	for (int t = 0; t < TABLE_CLAIM_TRIES; t++) {
+		w = READ_ONCE(*word);
+		m = pktmeta__zero_bytes(w);
+		if (!m)
+			break;
+		i = pktmeta__lowest_byte(m);
+		if (__sync_val_compare_and_swap(word, w, w | ((__u64)p.tag << (TABLE_TAG_BITS * i))) == w) {
+			claimed = 1;
+			break;
+		}
+	}
+	if (!claimed)
+		goto undo;
+	idx = c * PKTMETA_CHUNK_SLOTS + i;
+	s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+	if (!s) {
+		__sync_fetch_and_and(word, ~(0xffULL << (TABLE_TAG_BITS * i)));
+		goto undo;
+	}
+	/* The slot is EMPTY (a remove clears the tag last). The exchange
+	 * marks it WRITING and returns the generation the last write left. */
+	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_WRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	__builtin_memcpy(&s->key, key, sizeof(s->key));
+	__builtin_memcpy(&s->rec, rec, sizeof(s->rec));
+	__sync_lock_test_and_set(&s->state, gen | PKTMETA_SLOT_LIVE);
+	table_unlock(home_word);
+	return TABLE_DONE;
+undo:
+	table_count_overflow(&p, c, -1);
+	table_unlock(home_word);
+	return TABLE_BUSY;
+}
+
+/* Replaces the record of connection conn_id under key with rec, in place:
+ * readers see the old record or the new one, never a mix. */
+__attribute__((noinline)) int table_rewrite(const struct pktmeta_tuple *key, __u64 conn_id,
+					    const struct pktmeta_record *rec)
+{
+	struct pktmeta_slot *s;
+	__u64 *home_word, gen;
+	struct table_pos p;
+	__u32 idx;
+
+	if (!key || !rec || table_pos(key, &p))
+		return TABLE_BUSY;
+	home_word = bpf_map_lookup_elem(&pktmeta_chunks, &p.home);
+	if (!home_word)
+		return TABLE_BUSY;
+	if (table_lock(home_word))
+		return TABLE_BUSY;
+	s = table_entry_of(key, &p, conn_id, &idx);
+	if (!s) {
+		table_unlock(home_word);
+		return TABLE_GONE;
+	}
+	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_WRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	__builtin_memcpy(&s->rec, rec, sizeof(s->rec));
+	__sync_lock_test_and_set(&s->state, (gen + PKTMETA_SLOT_GEN_ONE) | PKTMETA_SLOT_LIVE);
+	table_unlock(home_word);
+	return TABLE_DONE;
+}
+
+/* Removes the entry of connection conn_id under key. The slot leaves LIVE
+ * first (readers and walks skip it), the overflow counts of its path go
+ * down, the slot becomes EMPTY with a new generation, and only then is
+ * its tag cleared, so an insert claims the slot only once nothing of the
+ * old entry is left to write. */
+__attribute__((noinline)) int table_remove(const struct pktmeta_tuple *key, __u64 conn_id)
+{
+	struct pktmeta_slot *s;
+	__u64 *home_word, *word, gen;
+	struct table_pos p;
+	__u32 idx, c;
+
+	if (!key || table_pos(key, &p))
+		return TABLE_BUSY;
+	home_word = bpf_map_lookup_elem(&pktmeta_chunks, &p.home);
+	if (!home_word)
+		return TABLE_BUSY;
+	if (table_lock(home_word))
+		return TABLE_BUSY;
+	s = table_entry_of(key, &p, conn_id, &idx);
+	if (!s) {
+		table_unlock(home_word);
+		return TABLE_GONE;
+	}
+	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_WRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	c = idx / PKTMETA_CHUNK_SLOTS;
+	table_count_overflow(&p, c, -1);
+	__sync_lock_test_and_set(&s->state, gen + PKTMETA_SLOT_GEN_ONE);
+	word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
+	if (word)
+		__sync_fetch_and_and(word, ~(0xffULL << (TABLE_TAG_BITS * (idx % PKTMETA_CHUNK_SLOTS))));
+	table_unlock(home_word);
+	return TABLE_DONE;
+}
+
+#endif /* __PKTMETA_TABLE_H__ */
