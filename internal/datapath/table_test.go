@@ -79,7 +79,7 @@ func dropRecord(tb testing.TB, d *Datapath, t Tuple) {
 // The churn object (testdata/tablechurn.c): the datapath's table code and
 // the consumers' reader, driven from every CPU at once.
 //
-//go:generate clang-19 -O2 -g -Wall -Werror -mcpu=v3 -target bpfel -I../../bpf/include -I../../bpf -I/usr/include/x86_64-linux-gnu -c testdata/tablechurn.c -o testdata/tablechurn_bpfel.o
+//go:generate clang-19 -O2 -g -fdebug-compilation-dir=. -Wall -Werror -mcpu=v3 -target bpfel -I../../bpf/include -I../../bpf -I/usr/include/x86_64-linux-gnu -c testdata/tablechurn.c -o testdata/tablechurn_bpfel.o
 //go:generate llvm-strip-19 -g testdata/tablechurn_bpfel.o
 //go:embed testdata/tablechurn_bpfel.o
 var tableChurnObject []byte
