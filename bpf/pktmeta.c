@@ -1672,6 +1672,9 @@ static __always_inline int alias_current(struct __sk_buff *skb, const struct pac
 	if (now - checked < 1)
 		return 1;
 	tuple_reverse(&rev, &p->t);
+	/* Initialised: before Linux 6.x a global function's pointer
+	 * arguments must point at initialised memory. */
+	__builtin_memset(&orig, 0, sizeof(orig));
 	dir = ct_direction(skb, &rev, &orig);
 	if (dir < 0)
 		return 1; /* cannot ask: keep it */
@@ -1887,6 +1890,9 @@ static __always_inline int no_delivery_hook(const struct pktmeta_record *r)
 	return ep && (ep->flags & PKTMETA_EP_NO_EGRESS);
 }
 
+/* How often the sweep copies a slot that keeps changing under it. */
+#define SWEEP_COPY_TRIES 8
+
 static long sweep_record(void *map, __u32 *idx, struct pktmeta_slot *slot, struct sweep_state *st)
 {
 	struct pktmeta_record *val = &slot->rec, r;
@@ -1896,16 +1902,24 @@ static long sweep_record(void *map, __u32 *idx, struct pktmeta_slot *slot, struc
 	__s64 age;
 	int state;
 
-	/* A slot is visited only when it holds a whole LIVE entry (the same
-	 * state before and after the copy). */
-	state_word = READ_ONCE(slot->state);
-	if ((state_word & PKTMETA_SLOT_KIND_MASK) != PKTMETA_SLOT_LIVE)
-		return 0;
-	__builtin_memcpy(&key, &slot->key, sizeof(key));
-	__builtin_memcpy(&r, val, sizeof(r));
-	barrier();
-	if (READ_ONCE(slot->state) != state_word)
-		return 0;
+	/* A slot is visited when it holds a whole LIVE entry (the same state
+	 * before and after the copy); one that a CPU is writing is copied
+	 * again, a few times, so that a pod's DEL does not pass its record
+	 * by for being delivered at that moment. */
+	for (int i = 0;; i++) {
+		if (i == SWEEP_COPY_TRIES)
+			return 0;
+		state_word = READ_ONCE(slot->state);
+		if ((state_word & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_EMPTY)
+			return 0;
+		if ((state_word & PKTMETA_SLOT_KIND_MASK) != PKTMETA_SLOT_LIVE)
+			continue;
+		__builtin_memcpy(&key, &slot->key, sizeof(key));
+		__builtin_memcpy(&r, val, sizeof(r));
+		barrier();
+		if (READ_ONCE(slot->state) == state_word)
+			break;
+	}
 	st->args.visited++;
 	age = st->now - r.first_seen_ns;
 	if (id && (opened_by(&r, id) || r.peer_workload == id)) {

@@ -334,6 +334,7 @@ static __always_inline int leaving_record(struct __sk_buff *skb, const struct sy
 	if (snapshot(&s->p.t, rec))
 		return 1;
 	tuple_reverse(&rev, &s->p.t);
+	__builtin_memset(&orig, 0, sizeof(orig)); /* see alias_current() */
 	if (ct_direction(skb, &rev, &orig) != CT_REPLY || tuple_equal(&orig, &s->p.t))
 		return 0;
 	return snapshot(&orig, rec) != NULL;
