@@ -10,4 +10,4 @@ package datapath
 const Release = 8
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "c4e55c4b0360ae9ab6be83e29255d31e290fbb7706429f086a2ad23975403337"
+const releaseObject = "b275a005b4d8fada2e27f981cf6305a154b19928498be773f12c42828fc498e6"
