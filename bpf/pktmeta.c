@@ -507,13 +507,18 @@ static __always_inline void release_budget(const struct pktmeta_record *r)
 }
 
 /* Removes the record r stored under key, and its alias. Returns 1 if this
- * call removed it (a racing close or sweep may have). */
-static __always_inline int remove_record(const struct pktmeta_tuple *key, const struct pktmeta_record *r)
+ * call removed it, 0 if it was gone (a racing close or sweep), -1 if the
+ * table was too busy to (counted). */
+static __always_inline int remove_record(const struct pktmeta_tuple *key, const struct pktmeta_record *r,
+					 struct pktmeta_counters *c)
 {
 	struct pktmeta_alias *a;
+	int res = table_remove(key, r->conn_id);
 
-	if (table_remove(key, r->conn_id) != TABLE_DONE)
-		return 0;
+	if (res == TABLE_BUSY && c)
+		c->table_busy++;
+	if (res != TABLE_DONE)
+		return res == TABLE_BUSY ? -1 : 0;
 	if (r->flags & PKTMETA_F_NAT) {
 		a = bpf_map_lookup_elem(&pktmeta_aliases, &r->peer_tuple);
 		/* Only our own alias: the seen tuple may belong to a newer one. */
@@ -1044,12 +1049,16 @@ static __always_inline void apply_close(struct __sk_buff *skb, const struct pack
 	__u32 both = PKTMETA_F_FIN_ORIG | PKTMETA_F_FIN_REPLY;
 	__u8 reason;
 
+	__u32 fin_bit = 0;
+	int res;
+
 	if (p->tcp_flags & TCP_FLAG_RST) {
 		reason = PKTMETA_CLOSE_RST;
 	} else {
-		__u32 fin_bit = ct->from_origin ? PKTMETA_F_FIN_ORIG : PKTMETA_F_FIN_REPLY;
-		__s64 old = set_flags(ct->elem, ct->rec.conn_id, fin_bit);
+		__s64 old;
 
+		fin_bit = ct->from_origin ? PKTMETA_F_FIN_ORIG : PKTMETA_F_FIN_REPLY;
+		old = set_flags(ct->elem, ct->rec.conn_id, fin_bit);
 		/* Only the packet that completes the pair closes it: FINs are seen
 		 * on both veths of a pod-to-pod connection. */
 		if (old < 0 || ((__u32)old & both) == both || (((__u32)old | fin_bit) & both) != both)
@@ -1057,7 +1066,15 @@ static __always_inline void apply_close(struct __sk_buff *skb, const struct pack
 		ct->rec.flags = (__u32)old | fin_bit;
 		reason = PKTMETA_CLOSE_FIN;
 	}
-	if (!remove_record(&ct->key, &ct->rec))
+	res = remove_record(&ct->key, &ct->rec, c);
+	if (res < 0 && fin_bit) {
+		/* The table was too busy: the FIN's bit goes again, so that
+		 * the next sighting of it (the other veth, a retransmit)
+		 * completes the pair once more. */
+		clear_flags(ct->elem, ct->rec.conn_id, fin_bit);
+		return;
+	}
+	if (res <= 0)
 		return;
 	c->closed++;
 	emit(c, PKTMETA_EV_CLOSED, reason, &ct->rec, &ct->key, NULL, skb->ifindex, bpf_ktime_get_ns());
@@ -1891,7 +1908,7 @@ static __always_inline int no_delivery_hook(const struct pktmeta_record *r)
 }
 
 /* How often the sweep copies a slot that keeps changing under it. */
-#define SWEEP_COPY_TRIES 8
+#define SWEEP_COPY_TRIES 64
 
 static long sweep_record(void *map, __u32 *idx, struct pktmeta_slot *slot, struct sweep_state *st)
 {
@@ -1904,20 +1921,19 @@ static long sweep_record(void *map, __u32 *idx, struct pktmeta_slot *slot, struc
 
 	/* A slot is visited when it holds a whole LIVE entry (the same state
 	 * before and after the copy); one that a CPU is writing is copied
-	 * again, a few times, so that a pod's DEL does not pass its record
-	 * by for being delivered at that moment. */
+	 * again, for about as long as a write takes, so that a pod's DEL
+	 * does not pass its record by for being delivered at that moment. */
 	for (int i = 0;; i++) {
 		if (i == SWEEP_COPY_TRIES)
 			return 0;
-		state_word = READ_ONCE(slot->state);
+		state_word = pktmeta_slot_state(slot);
 		if ((state_word & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_EMPTY)
 			return 0;
 		if ((state_word & PKTMETA_SLOT_KIND_MASK) != PKTMETA_SLOT_LIVE)
 			continue;
 		__builtin_memcpy(&key, &slot->key, sizeof(key));
 		__builtin_memcpy(&r, val, sizeof(r));
-		barrier();
-		if (READ_ONCE(slot->state) == state_word)
+		if (pktmeta_slot_state(slot) == state_word)
 			break;
 	}
 	st->args.visited++;
@@ -1962,7 +1978,7 @@ static long sweep_record(void *map, __u32 *idx, struct pktmeta_slot *slot, struc
 	if (!removed)
 		return 0;
 	/* Only the connection copied: the tuple may have been reused since. */
-	if (remove_record(&key, &r))
+	if (remove_record(&key, &r, NULL) > 0)
 		(*removed)++;
 	return 0;
 }

@@ -6,16 +6,24 @@
  * Every write of an entry (insert, rewrite, remove) holds the lock bit of
  * the entry's home chunk: two inserts of one tuple never run at once, and
  * an insert never misses an entry of its home that another CPU is
- * rewriting. A write to a slot moves the slot to WRITING, writes, and
- * moves it on with a new generation, so lock-free readers
- * (pktmeta_copy_slot()) see either one whole entry or a change. Entries of
- * other homes in the same chunk change concurrently: their tag bytes and
- * overflow counts are changed with atomic operations on the word only.
+ * rewriting. A write to a slot moves the slot to WRITING (an insert or a
+ * remove: no entry to find) or REWRITING (the record only: the entry is
+ * still found by its key), writes, and moves it on with a new generation,
+ * so lock-free readers (pktmeta_copy_slot()) see either one whole entry or
+ * a change. Entries of other homes in the same chunk change concurrently:
+ * their tag bytes and overflow counts are changed with atomic operations
+ * on the word only.
  *
  * The lock is taken with a bounded number of tries. A CPU that cannot get
- * it gives up (TABLE_BUSY): the packet passes without the change, as when
- * a record is changing under a read, and its retransmit or the sweep does
- * it. Nothing can hold a lock for longer than one of these functions runs.
+ * it gives up (TABLE_BUSY, counted as tableBusy): the packet passes without
+ * the change, a missing answer rather than a wrong one. In the packet
+ * programs a lock is held for as long as one of these functions runs,
+ * with softirqs off. The sweep and pktmeta_table_write run from a syscall
+ * (BPF_PROG_TEST_RUN), where the thread can be interrupted, or on a fully
+ * preemptible kernel preempted, while it holds one: for that while, the
+ * changes other CPUs make to entries of that one chunk are given up (and
+ * a packet program that interrupted the holder on its own CPU cannot wait
+ * for it at all).
  *
  * The functions are global (not inlined): the verifier checks each once,
  * whatever calls it. They return TABLE_*.
@@ -30,8 +38,10 @@
 #define TABLE_GONE 4 /* rewrite, remove: the tuple holds no entry of that connection */
 
 /* How often a writer tries for the lock of a home chunk that another CPU
- * holds (for as long as one insert, rewrite or remove takes). */
-#define TABLE_LOCK_TRIES 64
+ * holds (for as long as one insert, rewrite or remove takes, a few hundred
+ * nanoseconds): a few microseconds of reads at most, and only under
+ * contention for one chunk. */
+#define TABLE_LOCK_TRIES 1024
 /* How often an insert tries to claim a free slot in a chunk whose word
  * other CPUs keep changing. */
 #define TABLE_CLAIM_TRIES 8
@@ -109,8 +119,8 @@ static __always_inline __s64 table_walk(const struct pktmeta_tuple *key, const s
 			s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
 			if (!s)
 				return -1;
-			if ((READ_ONCE(s->state) & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_LIVE &&
-			    pktmeta__tuple_eq(&s->key, key))
+			/* LIVE (or REWRITING, which no entry of a locked home is). */
+			if ((READ_ONCE(s->state) & PKTMETA_SLOT_LIVE) && pktmeta__tuple_eq(&s->key, key))
 				return idx;
 		}
 		if (!(w & PKTMETA_CHUNK_OVERFLOW_MASK))
@@ -245,7 +255,10 @@ __attribute__((noinline)) int table_rewrite(const struct pktmeta_tuple *key, __u
 		table_unlock(home_word);
 		return TABLE_GONE;
 	}
-	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_WRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	/* REWRITING, not WRITING: lookups still find the entry (a packet
+	 * must not take it for gone while its record is rewritten), copies
+	 * wait for the new generation. */
+	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_REWRITING) & ~PKTMETA_SLOT_KIND_MASK;
 	__builtin_memcpy(&s->rec, rec, sizeof(s->rec));
 	__sync_lock_test_and_set(&s->state, (gen + PKTMETA_SLOT_GEN_ONE) | PKTMETA_SLOT_LIVE);
 	table_unlock(home_word);

@@ -30,7 +30,7 @@ const AnnotationPrefix = "pktmeta.dev/"
 // Bounds of maxConnections.
 const (
 	MinConnections = 1024
-	MaxConnections = 1 << 24
+	MaxConnections = datapath.MaxCapacity
 )
 
 // Config is the plugin's entry in the conflist, plus what the runtime adds.

@@ -25,7 +25,8 @@
  * github.com/pktmeta/pktmeta/consumer does it all (Maps() returns the
  * MapReplacements); with libbpf, open each pinned map, set the size with
  * bpf_map__set_max_entries() and hand it over with bpf_map__reuse_fd()
- * before loading.
+ * before loading, and on CPUs other than x86 set the read-only variable
+ * pktmeta_ordered_reads to 1 (below).
  *
  * The table (layout 3) is pktmeta's own, in plain arrays, not a BPF hash
  * map: F14-style chunks of PKTMETA_CHUNK_SLOTS slots, one 64-bit word per
@@ -37,8 +38,7 @@
  * never write to these maps. (The one thing a copy cannot rule out is the
  * same tuple being reused by a new connection of the same pod inside those
  * nanoseconds: the identity read is then still right, the conn_id may be
- * either.) The check relies on loads not passing loads (x86-64); on
- * weakly ordered CPUs a copy that raced a write can go unnoticed.
+ * either.)
  *
  * Stability: every record carries a version byte, and the pinned config map
  * carries PKTMETA_LAYOUT_VERSION. A change to any layout in this file bumps
@@ -154,11 +154,16 @@ struct pktmeta_table_info {
 };
 
 /* A slot's state: its kind in the low two bits, and a generation above
- * that every write moves (WRITING -> LIVE, WRITING -> EMPTY): a reader that
- * sees the same LIVE state before and after a copy copied one entry. */
+ * that every write moves (WRITING -> LIVE, WRITING -> EMPTY, REWRITING ->
+ * LIVE): a reader that sees the same LIVE state before and after a copy
+ * copied one entry. WRITING: an entry is being made or removed (no entry
+ * to find yet, or any more). REWRITING: the entry's record is being
+ * rewritten in place; its key stays, so it is still found, but it cannot
+ * be copied until the write is done. */
 #define PKTMETA_SLOT_EMPTY 0
 #define PKTMETA_SLOT_WRITING 1
 #define PKTMETA_SLOT_LIVE 2
+#define PKTMETA_SLOT_REWRITING 3
 #define PKTMETA_SLOT_KIND_MASK 3ULL
 #define PKTMETA_SLOT_GEN_ONE 4ULL
 
@@ -170,6 +175,14 @@ struct pktmeta_slot {
 
 #ifdef PKTMETA_DECLARE_MAPS
 #include <bpf/bpf_helpers.h>
+
+/* Set to 1 before loading where the CPU's loads may pass earlier loads
+ * (arm64, and anything but x86): a copy's two reads of a slot's state are
+ * then fully ordered atomic operations, without which a copy that raced a
+ * write can go unnoticed there. On x86-64 plain reads suffice and this
+ * stays 0 (the verifier drops the atomic branch). The Go package consumer
+ * sets it. */
+const volatile __u32 pktmeta_ordered_reads = 0;
 
 /* Sizes are placeholders: the pinned maps replace them at load time. The
  * aliases are a plain (preallocated) hash, not LRU: pktmeta never evicts a
@@ -350,12 +363,24 @@ static __always_inline __u32 pktmeta__lowest_byte(__u64 m)
 	return (((below & PKTMETA__BYTES_HIGH) >> 7) * PKTMETA__BYTES_ONE) >> 56;
 }
 
-/* Finds the LIVE slot holding t: its index in pktmeta_slots, or -1. A
- * hint only: the slot may change at any moment (pktmeta_lookup() copies
- * and checks). A global function (kernel 5.12 and later): the verifier
- * checks its loops once, not once for every place that looks a tuple up,
- * which would take a program with a few lookups past its limits. */
-__attribute__((noinline)) int pktmeta_find_slot(const struct pktmeta_tuple *t)
+/* A global function (kernel 5.12 and later) by default: the verifier
+ * checks the walk's loops once, not once for every place that looks a
+ * tuple up, which would take a program with a few lookups past its
+ * limits. Define PKTMETA_INLINE_FIND before the include to inline it
+ * instead: a program that also makes tail calls needs that on kernels
+ * that do not allow tail calls beside BPF-to-BPF calls (arm64 before
+ * Linux 6.0), and on x86-64 such a program's stack is limited to 256
+ * bytes a frame. */
+#ifdef PKTMETA_INLINE_FIND
+#define PKTMETA__FIND static __always_inline
+#else
+#define PKTMETA__FIND __attribute__((noinline))
+#endif
+
+/* Finds the slot holding t, LIVE or being rewritten: its index in
+ * pktmeta_slots, or -1. A hint only: the slot may change at any moment
+ * (pktmeta_lookup() copies and checks). */
+PKTMETA__FIND int pktmeta_find_slot(const struct pktmeta_tuple *t)
 {
 	struct pktmeta_table_info *info;
 	struct pktmeta_slot *s;
@@ -390,8 +415,8 @@ __attribute__((noinline)) int pktmeta_find_slot(const struct pktmeta_tuple *t)
 			s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
 			if (!s)
 				return -1;
-			if ((*(volatile __u64 *)&s->state & PKTMETA_SLOT_KIND_MASK) == PKTMETA_SLOT_LIVE &&
-			    pktmeta__tuple_eq(&s->key, t))
+			/* LIVE or REWRITING: an entry, with its key. */
+			if ((*(volatile __u64 *)&s->state & PKTMETA_SLOT_LIVE) && pktmeta__tuple_eq(&s->key, t))
 				return idx;
 		}
 		if (!(w & PKTMETA_CHUNK_OVERFLOW_MASK))
@@ -399,6 +424,21 @@ __attribute__((noinline)) int pktmeta_find_slot(const struct pktmeta_tuple *t)
 		c = c + 1 == n ? 0 : c + 1;
 	}
 	return -1;
+}
+
+/* A slot's state, read in order with the reads around it (see
+ * pktmeta_ordered_reads). */
+static __always_inline __u64 pktmeta_slot_state(struct pktmeta_slot *s)
+{
+	__u64 st;
+
+	asm volatile("" ::: "memory");
+	if (pktmeta_ordered_reads)
+		st = __sync_fetch_and_add(&s->state, 0);
+	else
+		st = *(volatile __u64 *)&s->state;
+	asm volatile("" ::: "memory");
+	return st;
 }
 
 /* Copies the record in slot idx into *out if the slot held a LIVE entry
@@ -411,12 +451,11 @@ static __always_inline struct pktmeta_slot *pktmeta_copy_slot(__u32 idx, const s
 
 	if (!s)
 		return NULL;
-	st = *(volatile __u64 *)&s->state;
+	st = pktmeta_slot_state(s);
 	if ((st & PKTMETA_SLOT_KIND_MASK) != PKTMETA_SLOT_LIVE || !pktmeta__tuple_eq(&s->key, t))
 		return NULL;
 	__builtin_memcpy(out, &s->rec, sizeof(*out));
-	asm volatile("" ::: "memory");
-	if (*(volatile __u64 *)&s->state != st)
+	if (pktmeta_slot_state(s) != st)
 		return NULL;
 	return s;
 }

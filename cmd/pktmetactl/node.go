@@ -146,8 +146,8 @@ func nodeSet(g globals, args []string, out io.Writer) error {
 	if *maxRemote > 1<<31 {
 		return &exitError{2, "node set: --max-remote is too large"}
 	}
-	if *maxConns > 1<<31 {
-		return &exitError{2, "node set: --max-connections is too large"}
+	if *maxConns > datapath.MaxCapacity {
+		return &exitError{2, fmt.Sprintf("node set: --max-connections is too large (at most %d)", datapath.MaxCapacity)}
 	}
 	d, _, err := datapath.Open(datapath.Options{PinPath: g.pinPath, MaxConnections: uint32(*maxConns)})
 	if err != nil {

@@ -215,6 +215,9 @@ func collectStatus(d *datapath.Datapath) (*status, error) {
 	if stats.TableFull > 0 {
 		st.Problems = append(st.Problems, fmt.Sprintf("the connection table was full %d times: those connections were not tagged (raise maxConnections, or lower maxConnectionsPerPod)", stats.TableFull))
 	}
+	if stats.TableBusy > 0 {
+		st.Problems = append(st.Problems, fmt.Sprintf("%d changes to the connection table were given up: other CPUs held the connection's chunk too long (tableBusy; see docs/ARCHITECTURE.md)", stats.TableBusy))
+	}
 	if stats.AliasesFull > 0 {
 		st.Problems = append(st.Problems, fmt.Sprintf("the alias table was full %d times: those connections behind Service NAT were not delivered", stats.AliasesFull))
 	}

@@ -352,6 +352,7 @@ const (
 	bpfProgPktmetaUplinkOut   = "pktmeta_uplink_out"
 	bpfVarBenchNoSourceCheck  = "bench_no_source_check"
 	bpfVarPktmetaHaveCtKfuncs = "pktmeta_have_ct_kfuncs"
+	bpfVarPktmetaOrderedReads = "pktmeta_ordered_reads"
 	bpfVarPktmetaSockoptErrno = "pktmeta_sockopt_errno"
 	bpfVarUnusedEvent         = "unused_event"
 	bpfVarUnusedEventV4       = "unused_event_v4"
@@ -451,6 +452,7 @@ type bpfMapSpecs struct {
 type bpfVariableSpecs struct {
 	BenchNoSourceCheck  *ebpf.VariableSpec `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.VariableSpec `ebpf:"pktmeta_have_ct_kfuncs"`
+	PktmetaOrderedReads *ebpf.VariableSpec `ebpf:"pktmeta_ordered_reads"`
 	PktmetaSockoptErrno *ebpf.VariableSpec `ebpf:"pktmeta_sockopt_errno"`
 	UnusedEvent         *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedEventV4       *ebpf.VariableSpec `ebpf:"unused_event_v4"`
@@ -539,6 +541,7 @@ func (m *bpfMaps) Close() error {
 type bpfVariables struct {
 	BenchNoSourceCheck  *ebpf.Variable `ebpf:"bench_no_source_check"`
 	PktmetaHaveCtKfuncs *ebpf.Variable `ebpf:"pktmeta_have_ct_kfuncs"`
+	PktmetaOrderedReads *ebpf.Variable `ebpf:"pktmeta_ordered_reads"`
 	PktmetaSockoptErrno *ebpf.Variable `ebpf:"pktmeta_sockopt_errno"`
 	UnusedEvent         *ebpf.Variable `ebpf:"unused_event"`
 	UnusedEventV4       *ebpf.Variable `ebpf:"unused_event_v4"`

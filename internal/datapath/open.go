@@ -36,6 +36,9 @@ type OpenResult struct {
 func Open(o Options) (*Datapath, OpenResult, error) {
 	o = o.withDefaults()
 	var res OpenResult
+	if o.MaxConnections > MaxCapacity {
+		return nil, res, fmt.Errorf("maxConnections %d: at most %d", o.MaxConnections, MaxCapacity)
+	}
 	for range 3 {
 		lock, err := lockNode(o.PinPath, false)
 		if err != nil {
@@ -436,6 +439,11 @@ func (d *Datapath) load(o Options, st pinState, res *OpenResult) error {
 	if HaveSockoptErrno() {
 		if err := spec.Variables[bpfVarPktmetaSockoptErrno].Set(uint32(1)); err != nil {
 			return fmt.Errorf("getsockopt errno switch: %w", err)
+		}
+	}
+	if orderedReads() {
+		if err := spec.Variables[bpfVarPktmetaOrderedReads].Set(uint32(1)); err != nil {
+			return fmt.Errorf("ordered reads switch: %w", err)
 		}
 	}
 	if o.BenchNoSourceCheck {

@@ -10,4 +10,4 @@ package datapath
 const Release = 8
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "b275a005b4d8fada2e27f981cf6305a154b19928498be773f12c42828fc498e6"
+const releaseObject = "056d6b6586a9684e3b13904dbbcb671aa667d79e6f6a02e5724a43f73503d61a"

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"runtime"
 
 	"github.com/cilium/ebpf"
 )
@@ -19,6 +20,7 @@ const (
 	chunkOverflowMask = 0x7f << 56
 	slotKindMask      = 3 // PKTMETA_SLOT_KIND_MASK
 	slotLive          = 2 // PKTMETA_SLOT_LIVE
+	slotRewriting     = 3 // PKTMETA_SLOT_REWRITING
 	jhashInitval      = 0xdeadbeef
 
 	// tableLoadNum/tableLoadDen is how full the table is at its
@@ -46,6 +48,17 @@ const (
 	tableOpRemove = 2
 	tableOpMagic  = 0x706f656c62746d70
 )
+
+// MaxCapacity bounds maxConnections: the slots array stays under 4 GiB
+// (27 962 027 slots of 152 bytes at 2^24), since kernels before 5.19
+// compute an array element's offset in 32 bits for lookups from
+// userspace and for bpf_for_each_map_elem.
+const MaxCapacity = 1 << 24
+
+// orderedReads says whether the table's readers need fully ordered reads
+// of a slot's state (pktmeta_ordered_reads in pktmeta.h): everywhere but
+// on x86, whose loads never pass loads.
+func orderedReads() bool { return runtime.GOARCH != "amd64" && runtime.GOARCH != "386" }
 
 // tableChunks is how many chunks a table for capacity connections has.
 func tableChunks(capacity uint32) uint32 {
@@ -219,7 +232,9 @@ func (d *Datapath) readSlot(idx uint32, s *bpfPktmetaSlot) error {
 }
 
 // findSlot walks key's chunks the way pktmeta_find_slot() does and reads
-// the LIVE slot holding key. ebpf.ErrKeyNotExist when there is none.
+// the LIVE slot holding key. ebpf.ErrKeyNotExist when there is none,
+// errChanging when a slot that may be it kept changing, or its record was
+// being rewritten.
 func (d *Datapath) findSlot(key *bpfPktmetaTuple, s *bpfPktmetaSlot) error {
 	t := d.table
 	if t.chunks == 0 {
@@ -227,6 +242,7 @@ func (d *Datapath) findSlot(key *bpfPktmetaTuple, s *bpfPktmetaSlot) error {
 	}
 	h := tupleHash(key, t.seed)
 	c, tag := homeAndTag(h, t.chunks)
+	changing := false
 	for range chunkProbes {
 		var w uint64
 		if err := d.ChunksMap.Lookup(c, &w); err != nil {
@@ -236,17 +252,32 @@ func (d *Datapath) findSlot(key *bpfPktmetaTuple, s *bpfPktmetaSlot) error {
 			if uint8(w>>(8*i)) != tag {
 				continue
 			}
-			if err := d.readSlot(c*chunkSlots+i, s); err != nil {
+			err := d.readSlot(c*chunkSlots+i, s)
+			if errors.Is(err, errChanging) {
+				// Maybe another tuple's slot: look on.
+				changing = true
+				continue
+			}
+			if err != nil {
 				return err
 			}
-			if s.State&slotKindMask == slotLive && s.Key == *key {
+			if s.Key != *key {
+				continue
+			}
+			switch s.State & slotKindMask {
+			case slotLive:
 				return nil
+			case slotRewriting:
+				changing = true
 			}
 		}
 		if w&chunkOverflowMask == 0 {
 			break
 		}
 		c = (c + 1) % t.chunks
+	}
+	if changing {
+		return errChanging
 	}
 	return ebpf.ErrKeyNotExist
 }

@@ -120,6 +120,11 @@ func loadTableChurn(t *testing.T, d *Datapath, keys uint32) *tableChurn {
 	if err := spec.Variables["churn_keys"].Set(keys); err != nil {
 		t.Fatal(err)
 	}
+	if orderedReads() {
+		if err := spec.Variables["pktmeta_ordered_reads"].Set(uint32(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	repl := map[string]*ebpf.Map{mapTable: d.TableMap, mapChunks: d.ChunksMap, mapSlots: d.SlotsMap, mapAliases: d.AliasesMap}
 	for name, m := range repl {
 		spec.Maps[name].MaxEntries, spec.Maps[name].Pinning = m.MaxEntries(), ebpf.PinNone
