@@ -678,7 +678,8 @@ func (b *packetBench) growth(rep *Report) error {
 	if err := b.setEvents(false); err != nil {
 		return err
 	}
-	if err := fillUp(b.d); err != nil {
+	held, err := fillUp(b.d)
+	if err != nil {
 		return err
 	}
 	r, err := b.firstPacketResult("origin, first packet, tcp4, table full (insert refused)", "growth", b.a.FreshV4, syn4, b.cfg.firstRepeat, b.cfg.runs)
@@ -686,7 +687,7 @@ func (b *packetBench) growth(rep *Report) error {
 		return err
 	}
 	r.Baseline = "origin, first packet, tcp4, table holding " + countLabel(b.cfg.growth[0])
-	r.Note = fmt.Sprintf("table made for %d records filled until %d inserts in a row were refused", b.d.Capacity(), fullRun)
+	r.Note = fmt.Sprintf("table made for %d records (%d slots) filled until %d inserts in a row were refused: it held %d", b.d.Capacity(), b.d.SlotsMap.MaxEntries(), fullRun, held)
 	rep.add(r)
 
 	// Baselines: every size compared with the smallest.
@@ -729,27 +730,25 @@ func prefill(d *datapath.Datapath, n int) error {
 // calls the table full.
 const fullRun = 1000
 
-// fillUp fills the table to its capacity, then on until fullRun inserts
-// in a row are refused (the table has more slots than its capacity, and
-// where it refuses depends on where tuples land).
-func fillUp(d *datapath.Datapath) error {
-	if err := prefill(d, int(d.Capacity())); err != nil {
-		return err
-	}
-	id := uint64(d.Capacity())
-	for refused := 0; refused < fullRun; {
-		id++
+// fillUp inserts records under random tuples until fullRun inserts in a
+// row are refused, and returns how many it made. The table has more slots
+// than its capacity, and where it starts refusing depends on where tuples
+// land: the first refusals come before the capacity is reached.
+func fillUp(d *datapath.Datapath) (int, error) {
+	made := 0
+	for id, refused := uint64(1), 0; refused < fullRun; id++ {
 		err := d.InsertRecord(randomTuple(), id)
 		switch {
 		case errors.Is(err, datapath.ErrTableFull):
 			refused++
 		case err != nil:
-			return fmt.Errorf("fill up: %w", err)
+			return made, fmt.Errorf("fill up: %w", err)
 		default:
+			made++
 			refused = 0
 		}
 	}
-	return nil
+	return made, nil
 }
 
 // randomTuple is a TCP/IPv4 tuple with random addresses and ports.
