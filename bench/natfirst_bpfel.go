@@ -74,13 +74,14 @@ type natfirstPktmetaTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	natfirstMapNatKeys        = "nat_keys"
-	natfirstMapNatTarget      = "nat_target"
-	natfirstMapPktmetaAliases = "pktmeta_aliases"
-	natfirstMapPktmetaChunks  = "pktmeta_chunks"
-	natfirstMapPktmetaSlots   = "pktmeta_slots"
-	natfirstMapPktmetaTable   = "pktmeta_table"
-	natfirstProgNatFirst      = "nat_first"
+	natfirstMapNatKeys             = "nat_keys"
+	natfirstMapNatTarget           = "nat_target"
+	natfirstMapPktmetaAliases      = "pktmeta_aliases"
+	natfirstMapPktmetaChunks       = "pktmeta_chunks"
+	natfirstMapPktmetaSlots        = "pktmeta_slots"
+	natfirstMapPktmetaTable        = "pktmeta_table"
+	natfirstProgNatFirst           = "nat_first"
+	natfirstVarPktmetaOrderedReads = "pktmeta_ordered_reads"
 )
 
 // loadNatfirst returns the embedded CollectionSpec for natfirst.
@@ -144,6 +145,7 @@ type natfirstMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type natfirstVariableSpecs struct {
+	PktmetaOrderedReads *ebpf.VariableSpec `ebpf:"pktmeta_ordered_reads"`
 }
 
 // natfirstObjects contains all objects after they have been loaded into the kernel.
@@ -189,6 +191,7 @@ func (m *natfirstMaps) Close() error {
 //
 // It can be passed to loadNatfirstObjects or ebpf.CollectionSpec.LoadAndAssign.
 type natfirstVariables struct {
+	PktmetaOrderedReads *ebpf.Variable `ebpf:"pktmeta_ordered_reads"`
 }
 
 // natfirstPrograms contains all programs after they have been loaded into the kernel.

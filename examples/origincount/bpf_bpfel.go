@@ -74,15 +74,16 @@ type bpfPktmetaTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bpfMapCounted        = "counted"
-	bpfMapCounts         = "counts"
-	bpfMapPktmetaAliases = "pktmeta_aliases"
-	bpfMapPktmetaChunks  = "pktmeta_chunks"
-	bpfMapPktmetaSlots   = "pktmeta_slots"
-	bpfMapPktmetaTable   = "pktmeta_table"
-	bpfMapRemote         = "remote"
-	bpfMapUnknown        = "unknown"
-	bpfProgOrigincount   = "origincount"
+	bpfMapCounted             = "counted"
+	bpfMapCounts              = "counts"
+	bpfMapPktmetaAliases      = "pktmeta_aliases"
+	bpfMapPktmetaChunks       = "pktmeta_chunks"
+	bpfMapPktmetaSlots        = "pktmeta_slots"
+	bpfMapPktmetaTable        = "pktmeta_table"
+	bpfMapRemote              = "remote"
+	bpfMapUnknown             = "unknown"
+	bpfProgOrigincount        = "origincount"
+	bpfVarPktmetaOrderedReads = "pktmeta_ordered_reads"
 )
 
 // loadBpf returns the embedded CollectionSpec for bpf.
@@ -148,6 +149,7 @@ type bpfMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfVariableSpecs struct {
+	PktmetaOrderedReads *ebpf.VariableSpec `ebpf:"pktmeta_ordered_reads"`
 }
 
 // bpfObjects contains all objects after they have been loaded into the kernel.
@@ -197,6 +199,7 @@ func (m *bpfMaps) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfVariables struct {
+	PktmetaOrderedReads *ebpf.Variable `ebpf:"pktmeta_ordered_reads"`
 }
 
 // bpfPrograms contains all programs after they have been loaded into the kernel.
