@@ -146,37 +146,12 @@ func (d *Datapath) MapFill() []MapFill {
 // writes its slot, and a remove clears it last, so the count may include
 // entries a moment from being made or gone.
 func (d *Datapath) countRecords(*ebpf.Map) (int, error) {
+	words, err := d.chunkWords()
 	n := 0
-	words := make([]uint64, 8192)
-	keys := make([]uint32, len(words))
-	var cursor ebpf.MapBatchCursor
-	for {
-		got, err := d.ChunksMap.BatchLookup(&cursor, keys, words, nil)
-		if errors.Is(err, ebpf.ErrNotSupported) {
-			return d.countRecordsOneByOne()
-		}
-		for _, w := range words[:got] {
-			n += tagsSet(w)
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
-	}
-}
-
-func (d *Datapath) countRecordsOneByOne() (int, error) {
-	n := 0
-	for c := range d.ChunksMap.MaxEntries() {
-		var w uint64
-		if err := d.ChunksMap.Lookup(c, &w); err != nil {
-			return n, err
-		}
+	for _, w := range words {
 		n += tagsSet(w)
 	}
-	return n, nil
+	return n, err
 }
 
 // tagsSet counts the nonzero tag bytes (0-6) of a chunk's word.

@@ -282,11 +282,75 @@ func (d *Datapath) findSlot(key *bpfPktmetaTuple, s *bpfPktmetaSlot) error {
 	return ebpf.ErrKeyNotExist
 }
 
-// liveSlots reads the whole table in batches and calls fn with every slot
-// that held one LIVE entry: each batch is read twice, and a slot counts
-// only where its state is the same in both (every write moves it), so a
-// copy that raced a write is never taken for a record.
+// chunkWords reads every chunk's word, in batches where the kernel has
+// them.
+func (d *Datapath) chunkWords() ([]uint64, error) {
+	n := d.ChunksMap.MaxEntries()
+	words := make([]uint64, n)
+	keys := make([]uint32, n)
+	var cursor ebpf.MapBatchCursor
+	got, err := d.ChunksMap.BatchLookup(&cursor, keys, words, nil)
+	if err == nil || errors.Is(err, ebpf.ErrKeyNotExist) {
+		if got != int(n) {
+			return nil, fmt.Errorf("read %s: %d of %d chunks", mapChunks, got, n)
+		}
+		return words, nil
+	}
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return nil, fmt.Errorf("read %s: %w", mapChunks, err)
+	}
+	for c := range n {
+		if err := d.ChunksMap.Lookup(c, &words[c]); err != nil {
+			return nil, fmt.Errorf("read %s: %w", mapChunks, err)
+		}
+	}
+	return words, nil
+}
+
+// sparseShare: liveSlots reads tagged slots one by one while at most this
+// share of the slots is tagged, and the whole table otherwise.
+const sparseShare = 8
+
+// liveSlots calls fn with every slot that holds one LIVE entry. It reads
+// the chunks' words first; where few slots are tagged, it reads those
+// slots one by one (readSlot), and otherwise the whole table in batches,
+// each batch twice, keeping a slot only where its state is the same in
+// both (every write moves it): a copy that raced a write is never taken
+// for a record.
 func (d *Datapath) liveSlots(fn func(s *bpfPktmetaSlot)) error {
+	words, err := d.chunkWords()
+	if err != nil {
+		return err
+	}
+	var tagged []uint32
+	for c, w := range words {
+		for i := range uint32(chunkSlots) {
+			if uint8(w>>(8*i)) != 0 {
+				tagged = append(tagged, uint32(c)*chunkSlots+i)
+			}
+		}
+	}
+	if len(tagged) > int(d.SlotsMap.MaxEntries()/sparseShare) {
+		return d.liveSlotsBatched(fn)
+	}
+	for _, idx := range tagged {
+		var s bpfPktmetaSlot
+		err := d.readSlot(idx, &s)
+		if errors.Is(err, errChanging) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if s.State&slotKindMask == slotLive {
+			fn(&s)
+		}
+	}
+	return nil
+}
+
+// liveSlotsBatched is liveSlots reading the whole table.
+func (d *Datapath) liveSlotsBatched(fn func(s *bpfPktmetaSlot)) error {
 	const batch = 4096
 	keys, keys2 := make([]uint32, batch), make([]uint32, batch)
 	first, again := make([]bpfPktmetaSlot, batch), make([]bpfPktmetaSlot, batch)
