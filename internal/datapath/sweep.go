@@ -100,22 +100,31 @@ func (d *Datapath) Sweep(o SweepOptions) (SweepResult, error) {
 // runSweep runs the sweep program once with args and returns what it wrote
 // back.
 func (d *Datapath) runSweep(args bpfPktmetaSweepArgs) (bpfPktmetaSweepArgs, error) {
-	// An Ethernet header, then the arguments; the program writes the
-	// results back into the packet.
-	in := make([]byte, 14, 14+binary.Size(args))
-	in, err := binary.Append(in, binary.NativeEndian, &args)
-	if err != nil {
+	if err := runOnArgs(d.Sweeper, ProgSweep, &args); err != nil {
 		return args, err
-	}
-	out := make([]byte, len(in))
-	if _, err := d.Sweeper.Run(&ebpf.RunOptions{Data: in, DataOut: out}); err != nil {
-		return args, fmt.Errorf("run sweep program: %w", err)
-	}
-	if _, err := binary.Decode(out[14:], binary.NativeEndian, &args); err != nil {
-		return args, fmt.Errorf("sweep results: %w", err)
 	}
 	if args.Magic != sweepMagic {
 		return args, fmt.Errorf("sweep program did not run (results missing)")
 	}
 	return args, nil
+}
+
+// runOnArgs runs prog (pinned as name) once with BPF_PROG_TEST_RUN on a
+// packet of an Ethernet header and *args, and decodes what the program
+// wrote back into the packet into *args: the sweep and the table writer
+// take their arguments and return their results that way.
+func runOnArgs[T any](prog *ebpf.Program, name string, args *T) error {
+	in := make([]byte, 14, 14+binary.Size(args))
+	in, err := binary.Append(in, binary.NativeEndian, args)
+	if err != nil {
+		return err
+	}
+	out := make([]byte, len(in))
+	if _, err := prog.Run(&ebpf.RunOptions{Data: in, DataOut: out}); err != nil {
+		return fmt.Errorf("run %s program: %w", name, err)
+	}
+	if _, err := binary.Decode(out[14:], binary.NativeEndian, args); err != nil {
+		return fmt.Errorf("%s results: %w", name, err)
+	}
+	return nil
 }

@@ -334,17 +334,26 @@ func (d *Datapath) liveSlots(fn func(s *bpfPktmetaSlot)) error {
 		return d.liveSlotsBatched(fn)
 	}
 	for _, idx := range tagged {
-		var s bpfPktmetaSlot
-		err := d.readSlot(idx, &s)
-		if errors.Is(err, errChanging) {
-			continue
-		}
-		if err != nil {
+		if err := d.visitSlot(idx, fn); err != nil {
 			return err
 		}
-		if s.State&slotKindMask == slotLive {
-			fn(&s)
-		}
+	}
+	return nil
+}
+
+// visitSlot reads slot idx (readSlot) and calls fn with it if it holds a
+// LIVE entry; a slot that kept changing while it was read is passed by.
+func (d *Datapath) visitSlot(idx uint32, fn func(s *bpfPktmetaSlot)) error {
+	var s bpfPktmetaSlot
+	err := d.readSlot(idx, &s)
+	if errors.Is(err, errChanging) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if s.State&slotKindMask == slotLive {
+		fn(&s)
 	}
 	return nil
 }
@@ -384,16 +393,8 @@ func (d *Datapath) liveSlotsBatched(fn func(s *bpfPktmetaSlot)) error {
 // liveSlotsOneByOne is liveSlots for kernels without batch operations.
 func (d *Datapath) liveSlotsOneByOne(fn func(s *bpfPktmetaSlot)) error {
 	for i := range d.SlotsMap.MaxEntries() {
-		var s bpfPktmetaSlot
-		err := d.readSlot(i, &s)
-		if errors.Is(err, errChanging) {
-			continue
-		}
-		if err != nil {
+		if err := d.visitSlot(i, fn); err != nil {
 			return err
-		}
-		if s.State&slotKindMask == slotLive {
-			fn(&s)
 		}
 	}
 	return nil
@@ -405,17 +406,8 @@ func (d *Datapath) runTableOp(op uint32, key *bpfPktmetaTuple, rec *bpfPktmetaRe
 		return 0, fmt.Errorf("program %s is not pinned (an interrupted upgrade: the next ADD or the agent completes it)", ProgTableWrite)
 	}
 	args := bpfPktmetaTableOp{Magic: tableOpMagic, Op: op, Key: *key, Rec: *rec}
-	in := make([]byte, 14, 14+binary.Size(args))
-	in, err := binary.Append(in, binary.NativeEndian, &args)
-	if err != nil {
+	if err := runOnArgs(d.TableWriter, ProgTableWrite, &args); err != nil {
 		return 0, err
-	}
-	out := make([]byte, len(in))
-	if _, err := d.TableWriter.Run(&ebpf.RunOptions{Data: in, DataOut: out}); err != nil {
-		return 0, fmt.Errorf("run %s: %w", ProgTableWrite, err)
-	}
-	if _, err := binary.Decode(out[14:], binary.NativeEndian, &args); err != nil {
-		return 0, fmt.Errorf("%s results: %w", ProgTableWrite, err)
 	}
 	if args.Magic != tableOpMagic {
 		return 0, fmt.Errorf("%s did not run (results missing)", ProgTableWrite)
