@@ -159,7 +159,10 @@ func requireEmpty(t *testing.T, e *env, d *datapath.Datapath, hostIfindex int) {
 // first load on a node, and of ordinary ADDs. Afterwards ADD, CHECK,
 // tagging and DEL work and nothing is orphaned.
 func TestKilledPluginNeverWedgesTheNode(t *testing.T) {
-	e := newEnv(t, envOptions{})
+	// A hundred ADDs, fifty of them first loads (the verifier, about two
+	// seconds each here, more beside the other packages' tests): more
+	// than the usual three minutes.
+	e := newEnv(t, envOptions{timeout: 10 * time.Minute})
 	// The chain stops at ptp: the test runs pktmeta itself, like the
 	// runtime would after ptp, so that it can kill it.
 	if err := e.node.SetChain(nil); err != nil {

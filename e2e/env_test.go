@@ -85,6 +85,9 @@ type envOptions struct {
 	// conf is merged into pktmeta's plugin config.
 	conf       map[string]any
 	cniVersion string
+	// timeout bounds everything the test does through the env's context
+	// (3 minutes if 0).
+	timeout time.Duration
 }
 
 type env struct {
@@ -98,7 +101,10 @@ type env struct {
 func newEnv(t *testing.T, o envOptions) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	if o.timeout == 0 {
+		o.timeout = 3 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	t.Cleanup(cancel)
 	e := &env{t: t, ctx: ctx, pin: testutil.PinPath(t), logFile: filepath.Join(t.TempDir(), "pktmeta.log")}
 	cfg := testbed.Config{
