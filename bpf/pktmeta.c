@@ -396,6 +396,35 @@ static __always_inline struct pktmeta_record *scratch_record(__u32 slot)
 	return bpf_map_lookup_elem(&pktmeta_scratch, &slot);
 }
 
+/* Per CPU: 1 while the last insert on this CPU found the table full.
+ * Every insert is refused then, cheaply, and a first packet need not
+ * warm a slot it will not write (table_warm()). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} pktmeta_table_was_full SEC(".maps");
+
+static __always_inline __u32 *table_was_full(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&pktmeta_table_was_full, &zero);
+}
+
+/* Whether a first packet from ep (NULL: not known yet) is likely to
+ * insert a record: the pod is under its budget and the table was not
+ * full a moment ago. Only a hint, for table_warm(). */
+static __always_inline int insert_likely(const struct pktmeta_endpoint *ep)
+{
+	__u32 *full = table_was_full();
+
+	if (full && *full)
+		return 0;
+	return !ep || !ep->max_conns || READ_ONCE(ep->live) < (__s64)ep->max_conns;
+}
+
 #define EBUSY 16
 #define ENOENT 2
 
@@ -932,7 +961,11 @@ static __always_inline void tag(struct __sk_buff *skb, struct packet *p, struct 
 		}
 		err = -EEXIST;
 	} else {
+		__u32 *full = table_was_full();
+
 		err = table_error(table_insert(&p->t, &rec));
+		if (full && *full != (err == -E2BIG))
+			*full = err == -E2BIG;
 	}
 	if (err == -EEXIST) {
 		e = snapshot(&p->t, &old);
@@ -1330,6 +1363,8 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 	 * asked already, unless the source had to be checked first). */
 	if (strict && udp_shortcut(p, skb->ifindex, UDP_HIT_ORIGIN, st))
 		return;
+	/* Past the shortcut, mostly a flow's first datagram. */
+	table_warm(&p->t, insert_likely(ep));
 	rec = conn_find(&p->t);
 	/* A record of another veth's is not this pod's flow (an address that
 	 * moved to this pod while the old one's record lives): tag() decides. */
@@ -1427,6 +1462,7 @@ static __always_inline void syn_from_pod(struct __sk_buff *skb, struct packet *p
 
 	if (check_sender(skb, p, c, &ep) != SENDER_OK)
 		return;
+	table_warm(&p->t, insert_likely(ep));
 	/* Simultaneous open: the other side's SYN came first and owns the
 	 * connection; one connection, one record. */
 	tuple_reverse(&rev, &p->t);

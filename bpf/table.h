@@ -96,9 +96,84 @@ static __always_inline void table_unlock(__u64 *home_word)
 	__sync_fetch_and_and(home_word, ~PKTMETA_CHUNK_LOCK);
 }
 
+/* The slot of a chunk an insert takes if it is free: one the tag picks,
+ * not the lowest free one, so that where an insert will write is known
+ * from the hash alone (table_warm()) at any fill. */
+static __always_inline __u32 table_preferred_slot(__u32 tag)
+{
+	return tag % PKTMETA_CHUNK_SLOTS;
+}
+
+/* The free slot of a chunk whose word is w (m = pktmeta__zero_bytes(w),
+ * not 0) an insert claims: the preferred one, or else the lowest. */
+static __always_inline __u32 table_free_slot(__u64 w, __u64 m, __u32 preferred)
+{
+	if (!(__u8)(w >> (TABLE_TAG_BITS * preferred)))
+		return preferred;
+	return pktmeta__lowest_byte(m);
+}
+
+/* Moves a slot the caller owns (claimed, or under its home's lock) to
+ * state v. Readers copy a slot between two reads of its state, so every
+ * store before this one must be seen before it, and this one before every
+ * store after it. x86-64 sees a CPU's stores in the order they were made:
+ * a plain store suffices, and does not wait for the slot's cache lines the
+ * way an exchange (a locked instruction) does. Elsewhere
+ * (pktmeta_ordered_reads, set by the loader) an exchange, which is fully
+ * ordered. */
+static __always_inline void table_set_state(struct pktmeta_slot *s, __u64 v)
+{
+	asm volatile("" ::: "memory");
+	if (pktmeta_ordered_reads)
+		__sync_lock_test_and_set(&s->state, v);
+	else
+		*(volatile __u64 *)&s->state = v;
+	asm volatile("" ::: "memory");
+}
+
+/* Reads the 8 bytes at offset off of a slot, for table_warm(). */
+#define TABLE_TOUCH(s, off) ((void)*(volatile __u64 *)((void *)(s) + (off)))
+
+/* Starts the loads of what inserting key will touch: its home chunk's
+ * word and, if slot_too, the slot it prefers there. The loads do not
+ * depend on each other, so their cache misses (and page walks) overlap
+ * instead of coming one after the other: the first packet of a
+ * connection reads the chunk's word to look the reverse tuple up (which
+ * hashes alike), and the insert then writes a slot already on its way to
+ * the cache. A guess: when the preferred slot is taken, the insert writes
+ * another, cold, one, and a packet that will not insert (a pod over its
+ * budget, a full table) should not pass slot_too. */
+static __always_inline void table_warm(const struct pktmeta_tuple *key, int slot_too)
+{
+	struct pktmeta_slot *s;
+	struct table_pos p;
+	__u64 *word;
+	__u32 idx;
+
+	if (table_pos(key, &p))
+		return;
+	word = bpf_map_lookup_elem(&pktmeta_chunks, &p.home);
+	if (word)
+		(void)*(volatile __u64 *)word;
+	if (!slot_too)
+		return;
+	idx = p.home * PKTMETA_CHUNK_SLOTS + table_preferred_slot(p.tag);
+	s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
+	if (!s)
+		return;
+	/* 56 bytes apart at most: every 64-byte cache line of the 152-byte
+	 * slot, wherever the slot starts. */
+	TABLE_TOUCH(s, 0);
+	TABLE_TOUCH(s, 56);
+	TABLE_TOUCH(s, 104);
+	TABLE_TOUCH(s, sizeof(*s) - 8);
+}
+
 /* The slot of key's entry, walked from its home (the caller holds the
- * home's lock, so no entry of this home is being written), or -1. */
-static __always_inline __s64 table_walk(const struct pktmeta_tuple *key, const struct table_pos *p)
+ * home's lock, so no entry of this home is being written), or -1. The
+ * slots of the home chunk whose bytes' high bits are set in skip are not
+ * looked at: the caller's own claim, which holds no entry yet. */
+static __always_inline __s64 table_walk(const struct pktmeta_tuple *key, const struct table_pos *p, __u64 skip)
 {
 	__u32 c = p->home, i, idx;
 	struct pktmeta_slot *s;
@@ -109,7 +184,8 @@ static __always_inline __s64 table_walk(const struct pktmeta_tuple *key, const s
 		if (!word)
 			return -1;
 		w = READ_ONCE(*word);
-		m = pktmeta__zero_bytes(w ^ (p->tag * PKTMETA__BYTES_ONE));
+		m = pktmeta__zero_bytes(w ^ (p->tag * PKTMETA__BYTES_ONE)) & ~skip;
+		skip = 0;
 		for (int k = 0; k < PKTMETA_CHUNK_SLOTS && m; k++) {
 			i = pktmeta__lowest_byte(m);
 			m &= m - 1;
@@ -152,7 +228,7 @@ static __always_inline struct pktmeta_slot *table_entry_of(const struct pktmeta_
 							    __u64 conn_id, __u32 *idx)
 {
 	struct pktmeta_slot *s;
-	__s64 found = table_walk(key, p);
+	__s64 found = table_walk(key, p, 0);
 
 	if (found < 0)
 		return NULL;
@@ -166,9 +242,9 @@ static __always_inline struct pktmeta_slot *table_entry_of(const struct pktmeta_
 /* Inserts rec under key unless key has an entry. */
 __attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, const struct pktmeta_record *rec)
 {
+	__u64 *home_word, *word = NULL, w, m, gen, home_claim = 0;
 	__u32 c, i = 0, idx, claimed = 0;
 	struct pktmeta_slot *s;
-	__u64 *home_word, *word = NULL, w, m, gen;
 	struct table_pos p;
 
 	if (!key || !rec || table_pos(key, &p))
@@ -176,14 +252,37 @@ __attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, cons
 	home_word = bpf_map_lookup_elem(&pktmeta_chunks, &p.home);
 	if (!home_word)
 		return TABLE_BUSY;
-	if (table_lock(home_word))
+	/* The lock, and with it the claim of a free slot in the home chunk
+	 * when it has one: one atomic operation for both. Walks skip the
+	 * claimed slot (not LIVE) until it is written. */
+	for (int t = 0; t < TABLE_LOCK_TRIES; t++) {
+		w = READ_ONCE(*home_word);
+		if (w & PKTMETA_CHUNK_LOCK)
+			continue;
+		m = pktmeta__zero_bytes(w);
+		home_claim = 0;
+		if (m) {
+			i = table_free_slot(w, m, table_preferred_slot(p.tag));
+			home_claim = (__u64)p.tag << (TABLE_TAG_BITS * i);
+		}
+		if (__sync_val_compare_and_swap(home_word, w, w | PKTMETA_CHUNK_LOCK | home_claim) == w) {
+			claimed = 1;
+			break;
+		}
+	}
+	if (!claimed)
 		return TABLE_BUSY;
-	if (table_walk(key, &p) >= 0) {
-		table_unlock(home_word);
+	if (table_walk(key, &p, home_claim ? 0x80ULL << (TABLE_TAG_BITS * i) : 0) >= 0) {
+		__sync_fetch_and_and(home_word, ~(PKTMETA_CHUNK_LOCK | home_claim));
 		return TABLE_EXISTS;
 	}
-	/* The first chunk from home with a free slot. */
 	c = p.home;
+	if (home_claim) {
+		word = home_word;
+		goto write;
+	}
+	/* The home chunk is full: the first chunk after it with a free slot. */
+	claimed = 0;
 	for (int step = 0; step < PKTMETA_CHUNK_PROBES; step++) {
 		word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
 		if (!word)
@@ -205,7 +304,7 @@ __attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, cons
 		m = pktmeta__zero_bytes(w);
 		if (!m)
 			break;
-		i = pktmeta__lowest_byte(m);
+		i = table_free_slot(w, m, table_preferred_slot(p.tag));
 		if (__sync_val_compare_and_swap(word, w, w | ((__u64)p.tag << (TABLE_TAG_BITS * i))) == w) {
 			claimed = 1;
 			break;
@@ -213,18 +312,20 @@ __attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, cons
 	}
 	if (!claimed)
 		goto undo;
+write:
 	idx = c * PKTMETA_CHUNK_SLOTS + i;
 	s = bpf_map_lookup_elem(&pktmeta_slots, &idx);
 	if (!s) {
 		__sync_fetch_and_and(word, ~(0xffULL << (TABLE_TAG_BITS * i)));
 		goto undo;
 	}
-	/* The slot is EMPTY (a remove clears the tag last). The exchange
-	 * marks it WRITING and returns the generation the last write left. */
-	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_WRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	/* The slot is EMPTY (a remove clears the tag last) and ours: the
+	 * claim was the fully ordered operation that saw its tag cleared. */
+	gen = READ_ONCE(s->state) & ~PKTMETA_SLOT_KIND_MASK;
+	table_set_state(s, PKTMETA_SLOT_WRITING);
 	__builtin_memcpy(&s->key, key, sizeof(s->key));
 	__builtin_memcpy(&s->rec, rec, sizeof(s->rec));
-	__sync_lock_test_and_set(&s->state, gen | PKTMETA_SLOT_LIVE);
+	table_set_state(s, gen | PKTMETA_SLOT_LIVE);
 	table_unlock(home_word);
 	return TABLE_DONE;
 undo:
@@ -258,9 +359,10 @@ __attribute__((noinline)) int table_rewrite(const struct pktmeta_tuple *key, __u
 	/* REWRITING, not WRITING: lookups still find the entry (a packet
 	 * must not take it for gone while its record is rewritten), copies
 	 * wait for the new generation. */
-	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_REWRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	gen = READ_ONCE(s->state) & ~PKTMETA_SLOT_KIND_MASK;
+	table_set_state(s, PKTMETA_SLOT_REWRITING);
 	__builtin_memcpy(&s->rec, rec, sizeof(s->rec));
-	__sync_lock_test_and_set(&s->state, (gen + PKTMETA_SLOT_GEN_ONE) | PKTMETA_SLOT_LIVE);
+	table_set_state(s, (gen + PKTMETA_SLOT_GEN_ONE) | PKTMETA_SLOT_LIVE);
 	table_unlock(home_word);
 	return TABLE_DONE;
 }
@@ -289,10 +391,11 @@ __attribute__((noinline)) int table_remove(const struct pktmeta_tuple *key, __u6
 		table_unlock(home_word);
 		return TABLE_GONE;
 	}
-	gen = __sync_lock_test_and_set(&s->state, PKTMETA_SLOT_WRITING) & ~PKTMETA_SLOT_KIND_MASK;
+	gen = READ_ONCE(s->state) & ~PKTMETA_SLOT_KIND_MASK;
+	table_set_state(s, PKTMETA_SLOT_WRITING);
 	c = idx / PKTMETA_CHUNK_SLOTS;
 	table_count_overflow(&p, c, -1);
-	__sync_lock_test_and_set(&s->state, gen + PKTMETA_SLOT_GEN_ONE);
+	table_set_state(s, gen + PKTMETA_SLOT_GEN_ONE);
 	word = bpf_map_lookup_elem(&pktmeta_chunks, &c);
 	if (word)
 		__sync_fetch_and_and(word, ~(0xffULL << (TABLE_TAG_BITS * (idx % PKTMETA_CHUNK_SLOTS))));

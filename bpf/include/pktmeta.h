@@ -181,7 +181,8 @@ struct pktmeta_slot {
  * then fully ordered atomic operations, without which a copy that raced a
  * write can go unnoticed there. On x86-64 plain reads suffice and this
  * stays 0 (the verifier drops the atomic branch). The Go package consumer
- * sets it. */
+ * sets it. The datapath's writers use it too: on x86-64 they move a
+ * slot's state with plain stores, elsewhere with exchanges. */
 const volatile __u32 pktmeta_ordered_reads = 0;
 
 /* Sizes are placeholders: the pinned maps replace them at load time. The

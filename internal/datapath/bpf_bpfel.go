@@ -332,6 +332,7 @@ const (
 	bpfMapPktmetaSlots        = "pktmeta_slots"
 	bpfMapPktmetaStats        = "pktmeta_stats"
 	bpfMapPktmetaTable        = "pktmeta_table"
+	bpfMapPktmetaTableWasFull = "pktmeta_table_was_full"
 	bpfMapPktmetaUdpBirths    = "pktmeta_udp_births"
 	bpfMapPktmetaUdpEpoch     = "pktmeta_udp_epoch"
 	bpfMapPktmetaUdpHits      = "pktmeta_udp_hits"
@@ -422,28 +423,29 @@ type bpfProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfMapSpecs struct {
-	PktmetaAliases    *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
-	PktmetaCfg        *ebpf.MapSpec `ebpf:"pktmeta_cfg"`
-	PktmetaChunks     *ebpf.MapSpec `ebpf:"pktmeta_chunks"`
-	PktmetaEps        *ebpf.MapSpec `ebpf:"pktmeta_eps"`
-	PktmetaEvents     *ebpf.MapSpec `ebpf:"pktmeta_events"`
-	PktmetaInbound    *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
-	PktmetaMembers    *ebpf.MapSpec `ebpf:"pktmeta_members"`
-	PktmetaNode       *ebpf.MapSpec `ebpf:"pktmeta_node"`
-	PktmetaNsAddrs    *ebpf.MapSpec `ebpf:"pktmeta_ns_addrs"`
-	PktmetaRemoteLive *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
-	PktmetaScratch    *ebpf.MapSpec `ebpf:"pktmeta_scratch"`
-	PktmetaSlots      *ebpf.MapSpec `ebpf:"pktmeta_slots"`
-	PktmetaStats      *ebpf.MapSpec `ebpf:"pktmeta_stats"`
-	PktmetaTable      *ebpf.MapSpec `ebpf:"pktmeta_table"`
-	PktmetaUdpBirths  *ebpf.MapSpec `ebpf:"pktmeta_udp_births"`
-	PktmetaUdpEpoch   *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
-	PktmetaUdpHits    *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
-	PktmetaUdpPeerGen *ebpf.MapSpec `ebpf:"pktmeta_udp_peer_gen"`
-	PktmetaUdpPeers   *ebpf.MapSpec `ebpf:"pktmeta_udp_peers"`
-	PktmetaWlNetns    *ebpf.MapSpec `ebpf:"pktmeta_wl_netns"`
-	PktmetaWloads     *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
-	PktmetaXstats     *ebpf.MapSpec `ebpf:"pktmeta_xstats"`
+	PktmetaAliases      *ebpf.MapSpec `ebpf:"pktmeta_aliases"`
+	PktmetaCfg          *ebpf.MapSpec `ebpf:"pktmeta_cfg"`
+	PktmetaChunks       *ebpf.MapSpec `ebpf:"pktmeta_chunks"`
+	PktmetaEps          *ebpf.MapSpec `ebpf:"pktmeta_eps"`
+	PktmetaEvents       *ebpf.MapSpec `ebpf:"pktmeta_events"`
+	PktmetaInbound      *ebpf.MapSpec `ebpf:"pktmeta_inbound"`
+	PktmetaMembers      *ebpf.MapSpec `ebpf:"pktmeta_members"`
+	PktmetaNode         *ebpf.MapSpec `ebpf:"pktmeta_node"`
+	PktmetaNsAddrs      *ebpf.MapSpec `ebpf:"pktmeta_ns_addrs"`
+	PktmetaRemoteLive   *ebpf.MapSpec `ebpf:"pktmeta_remote_live"`
+	PktmetaScratch      *ebpf.MapSpec `ebpf:"pktmeta_scratch"`
+	PktmetaSlots        *ebpf.MapSpec `ebpf:"pktmeta_slots"`
+	PktmetaStats        *ebpf.MapSpec `ebpf:"pktmeta_stats"`
+	PktmetaTable        *ebpf.MapSpec `ebpf:"pktmeta_table"`
+	PktmetaTableWasFull *ebpf.MapSpec `ebpf:"pktmeta_table_was_full"`
+	PktmetaUdpBirths    *ebpf.MapSpec `ebpf:"pktmeta_udp_births"`
+	PktmetaUdpEpoch     *ebpf.MapSpec `ebpf:"pktmeta_udp_epoch"`
+	PktmetaUdpHits      *ebpf.MapSpec `ebpf:"pktmeta_udp_hits"`
+	PktmetaUdpPeerGen   *ebpf.MapSpec `ebpf:"pktmeta_udp_peer_gen"`
+	PktmetaUdpPeers     *ebpf.MapSpec `ebpf:"pktmeta_udp_peers"`
+	PktmetaWlNetns      *ebpf.MapSpec `ebpf:"pktmeta_wl_netns"`
+	PktmetaWloads       *ebpf.MapSpec `ebpf:"pktmeta_wloads"`
+	PktmetaXstats       *ebpf.MapSpec `ebpf:"pktmeta_xstats"`
 }
 
 // bpfVariableSpecs contains global variables before they are loaded into the kernel.
@@ -484,28 +486,29 @@ func (o *bpfObjects) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfMaps struct {
-	PktmetaAliases    *ebpf.Map `ebpf:"pktmeta_aliases"`
-	PktmetaCfg        *ebpf.Map `ebpf:"pktmeta_cfg"`
-	PktmetaChunks     *ebpf.Map `ebpf:"pktmeta_chunks"`
-	PktmetaEps        *ebpf.Map `ebpf:"pktmeta_eps"`
-	PktmetaEvents     *ebpf.Map `ebpf:"pktmeta_events"`
-	PktmetaInbound    *ebpf.Map `ebpf:"pktmeta_inbound"`
-	PktmetaMembers    *ebpf.Map `ebpf:"pktmeta_members"`
-	PktmetaNode       *ebpf.Map `ebpf:"pktmeta_node"`
-	PktmetaNsAddrs    *ebpf.Map `ebpf:"pktmeta_ns_addrs"`
-	PktmetaRemoteLive *ebpf.Map `ebpf:"pktmeta_remote_live"`
-	PktmetaScratch    *ebpf.Map `ebpf:"pktmeta_scratch"`
-	PktmetaSlots      *ebpf.Map `ebpf:"pktmeta_slots"`
-	PktmetaStats      *ebpf.Map `ebpf:"pktmeta_stats"`
-	PktmetaTable      *ebpf.Map `ebpf:"pktmeta_table"`
-	PktmetaUdpBirths  *ebpf.Map `ebpf:"pktmeta_udp_births"`
-	PktmetaUdpEpoch   *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
-	PktmetaUdpHits    *ebpf.Map `ebpf:"pktmeta_udp_hits"`
-	PktmetaUdpPeerGen *ebpf.Map `ebpf:"pktmeta_udp_peer_gen"`
-	PktmetaUdpPeers   *ebpf.Map `ebpf:"pktmeta_udp_peers"`
-	PktmetaWlNetns    *ebpf.Map `ebpf:"pktmeta_wl_netns"`
-	PktmetaWloads     *ebpf.Map `ebpf:"pktmeta_wloads"`
-	PktmetaXstats     *ebpf.Map `ebpf:"pktmeta_xstats"`
+	PktmetaAliases      *ebpf.Map `ebpf:"pktmeta_aliases"`
+	PktmetaCfg          *ebpf.Map `ebpf:"pktmeta_cfg"`
+	PktmetaChunks       *ebpf.Map `ebpf:"pktmeta_chunks"`
+	PktmetaEps          *ebpf.Map `ebpf:"pktmeta_eps"`
+	PktmetaEvents       *ebpf.Map `ebpf:"pktmeta_events"`
+	PktmetaInbound      *ebpf.Map `ebpf:"pktmeta_inbound"`
+	PktmetaMembers      *ebpf.Map `ebpf:"pktmeta_members"`
+	PktmetaNode         *ebpf.Map `ebpf:"pktmeta_node"`
+	PktmetaNsAddrs      *ebpf.Map `ebpf:"pktmeta_ns_addrs"`
+	PktmetaRemoteLive   *ebpf.Map `ebpf:"pktmeta_remote_live"`
+	PktmetaScratch      *ebpf.Map `ebpf:"pktmeta_scratch"`
+	PktmetaSlots        *ebpf.Map `ebpf:"pktmeta_slots"`
+	PktmetaStats        *ebpf.Map `ebpf:"pktmeta_stats"`
+	PktmetaTable        *ebpf.Map `ebpf:"pktmeta_table"`
+	PktmetaTableWasFull *ebpf.Map `ebpf:"pktmeta_table_was_full"`
+	PktmetaUdpBirths    *ebpf.Map `ebpf:"pktmeta_udp_births"`
+	PktmetaUdpEpoch     *ebpf.Map `ebpf:"pktmeta_udp_epoch"`
+	PktmetaUdpHits      *ebpf.Map `ebpf:"pktmeta_udp_hits"`
+	PktmetaUdpPeerGen   *ebpf.Map `ebpf:"pktmeta_udp_peer_gen"`
+	PktmetaUdpPeers     *ebpf.Map `ebpf:"pktmeta_udp_peers"`
+	PktmetaWlNetns      *ebpf.Map `ebpf:"pktmeta_wl_netns"`
+	PktmetaWloads       *ebpf.Map `ebpf:"pktmeta_wloads"`
+	PktmetaXstats       *ebpf.Map `ebpf:"pktmeta_xstats"`
 }
 
 func (m *bpfMaps) Close() error {
@@ -524,6 +527,7 @@ func (m *bpfMaps) Close() error {
 		m.PktmetaSlots,
 		m.PktmetaStats,
 		m.PktmetaTable,
+		m.PktmetaTableWasFull,
 		m.PktmetaUdpBirths,
 		m.PktmetaUdpEpoch,
 		m.PktmetaUdpHits,

@@ -7,7 +7,7 @@ package datapath
 // releaseObject to the new object's sha256: TestReleaseNamesTheObject fails
 // until both are done, so a changed datapath cannot ship under an old
 // release number.
-const Release = 8
+const Release = 9
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "056d6b6586a9684e3b13904dbbcb671aa667d79e6f6a02e5724a43f73503d61a"
+const releaseObject = "526c915eea674ebfcc22992ba4e4d785abc53aeef1d0a1fff405f105139ca338"

@@ -56,8 +56,9 @@ const (
 const MaxCapacity = 1 << 24
 
 // orderedReads says whether the table's readers need fully ordered reads
-// of a slot's state (pktmeta_ordered_reads in pktmeta.h): everywhere but
-// on x86, whose loads never pass loads.
+// of a slot's state, and its writers fully ordered changes of it
+// (pktmeta_ordered_reads in pktmeta.h): everywhere but on x86, whose loads
+// never pass loads and whose stores are seen in program order.
 func orderedReads() bool { return runtime.GOARCH != "amd64" && runtime.GOARCH != "386" }
 
 // tableChunks is how many chunks a table for capacity connections has.
