@@ -396,9 +396,10 @@ static __always_inline struct pktmeta_record *scratch_record(__u32 slot)
 	return bpf_map_lookup_elem(&pktmeta_scratch, &slot);
 }
 
-/* Per CPU: 1 while the last insert on this CPU found the table full.
- * Every insert is refused then, cheaply, and a first packet need not
- * warm a slot it will not write (table_warm()). */
+/* Per CPU: 1 while the last insert on this CPU found the table full. A
+ * hint for table_warm() only (a first packet need not warm a slot it is
+ * unlikely to write): inserts still run, and the next one's result sets
+ * it again. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -1363,7 +1364,9 @@ static __always_inline void udp_from_pod(struct __sk_buff *skb, struct packet *p
 	 * asked already, unless the source had to be checked first). */
 	if (strict && udp_shortcut(p, skb->ifindex, UDP_HIT_ORIGIN, st))
 		return;
-	/* Past the shortcut, mostly a flow's first datagram. */
+	/* Past the shortcut: a flow's first datagram, or one whose shortcut
+	 * entry went (a per-CPU cache of 16), whose record is then usually
+	 * in the very slot warmed. */
 	table_warm(&p->t, insert_likely(ep));
 	rec = conn_find(&p->t);
 	/* A record of another veth's is not this pod's flow (an address that

@@ -47,18 +47,20 @@
 #define TABLE_CLAIM_TRIES 8
 #define TABLE_TAG_BITS 8
 
-/* Where a tuple lives: its hash, home chunk and tag, for a table of n
- * chunks. */
+/* Where a tuple lives: its home chunk and tag, for a table of n chunks.
+ * claim is table_insert()'s: 1 + the slot of the home chunk it claimed
+ * with the lock, or 0 (kept here, on the stack the walk needs anyway,
+ * because the insert has no stack to spare: see table_insert()). */
 struct table_pos {
 	__u32 n;
 	__u32 home;
-	__u32 h;
 	__u32 tag;
+	__u32 claim;
 };
 
 static __always_inline int table_pos(const struct pktmeta_tuple *key, struct table_pos *p)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, h;
 	struct pktmeta_table_info *info = bpf_map_lookup_elem(&pktmeta_table, &zero);
 
 	if (!info)
@@ -66,9 +68,10 @@ static __always_inline int table_pos(const struct pktmeta_tuple *key, struct tab
 	p->n = READ_ONCE(info->n_chunks);
 	if (!p->n)
 		return -1;
-	p->h = pktmeta_hash(key, info->seed);
-	p->home = pktmeta_home_chunk(p->h, p->n);
-	p->tag = pktmeta_tag(p->h);
+	h = pktmeta_hash(key, info->seed);
+	p->home = pktmeta_home_chunk(h, p->n);
+	p->tag = pktmeta_tag(h);
+	p->claim = 0;
 	return 0;
 }
 
@@ -111,6 +114,18 @@ static __always_inline __u32 table_free_slot(__u64 w, __u64 m, __u32 preferred)
 	if (!(__u8)(w >> (TABLE_TAG_BITS * preferred)))
 		return preferred;
 	return pktmeta__lowest_byte(m);
+}
+
+/* The claim an insert makes in its home chunk whose word is w: its tag in
+ * the byte of the free slot it takes, or 0 when the chunk is full. A
+ * function of w alone, so the lock loop carries nothing else out. */
+static __always_inline __u64 table_home_claim(__u64 w, __u32 tag)
+{
+	__u64 m = pktmeta__zero_bytes(w);
+
+	if (!m)
+		return 0;
+	return (__u64)tag << (TABLE_TAG_BITS * table_free_slot(w, m, table_preferred_slot(tag)));
 }
 
 /* Moves a slot the caller owns (claimed, or under its home's lock) to
@@ -239,10 +254,14 @@ static __always_inline struct pktmeta_slot *table_entry_of(const struct pktmeta_
 	return s;
 }
 
-/* Inserts rec under key unless key has an entry. */
+/* Inserts rec under key unless key has an entry.
+ *
+ * Its stack frame must stay at 96 bytes: a packet program that calls it
+ * (the uplink's, 408 bytes) is then exactly at the verifier's 512-byte
+ * limit on kernels that round every frame up to 32 bytes (5.15 does). */
 __attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, const struct pktmeta_record *rec)
 {
-	__u64 *home_word, *word = NULL, w, m, gen, home_claim = 0;
+	__u64 *home_word, *word = NULL, w, m, gen;
 	__u32 c, i = 0, idx, claimed = 0;
 	struct pktmeta_slot *s;
 	struct table_pos p;
@@ -254,30 +273,36 @@ __attribute__((noinline)) int table_insert(const struct pktmeta_tuple *key, cons
 		return TABLE_BUSY;
 	/* The lock, and with it the claim of a free slot in the home chunk
 	 * when it has one: one atomic operation for both. Walks skip the
-	 * claimed slot (not LIVE) until it is written. */
+	 * claimed slot (not LIVE) until it is written. An insert that finds
+	 * its tuple (a retransmit) holds the slot only for its walk; an
+	 * insert of another home meanwhile takes another. Only w leaves the
+	 * loop (the claim is worked out from it again below): anything else
+	 * it carried out would make the verifier check the rest of the
+	 * function once per try on older kernels (5.15 gave up). */
 	for (int t = 0; t < TABLE_LOCK_TRIES; t++) {
 		w = READ_ONCE(*home_word);
 		if (w & PKTMETA_CHUNK_LOCK)
 			continue;
-		m = pktmeta__zero_bytes(w);
-		home_claim = 0;
-		if (m) {
-			i = table_free_slot(w, m, table_preferred_slot(p.tag));
-			home_claim = (__u64)p.tag << (TABLE_TAG_BITS * i);
-		}
-		if (__sync_val_compare_and_swap(home_word, w, w | PKTMETA_CHUNK_LOCK | home_claim) == w) {
+		if (__sync_val_compare_and_swap(home_word, w, w | PKTMETA_CHUNK_LOCK | table_home_claim(w, p.tag)) == w) {
 			claimed = 1;
 			break;
 		}
 	}
 	if (!claimed)
 		return TABLE_BUSY;
-	if (table_walk(key, &p, home_claim ? 0x80ULL << (TABLE_TAG_BITS * i) : 0) >= 0) {
-		__sync_fetch_and_and(home_word, ~(PKTMETA_CHUNK_LOCK | home_claim));
+	/* The claimed byte: the tag is not 0, so the claim's lowest set bit
+	 * is in it. */
+	m = table_home_claim(w, p.tag);
+	if (m)
+		p.claim = 1 + pktmeta__lowest_byte(m);
+	if (table_walk(key, &p, p.claim ? 0x80ULL << (TABLE_TAG_BITS * (p.claim - 1)) : 0) >= 0) {
+		__sync_fetch_and_and(home_word, ~(PKTMETA_CHUNK_LOCK |
+						  (p.claim ? (__u64)p.tag << (TABLE_TAG_BITS * (p.claim - 1)) : 0)));
 		return TABLE_EXISTS;
 	}
 	c = p.home;
-	if (home_claim) {
+	if (p.claim) {
+		i = p.claim - 1;
 		word = home_word;
 		goto write;
 	}

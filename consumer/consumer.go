@@ -24,13 +24,13 @@ var MapNames = []string{"pktmeta_table", "pktmeta_chunks", "pktmeta_slots", "pkt
 // Maps opens the pinned pktmeta maps that spec declares and returns them
 // for CollectionOptions.MapReplacements. It also makes spec's declarations
 // match them (size), stops the loader from pinning them again, and, on
-// CPUs other than x86, turns on pktmeta.h's ordered reads
+// CPUs other than x86-64, turns on pktmeta.h's ordered reads
 // (pktmeta_ordered_reads). The caller closes the maps after loading.
 func Maps(spec *ebpf.CollectionSpec, pinPath string) (map[string]*ebpf.Map, error) {
 	if pinPath == "" {
 		pinPath = DefaultPinPath
 	}
-	if v, ok := spec.Variables["pktmeta_ordered_reads"]; ok && runtime.GOARCH != "amd64" && runtime.GOARCH != "386" {
+	if v, ok := spec.Variables["pktmeta_ordered_reads"]; ok && runtime.GOARCH != "amd64" {
 		if err := v.Set(uint32(1)); err != nil {
 			return nil, fmt.Errorf("pktmeta_ordered_reads: %w", err)
 		}

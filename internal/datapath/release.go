@@ -10,4 +10,4 @@ package datapath
 const Release = 9
 
 // releaseObject is the sha256 of the BPF object of this Release.
-const releaseObject = "526c915eea674ebfcc22992ba4e4d785abc53aeef1d0a1fff405f105139ca338"
+const releaseObject = "e10ac57fa6d03e8c48b4295cac0d5f75927d689d14b25db5671cdb78b3b5a4df"

@@ -57,9 +57,10 @@ const MaxCapacity = 1 << 24
 
 // orderedReads says whether the table's readers need fully ordered reads
 // of a slot's state, and its writers fully ordered changes of it
-// (pktmeta_ordered_reads in pktmeta.h): everywhere but on x86, whose loads
-// never pass loads and whose stores are seen in program order.
-func orderedReads() bool { return runtime.GOARCH != "amd64" && runtime.GOARCH != "386" }
+// (pktmeta_ordered_reads in pktmeta.h): everywhere but on x86-64, whose
+// loads never pass loads and whose stores are seen in program order (a
+// 32-bit x86 JIT would write the 64-bit state in two halves).
+func orderedReads() bool { return runtime.GOARCH != "amd64" }
 
 // tableChunks is how many chunks a table for capacity connections has.
 func tableChunks(capacity uint32) uint32 {

@@ -282,6 +282,7 @@ func TestTableUnderChurn(t *testing.T) {
 		// The exchanges and atomic reads arm64 uses, run here: no arm64
 		// machine runs the tests, but x86 must find them as correct.
 		{"16 tuples, fully ordered", 1024, 16, 0, true},
+		{"600 tuples in a table holding 750, fully ordered", 1024, 600, 750, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			// The package's shared datapath of that size, emptied (a
