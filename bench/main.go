@@ -42,7 +42,7 @@ func main() {
 	quick := flag.Bool("quick", false, "reduced runs, for a quick check (under two minutes)")
 	out := flag.String("out", "bench/results/latest.json", "where the JSON results go")
 	cniPath := flag.String("cni-path", "bin/cni:bin", "directories of the CNI plugins and pktmeta")
-	only := flag.String("only", "per-packet,growth,memory,tables,end-to-end,cross-node,apps,cni", "sections to run")
+	only := flag.String("only", "per-packet,growth,memory,tables,access,end-to-end,cross-node,apps,cni", "sections to run")
 	spin := flag.String("spin", "", "for profiling: run one per-packet case (first-tcp4, first-udp4, known-udp4, nat) for --spin-for, nothing else")
 	spinFor := flag.Duration("spin-for", 10*time.Second, "how long --spin runs")
 	emulated := flag.String("emulated", "", "the machine is emulated (say how, e.g. \"qemu TCG\"): per packet only, reduced runs, figures as ratios to the floor only")
@@ -148,6 +148,12 @@ func run(ctx context.Context, cfg config, out string) error {
 			return err
 		}
 	}
+	if cfg.sections["access"] && cfg.emulated == "" {
+		fmt.Fprintln(os.Stderr, "bench: what a cold memory access costs, in the table's shapes ...")
+		if err := coldAccess(cfg, rep); err != nil {
+			return err
+		}
+	}
 	if cfg.sections["end-to-end"] {
 		fmt.Fprintln(os.Stderr, "bench: end to end between two pods ...")
 		if err := endToEnd(ctx, cfg, rep, pinRoot); err != nil {
@@ -186,6 +192,7 @@ func run(ctx context.Context, cfg config, out string) error {
 		{"growth", "Per packet as the connection table grows"},
 		{"memory", "Memory (kernel accounting of the maps)"},
 		{"tables", "Table layouts: a first packet's reverse lookup and insert (design study, bench/bpf/tables.c)"},
+		{"access", "What a cold memory access costs, in the table's shapes (bench/bpf/access.c)"},
 		{"end-to-end", "End to end between two pods on a netns node (real CNI chain)"},
 		{"cross-node", "Across nodes: what a SYN leaves free for the 20-byte option"},
 		{"apps", "Applications asking their sockets (getsockopt, ns per call)"},
